@@ -1,0 +1,266 @@
+//! The admin listener (axum, its own port): `/healthz`, `/readyz`, `/metrics`, and the operator
+//! API under `/admin/*`, guarded by a bearer token (env var named in the config, compared in
+//! constant time). Never served on the proxy listener.
+//!
+//! Owns: the admin HTTP surface and its JSON shapes. Must not touch: the request path's
+//! internals (it reads the same shared state the proxy reads).
+
+use crate::entitle::{Entitlement, Status};
+use crate::ledger::Ledger;
+use crate::quota::{Period, QuotaStore};
+use crate::respond::PROBLEM_TYPE_PREFIX;
+use crate::state::Shared;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// What the admin handlers need.
+#[derive(Clone)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub ledger: Arc<dyn Ledger>,
+    /// A quota store handle living on the admin runtime (reads only).
+    pub store: Arc<dyn QuotaStore>,
+    /// `None` when the token env var is unset: every `/admin` call is then refused.
+    pub token: Option<Arc<str>>,
+}
+
+/// The admin router (separate from `serve` so tests can call it directly).
+pub fn app(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/customers/{id}", get(get_customer).put(put_customer))
+        .with_state(state)
+}
+
+/// An admin error as problem+json.
+fn problem(status: StatusCode, suffix: &str, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": format!("{PROBLEM_TYPE_PREFIX}{suffix}"),
+        "title": status.canonical_reason().unwrap_or(""),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    match (&state.token, presented) {
+        (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.trim().as_bytes()) => Ok(()),
+        _ => Err(Box::new(problem(
+            StatusCode::UNAUTHORIZED,
+            "admin-unauthorized",
+            "a valid admin bearer token is required",
+        ))),
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let store = s.store.ping().await;
+    let ledger = s.ledger.ping().await;
+    let body = serde_json::json!({
+        "quota_store": store.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+        "ledger": ledger.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+        "config_version": s.shared.snapshot.load().version,
+    });
+    let status = if store.is_ok() && ledger.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    s.shared
+        .metrics
+        .usage_queue_depth
+        .set(s.shared.usage.queue_depth() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Body of `PUT /admin/customers/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerPut {
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub suspended: bool,
+    /// When the status began (defaults to now when the status changes).
+    pub status_since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+struct MeterUsage {
+    meter: String,
+    used: u64,
+    included: Option<u64>,
+    remaining: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CustomerView {
+    id: String,
+    #[serde(flatten)]
+    entitlement: Entitlement,
+    effective_plan: Option<String>,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    usage: Vec<MeterUsage>,
+}
+
+async fn get_customer(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let ent = match s.ledger.get_customer(&id).await {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "unknown-customer",
+                format!("no customer {id:?}"),
+            )
+        }
+        Err(e) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger-unavailable",
+                e.to_string(),
+            )
+        }
+    };
+    let snap = s.shared.snapshot.load_full();
+    let now = Utc::now();
+    let plan = crate::entitle::resolve(&snap.config, Some(&ent), None, now).ok();
+    let period = Period::current(ent.period_start, ent.period_end, now);
+    let mut usage = Vec::new();
+    if let Some(plan) = plan {
+        for (meter, q) in &plan.quotas {
+            let used = s.store.used(&id, meter, period).await.unwrap_or(0);
+            let included = match q {
+                crate::config::Quota::Limited { included, .. } => Some(*included),
+                crate::config::Quota::Unlimited => None,
+            };
+            usage.push(MeterUsage {
+                meter: meter.clone(),
+                used,
+                included,
+                remaining: included.map(|i| i.saturating_sub(used)),
+            });
+        }
+    }
+    Json(CustomerView {
+        id,
+        effective_plan: plan.map(|p| p.name.clone()),
+        entitlement: ent,
+        period_start: DateTime::from_timestamp(period.start, 0).unwrap_or(now),
+        period_end: DateTime::from_timestamp(period.end, 0).unwrap_or(now),
+        usage,
+    })
+    .into_response()
+}
+
+async fn put_customer(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let put: CustomerPut = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+    };
+    let snap = s.shared.snapshot.load_full();
+    let mut errors = Vec::new();
+    if let Some(p) = &put.plan {
+        if !snap.config.plans.contains_key(p) {
+            errors.push(format!("plan: unknown plan {p:?}"));
+        }
+    }
+    let status = match put.status.as_deref() {
+        None => Status::Active,
+        Some(st) => Status::parse(st).unwrap_or_else(|| {
+            errors.push(format!("status: unknown status {st:?}"));
+            Status::Active
+        }),
+    };
+    match (put.period_start, put.period_end) {
+        (Some(a), Some(b)) if a >= b => {
+            errors.push("period_end: must be after period_start".into())
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            errors.push("period_start/period_end: give both or neither".into())
+        }
+        _ => {}
+    }
+    if !errors.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
+    }
+    let now = Utc::now();
+    let previous = s.ledger.get_customer(&id).await.ok().flatten();
+    let status_since = put.status_since.or_else(|| match &previous {
+        Some(p) if p.status == status => p.status_since,
+        _ => Some(now),
+    });
+    let ent = Entitlement {
+        plan: put.plan,
+        status,
+        status_since,
+        period_start: put.period_start,
+        period_end: put.period_end,
+        suspended: put.suspended,
+        updated_at: now,
+    };
+    if let Err(e) = s.ledger.put_customer(&id, &ent).await {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger-unavailable",
+            e.to_string(),
+        );
+    }
+    s.shared.entitlements.put(&id, ent.clone());
+    tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
+    (StatusCode::OK, Json(ent)).into_response()
+}

@@ -1,0 +1,196 @@
+//! The command line: `serve`, `check-config`, `migrate`, `token`, `demo`. Exit codes: 0 ok,
+//! 64 bad config or usage (EX_USAGE), 1 runtime failure.
+
+use crate::auth::Verifier;
+use crate::config::{parse_duration, Config};
+use crate::server::{self, Options, Stop};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Metering and entitlement proxy for HTTP APIs"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and the admin listener.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate config files; prints every error with its key. Needs no secrets.
+    CheckConfig {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Apply ledger migrations and exit.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Mint an HS token with the config's secret (for trying things). Prints only the token.
+    Token {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        customer: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Start a self-contained demo: its own upstream, embedded storage, a printed token.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { files } => check_config(&files),
+        Command::Serve { config } => match load(&config) {
+            Ok(c) => finish(server::run(
+                c,
+                Options {
+                    admin_listener: None,
+                    stop: Stop::Signals,
+                    on_ready: None,
+                },
+            )),
+            Err(code) => code,
+        },
+        Command::Migrate { config } => match load(&config) {
+            Ok(c) => finish(migrate(&c)),
+            Err(code) => code,
+        },
+        Command::Token {
+            config,
+            customer,
+            ttl,
+        } => match load(&config) {
+            Ok(c) => token(c, &customer, &ttl),
+            Err(code) => code,
+        },
+        Command::Demo { listen, admin } => finish(crate::demo::run(&listen, &admin)),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads a config or prints every error (as check-config does) and returns exit code 64.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        for e in &errors.0 {
+            eprintln!("error: {}: {e}", path.display());
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check_config(files: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for f in files {
+        match load(f) {
+            Ok(c) => {
+                for var in c.missing_env() {
+                    eprintln!(
+                        "warning: {}: env var {var} is not set (needed by serve)",
+                        f.display()
+                    );
+                }
+                println!("ok: {}", f.display());
+            }
+            Err(_) => bad = true,
+        }
+    }
+    if bad {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn migrate(c: &Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let applied = rt.block_on(crate::ledger::migrate(
+        &c.storage.database_url,
+        c.storage.database_schema.as_deref(),
+    ))?;
+    println!(
+        "applied {applied} migration(s) to {}",
+        server::redact(&c.storage.database_url)
+    );
+    Ok(())
+}
+
+fn token(c: Config, customer: &str, ttl: &str) -> ExitCode {
+    let Some(ttl) = parse_duration(ttl) else {
+        eprintln!("error: --ttl: not a duration: {ttl:?} (use e.g. 30m, 1h, 7d)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let minted = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let v = Verifier::new(c.auth).await?;
+                Ok(v.mint_hs(customer, ttl.as_secs())?)
+            })
+        });
+    match minted {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The TOML file format, exactly as operators write it. Nothing here is trusted: every value is
+//! checked and turned into the model in `config::validate`. Numbers that must not be negative are
+//! read as `i64` so that `cost = -1` is reported as a rule, with its key, not as a parse error.
+//!
+//! Unknown keys are not rejected here (`deny_unknown_fields` would stop at the first one): the
+//! loader collects every ignored key path with `serde_ignored` and reports them all.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawConfig {
+    pub proxy: RawProxy,
+    pub admin: RawAdmin,
+    pub storage: RawStorage,
+    pub auth: RawAuth,
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    pub meters: BTreeMap<String, RawMeter>,
+    pub routes: Vec<RawRoute>,
+    pub plans: BTreeMap<String, RawPlan>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawProxy {
+    pub listen: Option<String>,
+    /// `deny` (404 `no-route`, the default) or `forward` (to `unmatched_upstream`, unmetered).
+    pub unmatched: Option<String>,
+    pub unmatched_upstream: Option<String>,
+    pub strip_authorization: Option<bool>,
+    pub max_request_header_bytes: Option<i64>,
+    pub shutdown_grace: Option<String>,
+    pub threads: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawStorage {
+    pub redis_url: Option<String>,
+    pub redis_prefix: Option<String>,
+    pub redis_timeout_ms: Option<i64>,
+    pub database_url: Option<String>,
+    pub database_schema: Option<String>,
+    pub usage_queue: Option<i64>,
+    /// Longest time a usage event waits before it is written to the ledger.
+    pub usage_flush_ms: Option<i64>,
+    pub spool_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawAuth {
+    pub algorithms: Vec<String>,
+    pub secret_env: Option<String>,
+    pub public_key_files: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<OneOrMany>,
+    pub leeway_seconds: Option<i64>,
+    pub customer_claim: Option<String>,
+    pub plan_claim: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawUpstream {
+    pub targets: Vec<String>,
+    /// Seconds between TCP health checks; 0 or absent disables them.
+    pub health_check_seconds: Option<i64>,
+    /// `Host` header to send upstream; absent keeps the caller's.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawMeter {
+    pub description: Option<String>,
+    /// Stripe Billing meter `event_name` usage of this meter is reported under.
+    pub stripe_event_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matches: Option<String>,
+    pub upstream: Option<String>,
+    pub meter: Option<String>,
+    pub cost: Option<i64>,
+    pub feature: Option<String>,
+    pub cost_from_response_header: Option<String>,
+    pub charge: Option<String>,
+    pub auth: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawPlan {
+    pub default: Option<bool>,
+    pub features: Vec<String>,
+    pub rate_per_minute: Option<i64>,
+    pub burst: Option<i64>,
+    pub fail_mode: Option<String>,
+    pub past_due_grace: Option<String>,
+    /// Higher wins when several plans apply (Stripe subscriptions with several prices).
+    pub rank: Option<i64>,
+    pub quotas: BTreeMap<String, RawQuota>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawQuota {
+    pub included: Option<i64>,
+    pub overage: Option<String>,
+    pub unit_price_micros: Option<i64>,
+    pub unlimited: Option<bool>,
+}

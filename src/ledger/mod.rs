@@ -1,0 +1,613 @@
+//! The ledger: tollgate's durable record (DESIGN §3) — customers' entitlements, one
+//! `usage_events` row per forwarded request, Stripe events, config history and the audit log.
+//!
+//! Owns the SQL schema (`migrations/postgres`, `migrations/sqlite`), the connection pools and the
+//! [`Ledger`] trait the rest of tollgate is written against. Postgres serves production (many
+//! instances may share one database); a SQLite file serves the embedded mode.
+//!
+//! It must not be touched from the request path: the proxy reads entitlements from the in-process
+//! cache (`entitle`) and hands usage to `usage::UsageSink`, which never awaits. Only background
+//! tasks, the admin API and start-up call into this module.
+//!
+//! Layout:
+//! - `mod.rs`: the shared types, [`open`] / [`migrate`] (URL → backend) and their tests, run
+//!   against both backends.
+//! - [`postgres`]: [`PgLedger`], search-path isolation per schema.
+//! - [`sqlite`]: [`SqliteLedger`], times as integer microseconds.
+//!
+//! Times are stored with microsecond precision on both backends; nanoseconds are truncated.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::entitle::Entitlement;
+
+pub use postgres::PgLedger;
+pub use sqlite::SqliteLedger;
+
+/// One forwarded request, as charged. `id` is UUIDv7 (primary key), made on the request path so
+/// that every retry or spool replay of the same event is a no-op in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// UUIDv7: unique per request, and time-ordered.
+    pub id: uuid::Uuid,
+    /// When the request arrived. Stored to the microsecond.
+    pub ts: DateTime<Utc>,
+    /// The customer charged (the token's customer claim).
+    pub customer: String,
+    /// The meter charged (`api_calls`, `tokens`, …).
+    pub meter: String,
+    /// Units finally charged (0 when refunded).
+    pub units: i64,
+    /// The route's name (never the raw path).
+    pub route: String,
+    /// HTTP status sent downstream.
+    pub status: u16,
+    /// Time from request to response, in microseconds.
+    pub latency_us: i64,
+    /// The `X-Request-Id` sent upstream.
+    pub request_id: String,
+}
+
+/// What went wrong talking to the ledger. `Display` says what failed and includes the
+/// underlying cause, so log it with `%err`; the URL is never echoed (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The URL's scheme names no backend we have.
+    #[error(
+        "unsupported ledger URL scheme {scheme:?}: expected postgres://, postgresql:// or sqlite:"
+    )]
+    UnsupportedUrl { scheme: String },
+    /// The URL could not be parsed by the backend's driver.
+    #[error("invalid ledger URL: {0}")]
+    InvalidUrl(sqlx::Error),
+    /// A Postgres schema name we refuse to interpolate into SQL.
+    #[error("invalid ledger schema name {0:?}: use 1-63 ASCII letters, digits or '_', not starting with a digit")]
+    InvalidSchema(String),
+    /// A schema was given for a backend that has none.
+    #[error("a ledger schema ({0:?}) is only supported on Postgres")]
+    SchemaNotSupported(String),
+    /// Creating the SQLite file's directory failed.
+    #[error("cannot create the ledger directory {path}: {cause}")]
+    Io {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
+    /// The first connection (or creating the schema) failed: wrong host, database, credentials.
+    #[error("cannot connect to the ledger: {0}")]
+    Connect(sqlx::Error),
+    /// The schema could not be created (permissions, a clash with another object).
+    #[error("cannot create ledger schema {schema:?}: {cause}")]
+    CreateSchema { schema: String, cause: sqlx::Error },
+    /// Applying the migrations failed.
+    #[error("ledger migration failed: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    /// A query failed; `op` names the ledger operation.
+    #[error("ledger {op} failed: {cause}")]
+    Query {
+        op: &'static str,
+        cause: sqlx::Error,
+    },
+    /// A ledger call did not finish in time (a hung connection counts as an outage).
+    #[error("ledger {op} timed out after {after:?}")]
+    Timeout {
+        op: &'static str,
+        after: std::time::Duration,
+    },
+    /// A stored row holds something tollgate cannot read back (hand-edited or from a newer
+    /// version).
+    #[error("ledger row in {table} is unreadable: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+impl LedgerError {
+    /// Wraps a query error with the operation that ran it.
+    pub(crate) fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
+        move |cause| LedgerError::Query { op, cause }
+    }
+}
+
+/// Tollgate's durable store. Object-safe so that start-up picks the backend from the URL.
+#[async_trait::async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Multi-row insert (chunked to stay under bind-parameter limits), ON CONFLICT (id) DO NOTHING,
+    /// in one transaction. Returns rows actually inserted (duplicates are not errors).
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError>;
+    /// The stored entitlement of a customer, `None` if unknown.
+    async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError>;
+    /// Insert or replace a customer's entitlement (last write wins; no `updated_at` guard here).
+    async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError>;
+    /// Every customer, ordered by id: loaded into the entitlement cache at start.
+    async fn all_customers(&self) -> Result<Vec<(String, Entitlement)>, LedgerError>;
+    /// One round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), LedgerError>;
+    /// Sum of `units` and row count for a customer/meter in [from, to): for admin and tests.
+    async fn usage_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(i64, i64), LedgerError>;
+}
+
+/// Rows per INSERT statement. 9 columns × 1000 = 9000 parameters: under SQLite's 32766 and far
+/// under Postgres' 65535 (Postgres binds columns as arrays anyway), and small enough that one
+/// statement never holds a lock for long.
+pub(crate) const INSERT_CHUNK: usize = 1000;
+
+/// The backend a URL names.
+enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+fn backend(url: &str) -> Result<Backend, LedgerError> {
+    let lower = url.get(..14).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else if lower.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else {
+        // Only the scheme: the rest may hold credentials.
+        let scheme = url.split_once(':').map_or("", |(s, _)| s).to_string();
+        Err(LedgerError::UnsupportedUrl { scheme })
+    }
+}
+
+/// Opens the ledger for a URL: `postgres://…` / `postgresql://…` → Postgres, `sqlite:PATH`
+/// (the file and its parent directories are created if missing) → SQLite.
+///
+/// `schema`: Postgres only — created if missing and set as the `search_path` of every pooled
+/// connection (tests isolate by schema); an error on SQLite. Runs the migrations before returning.
+pub async fn open(url: &str, schema: Option<&str>) -> Result<Arc<dyn Ledger>, LedgerError> {
+    match backend(url)? {
+        Backend::Postgres => {
+            let ledger = PgLedger::connect(url, schema).await?;
+            ledger.migrate().await?;
+            Ok(Arc::new(ledger))
+        }
+        Backend::Sqlite => {
+            refuse_schema(schema)?;
+            let ledger = SqliteLedger::connect(url).await?;
+            ledger.migrate().await?;
+            Ok(Arc::new(ledger))
+        }
+    }
+}
+
+/// Same as [`open`], but only runs the migrations and reports how many were applied now
+/// (for `tollgate migrate`). The pool is closed before returning.
+pub async fn migrate(url: &str, schema: Option<&str>) -> Result<usize, LedgerError> {
+    match backend(url)? {
+        Backend::Postgres => {
+            let ledger = PgLedger::connect(url, schema).await?;
+            let applied = ledger.migrate().await;
+            ledger.pool().close().await;
+            applied
+        }
+        Backend::Sqlite => {
+            refuse_schema(schema)?;
+            let ledger = SqliteLedger::connect(url).await?;
+            let applied = ledger.migrate().await;
+            ledger.pool().close().await;
+            applied
+        }
+    }
+}
+
+fn refuse_schema(schema: Option<&str>) -> Result<(), LedgerError> {
+    match schema {
+        Some(s) => Err(LedgerError::SchemaNotSupported(s.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Runs `migrator` on one connection under the backend's migration lock and counts what it
+/// applied. Counting inside the lock makes the number exact even when several instances start at
+/// once (the others wait, then apply nothing).
+pub(crate) async fn run_migrations<DB>(
+    pool: &sqlx::Pool<DB>,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<usize, LedgerError>
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+    for<'c> &'c mut DB::Connection: sqlx::Acquire<'c, Database = DB>,
+    for<'c> <&'c mut DB::Connection as sqlx::Acquire<'c>>::Connection:
+        std::ops::Deref<Target = DB::Connection>,
+{
+    use sqlx::migrate::Migrate;
+    let mut conn = pool.acquire().await.map_err(LedgerError::Connect)?;
+    let counted = async {
+        conn.lock().await?;
+        conn.ensure_migrations_table().await?;
+        let before = conn.list_applied_migrations().await?.len();
+        // `run` takes the (re-entrant) lock again and releases its own level.
+        migrator.run(&mut *conn).await?;
+        let after = conn.list_applied_migrations().await?.len();
+        conn.unlock().await?;
+        Ok::<usize, sqlx::migrate::MigrateError>(after.saturating_sub(before))
+    }
+    .await;
+    match counted {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(applied = n, "ledger migrations applied");
+            }
+            Ok(n)
+        }
+        Err(e) => {
+            // A failed run may leave the advisory lock held by this session: close it rather than
+            // hand a locked connection back to the pool.
+            let _ = sqlx::Connection::close(conn.detach()).await;
+            Err(LedgerError::Migrate(e))
+        }
+    }
+}
+
+/// Shared fixtures: real Postgres schemas and real SQLite files, cleaned up on drop.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use chrono::{DateTime, TimeZone, Utc};
+    use uuid::Uuid;
+
+    use super::{Ledger, UsageEvent};
+
+    /// The Postgres database tests use; each test works in its own schema.
+    pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    /// A unique schema on [`PG_URL`], dropped (CASCADE) when this is dropped, even on panic.
+    pub struct PgSchema {
+        pub name: String,
+    }
+
+    impl PgSchema {
+        pub fn new() -> PgSchema {
+            PgSchema {
+                name: format!("t_{}", Uuid::now_v7().simple()),
+            }
+        }
+
+        pub async fn open(&self) -> Arc<dyn Ledger> {
+            super::open(PG_URL, Some(&self.name))
+                .await
+                .expect("open postgres ledger")
+        }
+
+        /// Drops the schema now (to make the ledger fail), from a plain connection.
+        pub async fn drop_schema(&self) {
+            drop_schema_named(&self.name).await;
+        }
+    }
+
+    impl Drop for PgSchema {
+        fn drop(&mut self) {
+            // Drop is sync and may run inside the test's runtime: clean up from a thread with a
+            // runtime of its own.
+            let name = self.name.clone();
+            let done = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(drop_schema_named(&name));
+                }
+            });
+            let _ = done.join();
+        }
+    }
+
+    async fn drop_schema_named(name: &str) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(PG_URL)
+            .await
+            .expect("connect to drop schema");
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .execute(&mut conn)
+            .await
+            .expect("drop schema");
+        let _ = conn.close().await;
+    }
+
+    /// A fresh directory under the system temp dir, removed when this is dropped.
+    pub struct TempDir {
+        pub path: PathBuf,
+    }
+
+    impl TempDir {
+        pub fn new() -> TempDir {
+            let path =
+                std::env::temp_dir().join(format!("tollgate-test-{}", Uuid::now_v7().simple()));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            TempDir { path }
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+
+        /// A `sqlite:` URL for a file inside this directory (in a subdirectory that does not
+        /// exist yet, so opening proves parent creation).
+        pub fn sqlite_url(&self) -> String {
+            format!(
+                "sqlite:{}",
+                self.path.join("db").join("ledger.db").display()
+            )
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+
+    /// A fixed base time with a microsecond part, so precision loss would show.
+    pub fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 14, 15, 9, 26)
+            .single()
+            .expect("valid time")
+            + chrono::Duration::microseconds(535_897)
+    }
+
+    /// `n` events for one customer/meter, 1 ms apart from [`t0`], units 1..=3 cycling.
+    pub fn events(n: usize, customer: &str, meter: &str) -> Vec<UsageEvent> {
+        (0..n)
+            .map(|i| UsageEvent {
+                id: Uuid::now_v7(),
+                ts: t0() + chrono::Duration::milliseconds(i as i64),
+                customer: customer.to_string(),
+                meter: meter.to_string(),
+                units: (i % 3) as i64 + 1,
+                route: "GET /signals".to_string(),
+                status: 200,
+                latency_us: 1234 + i as i64,
+                request_id: format!("req-{i}"),
+            })
+            .collect()
+    }
+
+    /// Sum of units that [`events`] makes for `n` events.
+    pub fn units_of(n: usize) -> i64 {
+        (0..n).map(|i| (i % 3) as i64 + 1).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Duration;
+
+    use super::test_support::{events, t0, units_of, PgSchema, TempDir, PG_URL};
+    use super::*;
+    use crate::entitle::Status;
+
+    // Each behaviour is one generic check, run once per backend below.
+
+    async fn check_migrations_idempotent(url: &str, schema: Option<&str>) {
+        assert_eq!(migrate(url, schema).await.expect("first migrate"), 1);
+        assert_eq!(migrate(url, schema).await.expect("second migrate"), 0);
+        let a = open(url, schema).await.expect("first open");
+        let b = open(url, schema).await.expect("second open");
+        a.ping().await.expect("ping a");
+        b.ping().await.expect("ping b");
+    }
+
+    async fn check_insert_idempotent(ledger: Arc<dyn Ledger>) {
+        let evs = events(1000, "acme", "api_calls");
+        assert_eq!(ledger.insert_usage(&evs).await.expect("insert"), 1000);
+        assert_eq!(ledger.insert_usage(&evs).await.expect("reinsert"), 0);
+        // A batch mixing old and new rows inserts only the new ones.
+        let mut mixed = evs[..10].to_vec();
+        mixed.extend(events(5, "acme", "api_calls"));
+        assert_eq!(ledger.insert_usage(&mixed).await.expect("mixed"), 5);
+        assert_eq!(ledger.insert_usage(&[]).await.expect("empty"), 0);
+        let (_, rows) = ledger
+            .usage_totals("acme", "api_calls", t0(), t0() + Duration::days(1))
+            .await
+            .expect("totals");
+        assert_eq!(rows, 1005);
+
+        // Larger than one INSERT chunk: goes in whole (one transaction) and counts exactly.
+        let big = events(INSERT_CHUNK * 2 + 7, "acme", "big");
+        assert_eq!(
+            ledger.insert_usage(&big).await.expect("big"),
+            big.len() as u64
+        );
+        assert_eq!(ledger.insert_usage(&big).await.expect("big again"), 0);
+    }
+
+    async fn check_customers_round_trip(ledger: Arc<dyn Ledger>) {
+        assert_eq!(ledger.get_customer("nobody").await.expect("get"), None);
+        let full = Entitlement {
+            plan: Some("pro".into()),
+            status: Status::PastDue,
+            status_since: Some(t0()),
+            period_start: Some(t0() - Duration::days(3) + Duration::microseconds(1)),
+            period_end: Some(t0() + Duration::days(27) - Duration::microseconds(1)),
+            suspended: true,
+            updated_at: t0() + Duration::microseconds(999_999),
+        };
+        let empty = Entitlement {
+            plan: None,
+            status: Status::Active,
+            status_since: None,
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: t0(),
+        };
+        ledger.put_customer("cus_b", &full).await.expect("put b");
+        ledger.put_customer("cus_a", &empty).await.expect("put a");
+        assert_eq!(
+            ledger.get_customer("cus_b").await.expect("get b"),
+            Some(full.clone())
+        );
+        assert_eq!(
+            ledger.get_customer("cus_a").await.expect("get a"),
+            Some(empty.clone())
+        );
+
+        // Upsert replaces every field, including back to NULL.
+        let changed = Entitlement {
+            plan: None,
+            status: Status::Canceled,
+            suspended: false,
+            period_end: None,
+            ..full.clone()
+        };
+        ledger
+            .put_customer("cus_b", &changed)
+            .await
+            .expect("update b");
+        assert_eq!(
+            ledger.get_customer("cus_b").await.expect("get b"),
+            Some(changed.clone())
+        );
+
+        let all = ledger.all_customers().await.expect("all");
+        assert_eq!(
+            all,
+            vec![("cus_a".to_string(), empty), ("cus_b".to_string(), changed)]
+        );
+    }
+
+    async fn check_usage_totals(ledger: Arc<dyn Ledger>) {
+        let evs = events(100, "acme", "api_calls"); // t0 .. t0+99ms
+        let mut other = events(7, "acme", "tokens");
+        other.extend(events(9, "globex", "api_calls"));
+        ledger.insert_usage(&evs).await.expect("insert");
+        ledger.insert_usage(&other).await.expect("insert other");
+
+        let all = ledger
+            .usage_totals("acme", "api_calls", t0(), t0() + Duration::seconds(1))
+            .await
+            .expect("totals");
+        assert_eq!(all, (units_of(100), 100));
+        // [from, to): the event at exactly `to` is excluded, the one at `from` included.
+        let half = ledger
+            .usage_totals("acme", "api_calls", t0(), evs[50].ts)
+            .await
+            .expect("half");
+        assert_eq!(half, (units_of(50), 50));
+        let one = ledger
+            .usage_totals(
+                "acme",
+                "api_calls",
+                evs[99].ts,
+                evs[99].ts + Duration::microseconds(1),
+            )
+            .await
+            .expect("last");
+        assert_eq!(one, (evs[99].units, 1));
+        let none = ledger
+            .usage_totals("initech", "api_calls", t0(), t0() + Duration::days(1))
+            .await
+            .expect("none");
+        assert_eq!(none, (0, 0));
+        let tokens = ledger
+            .usage_totals("acme", "tokens", t0(), t0() + Duration::days(1))
+            .await
+            .expect("tokens");
+        assert_eq!(tokens, (units_of(7), 7));
+    }
+
+    /// Postgres: migrations apply once (count 1, then 0) and opening twice is harmless.
+    #[tokio::test]
+    async fn pg_migrations_apply_and_are_idempotent() {
+        let s = PgSchema::new();
+        check_migrations_idempotent(PG_URL, Some(&s.name)).await;
+    }
+
+    /// SQLite: migrations apply once (count 1, then 0) and opening twice is harmless.
+    #[tokio::test]
+    async fn sqlite_migrations_apply_and_are_idempotent() {
+        let dir = TempDir::new();
+        check_migrations_idempotent(&dir.sqlite_url(), None).await;
+    }
+
+    /// Postgres: 1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.
+    #[tokio::test]
+    async fn pg_insert_usage_is_idempotent() {
+        let s = PgSchema::new();
+        check_insert_idempotent(s.open().await).await;
+    }
+
+    /// SQLite: 1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.
+    #[tokio::test]
+    async fn sqlite_insert_usage_is_idempotent() {
+        let dir = TempDir::new();
+        check_insert_idempotent(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// Postgres: customers upsert, get and list back identically, timestamps to the microsecond.
+    #[tokio::test]
+    async fn pg_customers_round_trip() {
+        let s = PgSchema::new();
+        check_customers_round_trip(s.open().await).await;
+    }
+
+    /// SQLite: customers upsert, get and list back identically, timestamps to the microsecond.
+    #[tokio::test]
+    async fn sqlite_customers_round_trip() {
+        let dir = TempDir::new();
+        check_customers_round_trip(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// Postgres: usage_totals sums units and counts rows per customer/meter over [from, to).
+    #[tokio::test]
+    async fn pg_usage_totals() {
+        let s = PgSchema::new();
+        check_usage_totals(s.open().await).await;
+    }
+
+    /// SQLite: usage_totals sums units and counts rows per customer/meter over [from, to).
+    #[tokio::test]
+    async fn sqlite_usage_totals() {
+        let dir = TempDir::new();
+        check_usage_totals(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// URLs: unknown schemes are refused without echoing credentials; a schema on SQLite is refused.
+    #[tokio::test]
+    async fn open_refuses_bad_urls() {
+        let err = open("mysql://root:hunter2@db/x", None)
+            .await
+            .err()
+            .expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("\"mysql\""), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let dir = TempDir::new();
+        let err = open(&dir.sqlite_url(), Some("s"))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, LedgerError::SchemaNotSupported(_)), "{err}");
+    }
+
+    /// A Postgres URL naming a database that does not exist fails at open with a connect error.
+    #[tokio::test]
+    async fn pg_open_wrong_database_fails() {
+        let url = format!(
+            "postgres://postgres@127.0.0.1:5432/no_such_db_{}",
+            uuid::Uuid::now_v7().simple()
+        );
+        let err = open(&url, None).await.err().expect("must fail");
+        assert!(matches!(err, LedgerError::Connect(_)), "{err}");
+        assert!(
+            err.to_string().starts_with("cannot connect to the ledger"),
+            "{err}"
+        );
+    }
+}

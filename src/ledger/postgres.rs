@@ -1,0 +1,395 @@
+//! The Postgres ledger (production). Owns the `PgPool` and the SQL for `migrations/postgres`.
+//!
+//! Must not touch other schemas: with a schema given, every pooled connection starts with that
+//! schema alone as its `search_path` (a startup parameter, so even a reconnect after a failover
+//! cannot land in `public`), and all SQL here is unqualified.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use super::{LedgerError, UsageEvent, INSERT_CHUNK};
+use crate::entitle::{Entitlement, Status};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Pool bound. The flusher writes from one task; the admin API, reconciler and Stripe reporter
+/// add a few readers. Kept well under Postgres' default 100 connections with several instances.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// How long a caller waits for a pooled connection before the ledger counts as down. Short, so
+/// `/readyz` and the flusher notice an outage quickly instead of queueing for sqlx's 30 s.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CUSTOMER_COLUMNS: &str =
+    "id, plan, status, status_since, period_start, period_end, suspended, updated_at";
+
+/// The Postgres [`Ledger`](super::Ledger). Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct PgLedger {
+    pool: PgPool,
+}
+
+// === impl PgLedger ===
+
+impl PgLedger {
+    /// Connects (one connection is made eagerly, so a wrong host or database fails here).
+    /// With `schema`: validates the name, creates the schema if missing and pins every pooled
+    /// connection's `search_path` to it. Does not run migrations (see [`PgLedger::migrate`]).
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgLedger, LedgerError> {
+        let base: PgConnectOptions = url.parse().map_err(LedgerError::InvalidUrl)?;
+        let options = match schema {
+            Some(name) => {
+                check_schema_name(name)?;
+                create_schema(&base, name).await?;
+                // The name is checked to be a plain identifier, so it needs no quoting here.
+                base.options([("search_path", name)])
+            }
+            None => base,
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(LedgerError::Connect)?;
+        Ok(PgLedger { pool })
+    }
+
+    /// Applies pending migrations from `migrations/postgres`; returns how many were applied.
+    pub async fn migrate(&self) -> Result<usize, LedgerError> {
+        super::run_migrations(&self.pool, &MIGRATOR).await
+    }
+
+    /// The pool, for modules that own other tables (Stripe events, config history, audit log).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn insert_chunk<'e, E>(executor: E, chunk: &[UsageEvent]) -> Result<u64, LedgerError>
+    where
+        E: sqlx::PgExecutor<'e>,
+    {
+        // Columns as arrays through UNNEST: one statement text for every chunk size (prepared
+        // once per connection) and 9 bind parameters whatever the row count.
+        let mut ids = Vec::with_capacity(chunk.len());
+        let mut ts = Vec::with_capacity(chunk.len());
+        let mut customers = Vec::with_capacity(chunk.len());
+        let mut meters = Vec::with_capacity(chunk.len());
+        let mut units = Vec::with_capacity(chunk.len());
+        let mut routes = Vec::with_capacity(chunk.len());
+        let mut statuses = Vec::with_capacity(chunk.len());
+        let mut latencies = Vec::with_capacity(chunk.len());
+        let mut request_ids = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            ids.push(e.id);
+            ts.push(e.ts);
+            customers.push(e.customer.as_str());
+            meters.push(e.meter.as_str());
+            units.push(e.units);
+            routes.push(e.route.as_str());
+            statuses.push(i32::from(e.status));
+            latencies.push(e.latency_us);
+            request_ids.push(e.request_id.as_str());
+        }
+        let done = sqlx::query(
+            "INSERT INTO usage_events \
+               (id, ts, customer, meter, units, route, status, latency_us, request_id) \
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], \
+               $5::int8[], $6::text[], $7::int4[], $8::int8[], $9::text[]) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(ids)
+        .bind(ts)
+        .bind(customers)
+        .bind(meters)
+        .bind(units)
+        .bind(routes)
+        .bind(statuses)
+        .bind(latencies)
+        .bind(request_ids)
+        .execute(executor)
+        .await
+        .map_err(LedgerError::query("insert_usage"))?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ledger for PgLedger {
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError> {
+        if events.len() <= INSERT_CHUNK {
+            // One statement is atomic on its own: skip BEGIN/COMMIT round trips.
+            return if events.is_empty() {
+                Ok(0)
+            } else {
+                Self::insert_chunk(&self.pool, events).await
+            };
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(LedgerError::query("insert_usage"))?;
+        let mut inserted = 0;
+        for chunk in events.chunks(INSERT_CHUNK) {
+            inserted += Self::insert_chunk(&mut *tx, chunk).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(LedgerError::query("insert_usage"))?;
+        Ok(inserted)
+    }
+
+    async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("get_customer"))?;
+        row.map(|r| customer_from_row(&r).map(|(_, e)| e))
+            .transpose()
+    }
+
+    async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO customers \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO UPDATE SET \
+               plan = EXCLUDED.plan, status = EXCLUDED.status, \
+               status_since = EXCLUDED.status_since, period_start = EXCLUDED.period_start, \
+               period_end = EXCLUDED.period_end, suspended = EXCLUDED.suspended, \
+               updated_at = EXCLUDED.updated_at",
+        )
+        .bind(id)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since)
+        .bind(e.period_start)
+        .bind(e.period_end)
+        .bind(e.suspended)
+        .bind(e.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("put_customer"))?;
+        Ok(())
+    }
+
+    async fn all_customers(&self) -> Result<Vec<(String, Entitlement)>, LedgerError> {
+        // COLLATE "C": byte order, the same order SQLite gives.
+        let rows = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id COLLATE \"C\""
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("all_customers"))?;
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("ping"))?;
+        Ok(())
+    }
+
+    async fn usage_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(i64, i64), LedgerError> {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT COALESCE(SUM(units), 0)::int8, COUNT(*) FROM usage_events \
+             WHERE customer = $1 AND meter = $2 AND ts >= $3 AND ts < $4",
+        )
+        .bind(customer)
+        .bind(meter)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_totals"))
+    }
+}
+
+fn customer_from_row(row: &PgRow) -> Result<(String, Entitlement), LedgerError> {
+    let get = LedgerError::query("read customers");
+    let read = || -> Result<_, sqlx::Error> {
+        Ok((
+            row.try_get::<String, _>("id")?,
+            row.try_get::<Option<String>, _>("plan")?,
+            row.try_get::<String, _>("status")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("status_since")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("period_start")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("period_end")?,
+            row.try_get::<bool, _>("suspended")?,
+            row.try_get::<DateTime<Utc>, _>("updated_at")?,
+        ))
+    };
+    let (id, plan, status, status_since, period_start, period_end, suspended, updated_at) =
+        read().map_err(get)?;
+    let status = Status::parse(&status).ok_or_else(|| LedgerError::Corrupt {
+        table: "customers",
+        detail: format!("customer {id:?} has unknown status {status:?}"),
+    })?;
+    Ok((
+        id,
+        Entitlement {
+            plan,
+            status,
+            status_since,
+            period_start,
+            period_end,
+            suspended,
+            updated_at,
+        },
+    ))
+}
+
+/// Accepts only plain identifiers (what `search_path` and `"…"` quoting take without escaping).
+fn check_schema_name(name: &str) -> Result<(), LedgerError> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::InvalidSchema(name.to_string()))
+    }
+}
+
+async fn create_schema(base: &PgConnectOptions, name: &str) -> Result<(), LedgerError> {
+    let mut conn = sqlx::PgConnection::connect_with(base)
+        .await
+        .map_err(LedgerError::Connect)?;
+    let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\""))
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    match created {
+        Ok(_) => Ok(()),
+        // Two instances creating it at once: IF NOT EXISTS is not atomic in Postgres, the loser
+        // gets a unique violation on the catalog. The schema exists either way.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(()),
+        Err(cause) => Err(LedgerError::CreateSchema {
+            schema: name.to_string(),
+            cause,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_support::{events, PgSchema, PG_URL};
+    use crate::ledger::{open, Ledger};
+
+    /// Every pooled connection (not just the first) has the test schema as its search_path.
+    #[tokio::test]
+    async fn search_path_is_set_on_every_pooled_connection() {
+        let s = PgSchema::new();
+        let ledger = PgLedger::connect(PG_URL, Some(&s.name))
+            .await
+            .expect("connect");
+        // Hold several at once so the pool must open new ones.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(ledger.pool().acquire().await.expect("acquire"));
+        }
+        for conn in &mut held {
+            let current: String = sqlx::query_scalar("SELECT current_schema()")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("current_schema");
+            assert_eq!(current, s.name);
+        }
+    }
+
+    /// Two schemas on one database are fully isolated ledgers.
+    #[tokio::test]
+    async fn schemas_isolate_ledgers() {
+        let (a, b) = (PgSchema::new(), PgSchema::new());
+        let (la, lb) = (a.open().await, b.open().await);
+        let evs = events(10, "acme", "api_calls");
+        assert_eq!(la.insert_usage(&evs).await.expect("insert a"), 10);
+        // The same ids are new to the other schema.
+        assert_eq!(lb.insert_usage(&evs[..3]).await.expect("insert b"), 3);
+        let to = evs[9].ts + chrono::Duration::seconds(1);
+        let ta = la
+            .usage_totals("acme", "api_calls", evs[0].ts, to)
+            .await
+            .expect("a");
+        let tb = lb
+            .usage_totals("acme", "api_calls", evs[0].ts, to)
+            .await
+            .expect("b");
+        assert_eq!((ta.1, tb.1), (10, 3));
+    }
+
+    /// Schema names that would need quoting are refused before any SQL runs.
+    #[tokio::test]
+    async fn bad_schema_names_are_refused() {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "x\"; DROP SCHEMA public; --",
+            &"a".repeat(64),
+        ] {
+            let err = open(PG_URL, Some(bad)).await.err().expect("refused");
+            assert!(
+                matches!(err, LedgerError::InvalidSchema(_)),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    /// Every field of a usage event is stored as given (u16 status, microsecond ts, uuid id).
+    #[tokio::test]
+    async fn usage_event_fields_round_trip() {
+        let s = PgSchema::new();
+        let ledger = PgLedger::connect(PG_URL, Some(&s.name))
+            .await
+            .expect("connect");
+        ledger.migrate().await.expect("migrate");
+        let mut ev = events(1, "acme", "tokens").remove(0);
+        ev.status = 65535;
+        ev.units = i64::MAX;
+        ledger
+            .insert_usage(std::slice::from_ref(&ev))
+            .await
+            .expect("insert");
+        let row = sqlx::query(
+            "SELECT id, ts, customer, meter, units, route, status, latency_us, request_id, \
+             reported_at FROM usage_events",
+        )
+        .fetch_one(ledger.pool())
+        .await
+        .expect("select");
+        let back = UsageEvent {
+            id: row.get("id"),
+            ts: row.get("ts"),
+            customer: row.get("customer"),
+            meter: row.get("meter"),
+            units: row.get("units"),
+            route: row.get("route"),
+            status: u16::try_from(row.get::<i32, _>("status")).expect("u16"),
+            latency_us: row.get("latency_us"),
+            request_id: row.get("request_id"),
+        };
+        assert_eq!(back, ev);
+        assert_eq!(row.get::<Option<DateTime<Utc>>, _>("reported_at"), None);
+    }
+}

@@ -1,0 +1,323 @@
+//! The SQLite ledger (embedded mode: one instance, one file). Owns the `SqlitePool` and the SQL
+//! for `migrations/sqlite`.
+//!
+//! Times are INTEGER microseconds since the Unix epoch (UTC): exact to the microsecond like
+//! Postgres' timestamptz, and ordered as numbers so range scans use the indexes. Usage ids are
+//! 16-byte BLOBs. Must not be shared by several tollgate processes (SQLite has one writer).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{LedgerError, UsageEvent, INSERT_CHUNK};
+use crate::entitle::{Entitlement, Status};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Readers run in parallel under WAL; writes serialize on SQLite's lock whatever the pool size.
+const MAX_CONNECTIONS: u32 = 4;
+
+/// How long a writer waits for another's lock before failing with SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CUSTOMER_COLUMNS: &str =
+    "id, plan, status, status_since, period_start, period_end, suspended, updated_at";
+
+/// The SQLite [`Ledger`](super::Ledger). Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct SqliteLedger {
+    pool: SqlitePool,
+}
+
+// === impl SqliteLedger ===
+
+impl SqliteLedger {
+    /// Opens `sqlite:PATH` (also `sqlite://PATH`), creating the file and its parent directories
+    /// if missing. WAL journal, `synchronous = NORMAL` (durable across process crashes; the last
+    /// commits may be lost on power failure, which the usage spool does not cover either).
+    /// Does not run migrations (see [`SqliteLedger::migrate`]).
+    pub async fn connect(url: &str) -> Result<SqliteLedger, LedgerError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(LedgerError::InvalidUrl)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        // In-memory databases have a synthetic name and no parent.
+        if let Some(parent) = options.get_filename().parent() {
+            if !parent.as_os_str().is_empty() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|cause| LedgerError::Io {
+                        path: parent.to_path_buf(),
+                        cause,
+                    })?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(LedgerError::Connect)?;
+        Ok(SqliteLedger { pool })
+    }
+
+    /// Applies pending migrations from `migrations/sqlite`; returns how many were applied.
+    pub async fn migrate(&self) -> Result<usize, LedgerError> {
+        super::run_migrations(&self.pool, &MIGRATOR).await
+    }
+
+    /// The pool, for modules that own other tables (Stripe events, config history, audit log).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// The stored form of a time (see the module doc).
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// Reads a stored time back; `None` only for values no `DateTime` can hold.
+pub(crate) fn from_micros(us: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(us)
+}
+
+#[async_trait::async_trait]
+impl super::Ledger for SqliteLedger {
+    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // One transaction: one fsync for the whole batch, and all-or-nothing.
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(LedgerError::query("insert_usage"))?;
+        let mut inserted = 0;
+        for chunk in events.chunks(INSERT_CHUNK) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO usage_events \
+                 (id, ts, customer, meter, units, route, status, latency_us, request_id) ",
+            );
+            q.push_values(chunk, |mut row, e| {
+                row.push_bind(e.id)
+                    .push_bind(to_micros(e.ts))
+                    .push_bind(e.customer.as_str())
+                    .push_bind(e.meter.as_str())
+                    .push_bind(e.units)
+                    .push_bind(e.route.as_str())
+                    .push_bind(i32::from(e.status))
+                    .push_bind(e.latency_us)
+                    .push_bind(e.request_id.as_str());
+            });
+            q.push(" ON CONFLICT (id) DO NOTHING");
+            // Only full chunks share a statement text; caching the odd-sized tails would evict
+            // useful statements.
+            let done = q
+                .build()
+                .persistent(chunk.len() == INSERT_CHUNK)
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::query("insert_usage"))?;
+            inserted += done.rows_affected();
+        }
+        tx.commit()
+            .await
+            .map_err(LedgerError::query("insert_usage"))?;
+        Ok(inserted)
+    }
+
+    async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("get_customer"))?;
+        row.map(|r| customer_from_row(&r).map(|(_, e)| e))
+            .transpose()
+    }
+
+    async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO customers \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+             ON CONFLICT (id) DO UPDATE SET \
+               plan = excluded.plan, status = excluded.status, \
+               status_since = excluded.status_since, period_start = excluded.period_start, \
+               period_end = excluded.period_end, suspended = excluded.suspended, \
+               updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since.map(to_micros))
+        .bind(e.period_start.map(to_micros))
+        .bind(e.period_end.map(to_micros))
+        .bind(e.suspended)
+        .bind(to_micros(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("put_customer"))?;
+        Ok(())
+    }
+
+    async fn all_customers(&self) -> Result<Vec<(String, Entitlement)>, LedgerError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("all_customers"))?;
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("ping"))?;
+        Ok(())
+    }
+
+    async fn usage_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(i64, i64), LedgerError> {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT COALESCE(SUM(units), 0), COUNT(*) FROM usage_events \
+             WHERE customer = ?1 AND meter = ?2 AND ts >= ?3 AND ts < ?4",
+        )
+        .bind(customer)
+        .bind(meter)
+        .bind(to_micros(from))
+        .bind(to_micros(to))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_totals"))
+    }
+}
+
+fn customer_from_row(row: &SqliteRow) -> Result<(String, Entitlement), LedgerError> {
+    let read = || -> Result<_, sqlx::Error> {
+        Ok((
+            row.try_get::<String, _>("id")?,
+            row.try_get::<Option<String>, _>("plan")?,
+            row.try_get::<String, _>("status")?,
+            row.try_get::<Option<i64>, _>("status_since")?,
+            row.try_get::<Option<i64>, _>("period_start")?,
+            row.try_get::<Option<i64>, _>("period_end")?,
+            row.try_get::<bool, _>("suspended")?,
+            row.try_get::<i64, _>("updated_at")?,
+        ))
+    };
+    let (id, plan, status, status_since, period_start, period_end, suspended, updated_at) =
+        read().map_err(LedgerError::query("read customers"))?;
+    let corrupt = |detail: String| LedgerError::Corrupt {
+        table: "customers",
+        detail,
+    };
+    let time = |column: &str, us: i64| {
+        from_micros(us)
+            .ok_or_else(|| corrupt(format!("customer {id:?} has {column} out of range: {us}")))
+    };
+    let opt_time = |column: &str, us: Option<i64>| us.map(|us| time(column, us)).transpose();
+    let status = Status::parse(&status)
+        .ok_or_else(|| corrupt(format!("customer {id:?} has unknown status {status:?}")))?;
+    let entitlement = Entitlement {
+        plan,
+        status,
+        status_since: opt_time("status_since", status_since)?,
+        period_start: opt_time("period_start", period_start)?,
+        period_end: opt_time("period_end", period_end)?,
+        suspended,
+        updated_at: time("updated_at", updated_at)?,
+    };
+    Ok((id, entitlement))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_support::{events, t0, TempDir};
+    use crate::ledger::{open, Ledger};
+
+    /// `sqlite:PATH` creates the missing parent directories and the file itself.
+    #[tokio::test]
+    async fn open_creates_file_and_parent_dirs() {
+        let dir = TempDir::new();
+        let file = dir.path().join("a").join("b").join("ledger.db");
+        let url = format!("sqlite:{}", file.display());
+        let ledger = open(&url, None).await.expect("open");
+        ledger.ping().await.expect("ping");
+        assert!(file.is_file());
+    }
+
+    /// Every field of a usage event is stored as given (u16 status, microsecond ts, blob id).
+    #[tokio::test]
+    async fn usage_event_fields_round_trip() {
+        let dir = TempDir::new();
+        let ledger = SqliteLedger::connect(&dir.sqlite_url())
+            .await
+            .expect("connect");
+        ledger.migrate().await.expect("migrate");
+        let mut ev = events(1, "acme", "tokens").remove(0);
+        ev.status = 65535;
+        ev.units = i64::MAX;
+        ledger
+            .insert_usage(std::slice::from_ref(&ev))
+            .await
+            .expect("insert");
+        let row = sqlx::query(
+            "SELECT id, ts, customer, meter, units, route, status, latency_us, request_id, \
+             reported_at FROM usage_events",
+        )
+        .fetch_one(ledger.pool())
+        .await
+        .expect("select");
+        let back = UsageEvent {
+            id: row.get("id"),
+            ts: from_micros(row.get("ts")).expect("ts"),
+            customer: row.get("customer"),
+            meter: row.get("meter"),
+            units: row.get("units"),
+            route: row.get("route"),
+            status: u16::try_from(row.get::<i32, _>("status")).expect("u16"),
+            latency_us: row.get("latency_us"),
+            request_id: row.get("request_id"),
+        };
+        assert_eq!(back, ev);
+        assert_eq!(row.get::<Option<i64>, _>("reported_at"), None);
+        assert_eq!(row.get::<i64, _>("ts"), t0().timestamp_micros());
+    }
+
+    /// A row with a status tollgate does not know is reported as corrupt, not silently mapped.
+    #[tokio::test]
+    async fn unknown_status_is_corrupt() {
+        let dir = TempDir::new();
+        let ledger = SqliteLedger::connect(&dir.sqlite_url())
+            .await
+            .expect("connect");
+        ledger.migrate().await.expect("migrate");
+        sqlx::query("INSERT INTO customers (id, status, updated_at) VALUES ('c', 'weird', 0)")
+            .execute(ledger.pool())
+            .await
+            .expect("insert");
+        let err = ledger.get_customer("c").await.expect_err("corrupt");
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
+    }
+}

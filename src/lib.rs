@@ -1,0 +1,31 @@
+//! tollgate: a reverse proxy that meters and entitles HTTP API calls.
+//!
+//! # Layout
+//! - [`proxy`]: the request path, top to bottom, as pingora phases. Start reading here.
+//! - [`route`]: `(method, path)` → route (matchit).
+//! - [`auth`]: JWT verification → customer.
+//! - [`entitle`]: customer → plan and status policy; the in-process entitlement cache.
+//! - [`quota`]: billing periods and the atomic check-and-charge (Redis or in-process).
+//! - [`respond`]: every client-facing error as problem+json, RateLimit headers.
+//! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
+//! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, migrations.
+//! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
+//! - [`config`]: the TOML file and the validated model; every error with its key.
+//! - [`upstream`]: upstream pools, round robin, health checks.
+//! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod entitle;
+pub mod ledger;
+pub mod metrics;
+pub mod proxy;
+pub mod quota;
+pub mod respond;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod upstream;
+pub mod usage;

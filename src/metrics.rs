@@ -1,0 +1,119 @@
+//! Prometheus metrics (DESIGN §6). Handles are resolved once (per route and decision when a
+//! config snapshot is built), so the request path only increments. Labels are bounded: route
+//! *names* and decision names, never raw paths or customer ids.
+
+use crate::respond::Decision;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    pub quota_store_duration: Histogram,
+    pub quota_store_errors: IntCounter,
+    pub usage_events: IntCounterVec,
+    pub usage_queue_depth: IntGauge,
+    pub cost_header_invalid: IntCounter,
+    pub config_version: IntGauge,
+}
+
+/// Per-route handles, indexed by [`Decision::index`].
+pub struct RouteMetrics {
+    pub requests: Vec<IntCounter>,
+    pub duration: Histogram,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests by decision and route name",
+            ),
+            &["decision", "route"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from request head to last byte, by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route"],
+        )?;
+        let quota_store_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_quota_store_duration_seconds",
+                "Time of one quota reservation",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )?;
+        let quota_store_errors = IntCounter::new(
+            "tollgate_quota_store_errors_total",
+            "Quota store calls that failed or timed out",
+        )?;
+        let usage_events = IntCounterVec::new(
+            Opts::new(
+                "tollgate_usage_events_total",
+                "Usage events by outcome (queued, spooled, lost)",
+            ),
+            &["outcome"],
+        )?;
+        let usage_queue_depth = IntGauge::new(
+            "tollgate_usage_queue_depth",
+            "Usage events waiting for the ledger",
+        )?;
+        let cost_header_invalid = IntCounter::new(
+            "tollgate_cost_header_invalid_total",
+            "Upstream cost headers that were not a non-negative integer (the reservation was kept)",
+        )?;
+        let config_version =
+            IntGauge::new("tollgate_config_version", "Version of the config in force")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(quota_store_duration.clone()))?;
+        registry.register(Box::new(quota_store_errors.clone()))?;
+        registry.register(Box::new(usage_events.clone()))?;
+        registry.register(Box::new(usage_queue_depth.clone()))?;
+        registry.register(Box::new(cost_header_invalid.clone()))?;
+        registry.register(Box::new(config_version.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            quota_store_duration,
+            quota_store_errors,
+            usage_events,
+            usage_queue_depth,
+            cost_header_invalid,
+            config_version,
+        })
+    }
+
+    /// Handles for one route name.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: Decision::ALL
+                .iter()
+                .map(|d| self.requests.with_label_values(&[d.as_str(), name]))
+                .collect(),
+            duration: self.duration.with_label_values(&[name]),
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,179 @@
+//! Quota store: the real-time counters behind metered quotas and per-minute rate limits.
+//!
+//! Owns: billing periods, the atomic "check every limit and charge" operation, refunds and
+//! adjustments. Two implementations behind [`QuotaStore`]: [`redis::RedisStore`] (production,
+//! shared by many instances, one Lua round trip per request) and [`memory::MemoryStore`]
+//! (embedded default and the fail-open fallback).
+//! Must not touch: plans or entitlements (callers pass plain numbers), HTTP, the ledger.
+
+pub mod memory;
+pub mod redis;
+
+use crate::config::Rate;
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+
+/// A billing period `[start, end)` in unix seconds. Counters are keyed by its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Period {
+    pub start: i64,
+    pub end: i64,
+}
+
+impl Period {
+    /// The calendar month (UTC) containing `now`.
+    pub fn calendar_month(now: DateTime<Utc>) -> Period {
+        let (y, m) = (now.year(), now.month());
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        let start = Utc
+            .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+            .single()
+            .map_or(0, |t| t.timestamp());
+        let end = Utc
+            .with_ymd_and_hms(ny, nm, 1, 0, 0, 0)
+            .single()
+            .map_or(i64::MAX, |t| t.timestamp());
+        Period { start, end }
+    }
+
+    /// The subscription's billing period when `now` falls inside it, else the calendar month.
+    pub fn current(
+        start: Option<DateTime<Utc>>,
+        end: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Period {
+        match (start, end) {
+            (Some(s), Some(e)) if s <= now && now < e => Period {
+                start: s.timestamp(),
+                end: e.timestamp(),
+            },
+            _ => Period::calendar_month(now),
+        }
+    }
+
+    /// Whole seconds from `now` to the end of the period (at least 1).
+    pub fn seconds_left(&self, now: i64) -> u64 {
+        (self.end - now).max(1) as u64
+    }
+
+    pub fn length(&self) -> u64 {
+        (self.end - self.start).max(1) as u64
+    }
+}
+
+/// One reservation request: charge `cost` units of `meter` to `customer`, refusing if that would
+/// pass `cap`, after checking the customer's per-minute `rate`.
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    pub customer: &'a str,
+    pub meter: &'a str,
+    pub period: Period,
+    pub cost: u64,
+    /// Hard limit on units used this period; `None` counts without limit (unlimited or overage).
+    pub cap: Option<u64>,
+    pub rate: Option<Rate>,
+}
+
+/// The answer to a [`Check`]. Nothing is charged unless it is `Granted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Charged; `used` is the period's total including this charge.
+    Granted { used: u64 },
+    /// Charging would pass the cap; `used` is the period's total so far.
+    OverQuota { used: u64 },
+    /// Too many requests this minute; try again after this many milliseconds.
+    RateLimited { retry_after_ms: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("quota store timed out")]
+    Timeout,
+    #[error("quota store: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("quota store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Real-time counters. Implementations must make `reserve` atomic: N concurrent reservations
+/// against a cap of K never grant more than K units.
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    async fn reserve(&self, check: &Check<'_>) -> Result<Verdict, QuotaError>;
+    /// Adds `delta` (negative = refund) to a period's counter; returns the new total (never < 0).
+    async fn adjust(
+        &self,
+        customer: &str,
+        meter: &str,
+        period: Period,
+        delta: i64,
+    ) -> Result<u64, QuotaError>;
+    /// Units used in a period.
+    async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError>;
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), QuotaError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calendar months roll over the year and have the right length.
+    #[test]
+    fn calendar_month_bounds() {
+        let now = Utc
+            .with_ymd_and_hms(2026, 12, 31, 23, 59, 59)
+            .single()
+            .expect("date");
+        let p = Period::calendar_month(now);
+        assert_eq!(
+            p.start,
+            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+                .single()
+                .expect("d")
+                .timestamp()
+        );
+        assert_eq!(
+            p.end,
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
+                .single()
+                .expect("d")
+                .timestamp()
+        );
+        assert_eq!(p.seconds_left(now.timestamp()), 1);
+        assert_eq!(p.length(), 31 * 86_400);
+    }
+
+    /// A billing period is used only while `now` is inside it.
+    #[test]
+    fn subscription_period_or_calendar() {
+        let s = Utc
+            .with_ymd_and_hms(2026, 11, 15, 0, 0, 0)
+            .single()
+            .expect("d");
+        let e = Utc
+            .with_ymd_and_hms(2026, 12, 15, 0, 0, 0)
+            .single()
+            .expect("d");
+        let inside = Utc
+            .with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+            .single()
+            .expect("d");
+        let after = Utc
+            .with_ymd_and_hms(2026, 12, 20, 0, 0, 0)
+            .single()
+            .expect("d");
+        assert_eq!(
+            Period::current(Some(s), Some(e), inside).start,
+            s.timestamp()
+        );
+        assert_eq!(
+            Period::current(Some(s), Some(e), after),
+            Period::calendar_month(after)
+        );
+        assert_eq!(
+            Period::current(None, None, inside),
+            Period::calendar_month(inside)
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! Redis quota store: counters shared by every tollgate instance.
+//!
+//! One `EVALSHA` per request (`reserve.lua`) checks the customer's rate (GCRA on Redis's clock, so
+//! instances agree) and the meter's cap, and charges only if both pass. Keys look like
+//! `{prefix}:{customer}:q:{meter}:{period_start}` and `{prefix}:{customer}:r`: the `{customer}`
+//! hash tag keeps a customer's keys in one slot (Redis Cluster). Counters expire a day after
+//! their period ends. Every call has a deadline (`redis_timeout`): a hang is an outage, and the
+//! caller applies the plan's fail mode.
+//!
+//! The connection is created lazily on first use: redis-rs's `ConnectionManager` spawns its
+//! driver task on the runtime it is created on, which must be the runtime that uses it.
+
+use super::{Check, Period, QuotaError, QuotaStore, Verdict};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
+static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("adjust.lua")));
+
+/// Counters outlive their period by a day so late refunds and reports still find them.
+const EXPIRY_SLACK_SECS: i64 = 86_400;
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    timeout: Duration,
+}
+
+// === impl RedisStore ===
+
+impl RedisStore {
+    /// Parses the URL now; connects on first use.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, QuotaError> {
+        Ok(RedisStore {
+            client: redis::Client::open(url)?,
+            conn: OnceCell::new(),
+            prefix: prefix.to_string(),
+            timeout,
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, QuotaError> {
+        let c = self
+            .conn
+            .get_or_try_init(|| async {
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_pipeline_buffer_size(4096);
+                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+            })
+            .await?;
+        Ok(c.clone())
+    }
+
+    /// The key of a quota counter (public for tests and the admin API).
+    pub fn quota_key(&self, customer: &str, meter: &str, period: Period) -> String {
+        let mut k = self.tag(customer);
+        k.push_str(":q:");
+        k.push_str(meter);
+        k.push(':');
+        k.push_str(&period.start.to_string());
+        k
+    }
+
+    fn rate_key(&self, customer: &str) -> String {
+        let mut k = self.tag(customer);
+        k.push_str(":r");
+        k
+    }
+
+    /// `{prefix}:{customer}` with braces in the customer id escaped, so that an id cannot end the
+    /// hash tag early and two customers can never share a key.
+    fn tag(&self, customer: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + customer.len() + 40);
+        k.push_str(&self.prefix);
+        k.push_str(":{");
+        for ch in customer.chars() {
+            match ch {
+                '{' => k.push_str("%7B"),
+                '}' => k.push_str("%7D"),
+                '%' => k.push_str("%25"),
+                c => k.push(c),
+            }
+        }
+        k.push('}');
+        k
+    }
+
+    async fn with_deadline<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, QuotaError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(QuotaError::Timeout),
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for RedisStore {
+    async fn reserve(&self, c: &Check<'_>) -> Result<Verdict, QuotaError> {
+        let mut conn = self.conn().await?;
+        let (interval_us, tolerance_us) = match c.rate {
+            Some(r) if r.per_minute > 0 => {
+                let interval = 60_000_000 / u64::from(r.per_minute);
+                (interval, interval.saturating_mul(u64::from(r.burst.max(1))))
+            }
+            _ => (0, 0),
+        };
+        let cap: i64 = c.cap.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
+        let mut inv = RESERVE.prepare_invoke();
+        inv.key(self.quota_key(c.customer, c.meter, c.period))
+            .key(self.rate_key(c.customer))
+            .arg(c.cost)
+            .arg(cap)
+            .arg(c.period.end + EXPIRY_SLACK_SECS)
+            .arg(interval_us)
+            .arg(tolerance_us);
+        let (code, value): (i64, i64) = self.with_deadline(inv.invoke_async(&mut conn)).await?;
+        let value = value.max(0) as u64;
+        match code {
+            0 => Ok(Verdict::Granted { used: value }),
+            1 => Ok(Verdict::OverQuota { used: value }),
+            2 => Ok(Verdict::RateLimited {
+                retry_after_ms: value.div_ceil(1000).max(1),
+            }),
+            other => Err(QuotaError::Protocol(format!(
+                "reserve returned code {other}"
+            ))),
+        }
+    }
+
+    async fn adjust(
+        &self,
+        customer: &str,
+        meter: &str,
+        period: Period,
+        delta: i64,
+    ) -> Result<u64, QuotaError> {
+        let mut conn = self.conn().await?;
+        let mut inv = ADJUST.prepare_invoke();
+        inv.key(self.quota_key(customer, meter, period))
+            .arg(delta)
+            .arg(period.end + EXPIRY_SLACK_SECS);
+        let v: i64 = self.with_deadline(inv.invoke_async(&mut conn)).await?;
+        Ok(v.max(0) as u64)
+    }
+
+    async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError> {
+        let mut conn = self.conn().await?;
+        let key = self.quota_key(customer, meter, period);
+        let v: Option<i64> = self
+            .with_deadline(redis::cmd("GET").arg(key).query_async(&mut conn))
+            .await?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn ping(&self) -> Result<(), QuotaError> {
+        let mut conn = self.conn().await?;
+        let _: String = self
+            .with_deadline(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Rate;
+    use std::sync::Arc;
+
+    fn store() -> RedisStore {
+        let prefix = format!("tgtest:{}", uuid::Uuid::now_v7().simple());
+        RedisStore::new(
+            "redis://127.0.0.1:6379/",
+            &prefix,
+            Duration::from_millis(500),
+        )
+        .expect("url")
+    }
+
+    const P: Period = Period {
+        start: 1_000,
+        end: 4_000_000_000,
+    };
+
+    /// 400 concurrent reservations of 1 unit against a cap of 50 on real Redis grant exactly 50,
+    /// and the counter in Redis says 50.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_reservations_never_overshoot() {
+        let s = Arc::new(store());
+        let mut tasks = Vec::new();
+        for _ in 0..400 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.reserve(&Check {
+                    customer: "acme",
+                    meter: "api",
+                    period: P,
+                    cost: 1,
+                    cap: Some(50),
+                    rate: None,
+                })
+                .await
+            }));
+        }
+        let mut granted = 0;
+        for t in tasks {
+            if matches!(
+                t.await.expect("join").expect("reserve"),
+                Verdict::Granted { .. }
+            ) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 50);
+        assert_eq!(s.used("acme", "api", P).await.expect("used"), 50);
+        let mut conn = s.conn().await.expect("conn");
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(s.quota_key("acme", "api", P))
+            .query_async(&mut conn)
+            .await
+            .expect("ttl");
+        assert!(ttl > 0, "counter must expire, ttl={ttl}");
+    }
+
+    /// The GCRA burst passes, the next is limited with a retry hint, and a limited call is free.
+    #[tokio::test]
+    async fn redis_rate_limit_is_free() {
+        let s = store();
+        let rate = Some(Rate {
+            per_minute: 60,
+            burst: 3,
+        });
+        let c = Check {
+            customer: "r",
+            meter: "api",
+            period: P,
+            cost: 2,
+            cap: None,
+            rate,
+        };
+        for _ in 0..3 {
+            assert!(matches!(
+                s.reserve(&c).await.expect("r"),
+                Verdict::Granted { .. }
+            ));
+        }
+        match s.reserve(&c).await.expect("r") {
+            Verdict::RateLimited { retry_after_ms } => {
+                assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}")
+            }
+            other => panic!("expected rate limit, got {other:?}"),
+        }
+        assert_eq!(s.used("r", "api", P).await.expect("u"), 6);
+    }
+
+    /// Refunds never take a counter below zero; braces in ids cannot escape the hash tag.
+    #[tokio::test]
+    async fn redis_adjust_and_key_escaping() {
+        let s = store();
+        assert_eq!(s.adjust("x", "api", P, 5).await.expect("a"), 5);
+        assert_eq!(s.adjust("x", "api", P, -9).await.expect("a"), 0);
+        let k = s.quota_key("a}b{", "m", P);
+        assert!(k.contains(":{a%7Db%7B}:q:m:"), "{k}");
+    }
+
+    /// An unreachable Redis is reported as an error within the deadline, not a hang.
+    #[tokio::test]
+    async fn redis_down_is_an_error() {
+        let s =
+            RedisStore::new("redis://127.0.0.1:1/", "x", Duration::from_millis(100)).expect("url");
+        let started = std::time::Instant::now();
+        assert!(s.ping().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}

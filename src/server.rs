@@ -1,0 +1,228 @@
+//! Process assembly and lifecycle: builds the shared state from a validated config, runs the
+//! pingora server (proxy + upstream health checks) and, on a runtime of our own, the control plane
+//! (ledger, usage flusher, admin listener). Shutdown: pingora stops accepting and drains for
+//! `shutdown_grace`, then the flusher drains the usage channel into the ledger before we return.
+//!
+//! Why two runtimes: sqlx pools and redis-rs connection managers spawn tasks on the runtime they
+//! are created on; pingora creates its runtimes only inside `Server::run`. The control plane gets
+//! its own runtime created here; the proxy's Redis connection is created lazily on pingora's.
+
+use crate::admin::{self, AdminState};
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::entitle::Entitlements;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::quota::{memory::MemoryStore, redis::RedisStore, QuotaStore};
+use crate::state::{Shared, Snapshot};
+use crate::{ledger, upstream, usage};
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How the server is told to stop.
+pub enum Stop {
+    /// SIGTERM: graceful; SIGINT: fast; SIGQUIT: graceful upgrade (pingora's handling).
+    Signals,
+    /// Graceful stop when notified (tests, embedding).
+    Notify(Arc<Notify>),
+}
+
+/// Addresses the running server listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+pub struct Options {
+    /// A bound admin listener (tests bind port 0); otherwise `admin.listen` is bound.
+    pub admin_listener: Option<std::net::TcpListener>,
+    pub stop: Stop,
+    /// Called once the admin listener is bound and the proxy service is about to start.
+    pub on_ready: Option<Box<dyn FnOnce(Ready) + Send>>,
+}
+
+struct NotifyWatch(Arc<Notify>);
+
+#[async_trait]
+impl ShutdownSignalWatch for NotifyWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Runs tollgate until stopped. Returns after the usage channel has been flushed to the ledger.
+pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-control")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let (pools, health_checks) =
+        upstream::build(&config.upstreams).context("resolving upstream targets")?;
+    let pools = Arc::new(pools);
+    let snapshot = Snapshot::new(config.clone(), pools, &metrics, 1).map_err(anyhow::Error::msg)?;
+    metrics.config_version.set(1);
+
+    let fallback = Arc::new(MemoryStore::new());
+    let storage = config.storage.clone();
+    let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<dyn QuotaStore>>> {
+        Ok(match &storage.redis_url {
+            Some(url) => Some(Arc::new(
+                RedisStore::new(url, &storage.redis_prefix, timeout)
+                    .context("storage.redis_url")?,
+            )),
+            None => None,
+        })
+    };
+    // The proxy's handle connects lazily on pingora's runtime; the admin's on the control runtime.
+    let store: Arc<dyn QuotaStore> =
+        redis_store(storage.redis_timeout)?.unwrap_or_else(|| fallback.clone());
+    let admin_store: Arc<dyn QuotaStore> =
+        redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?
+            .unwrap_or_else(|| fallback.clone());
+
+    let (shared, ledger, flusher, admin_listener) = control.block_on(async {
+        let ledger = ledger::open(&storage.database_url, storage.database_schema.as_deref())
+            .await
+            .with_context(|| format!("opening the ledger at {}", redact(&storage.database_url)))?;
+        let verifier = Verifier::new(config.auth.clone()).await.context("auth")?;
+        let entitlements = Entitlements::default();
+        for (id, e) in ledger.all_customers().await.context("loading customers")? {
+            entitlements.put(&id, e);
+        }
+        tracing::info!(customers = entitlements.len(), "entitlements loaded");
+        let (sink, flusher) = usage::pipeline(
+            ledger.clone(),
+            storage.usage_queue,
+            storage.spool_dir.clone(),
+            1000,
+            storage.usage_flush_interval,
+        );
+        let listener = match opts.admin_listener {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)?
+            }
+            None => tokio::net::TcpListener::bind(config.admin.listen)
+                .await
+                .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?,
+        };
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            verifier: Arc::new(verifier),
+            entitlements: Arc::new(entitlements),
+            store,
+            fallback,
+            usage: sink,
+            metrics,
+        });
+        anyhow::Ok((shared, ledger, flusher, listener))
+    })?;
+
+    let admin_addr = admin_listener.local_addr()?;
+    let token = std::env::var(&config.admin.token_env)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Arc::from);
+    if token.is_none() {
+        tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
+    }
+    let admin_state = AdminState {
+        shared: shared.clone(),
+        ledger: ledger.clone(),
+        store: admin_store,
+        token,
+    };
+    let admin_stop = Arc::new(Notify::new());
+    let admin_task = {
+        let stop = admin_stop.clone();
+        control.spawn(async move {
+            let app = admin::app(admin_state);
+            let serve = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        })
+    };
+    let flush_stop = Arc::new(Notify::new());
+    let flush_task = {
+        let stop = flush_stop.clone();
+        control.spawn(async move { flusher.run(async move { stop.notified().await }).await })
+    };
+
+    let conf = ServerConf {
+        threads: match config.proxy.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        },
+        grace_period_seconds: Some(config.proxy.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Proxy {
+            shared: shared.clone(),
+        },
+    );
+    proxy.add_tcp(&config.proxy.listen.to_string());
+    server.add_service(proxy);
+    for hc in health_checks {
+        server.add_service(hc);
+    }
+    tracing::info!(proxy = %config.proxy.listen, admin = %admin_addr, "tollgate running");
+    if let Some(f) = opts.on_ready {
+        f(Ready {
+            proxy: config.proxy.listen,
+            admin: admin_addr,
+        });
+    }
+    let shutdown_signal: Box<dyn ShutdownSignalWatch> = match opts.stop {
+        Stop::Signals => Box::new(pingora::server::UnixShutdownSignalWatch),
+        Stop::Notify(n) => Box::new(NotifyWatch(n)),
+    };
+    server.run(RunArgs { shutdown_signal });
+
+    // The proxy has drained: nothing records usage any more. Flush what is queued.
+    tracing::info!("proxy stopped; flushing usage");
+    flush_stop.notify_one();
+    admin_stop.notify_one();
+    let stats = control.block_on(async {
+        let stats = flush_task.await;
+        let _ = admin_task.await;
+        stats
+    });
+    tracing::info!(?stats, "usage flushed");
+    drop(shared);
+    control.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
