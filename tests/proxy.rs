@@ -1,0 +1,340 @@
+//! The request path end to end, through a real pingora proxy, on both storage backends: every row
+//! of the DESIGN §2 response table and every bad input of the core issue.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// Starts tollgate with the standard config on `b` and a fresh recording upstream.
+async fn setup(b: Backend) -> (Tollgate, Upstream) {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&base_config(up.addr), b).await;
+    (tg, up)
+}
+
+fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+both!(
+    /// An allowed call reaches the upstream with the customer and request id, without the
+    /// caller's token, answers with RateLimit headers, and is charged once in store and ledger.
+    allowed_call_is_forwarded_charged_and_recorded,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let r = tg.get("/signals", Some("alice")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit").as_deref(), Some(format!("\"api_calls\";r=4;t={}", header(&r, "x-ratelimit-reset").unwrap()).as_str()));
+        assert!(header(&r, "ratelimit-policy").unwrap().starts_with("\"api_calls\";q=5;w="));
+        assert_eq!(header(&r, "x-ratelimit-limit").as_deref(), Some("5"));
+        assert_eq!(header(&r, "x-ratelimit-remaining").as_deref(), Some("4"));
+        let seen = up.last().unwrap();
+        assert_eq!(seen.headers.get("x-tollgate-customer").unwrap(), "alice");
+        assert!(seen.headers.get("authorization").is_none(), "token must be stripped");
+        assert_eq!(seen.headers.get("x-request-id").unwrap().to_str().unwrap(), header(&r, "x-request-id").unwrap());
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("alice", "api_calls").await, Some(1));
+        }
+        assert_eq!(tg.wait_ledger("alice", 1).await, (1, 1));
+    }
+);
+
+both!(
+    /// The quota is spent by cost weights; the call that does not fit is a 429 quota-exceeded
+    /// with Retry-After to the period's end, it never reaches the upstream and is not a ledger row.
+    quota_exceeded_is_429_with_retry_after,
+    |b| {
+        let (tg, up) = setup(b).await;
+        assert_eq!(tg.get("/signals/history/AAPL", Some("bob")).await.status(), 200); // 2
+        assert_eq!(tg.get("/signals/history/AAPL", Some("bob")).await.status(), 200); // 4
+        let r = tg.get("/signals/history/AAPL", Some("bob")).await; // 6 > 5
+        let retry: i64 = header(&r, "retry-after").unwrap().parse().unwrap();
+        let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+        assert!((retry - (period.end - chrono::Utc::now().timestamp())).abs() <= 5, "retry-after {retry}");
+        assert_eq!(header(&r, "ratelimit").unwrap(), format!("\"api_calls\";r=1;t={retry}"));
+        let (status, ty, body) = problem(r).await;
+        assert_eq!((status, ty.as_str()), (429, "urn:tollgate:problem:quota-exceeded"));
+        assert_eq!((body["meter"].as_str(), body["limit"].as_u64(), body["used"].as_u64()), (Some("api_calls"), Some(5), Some(4)));
+        assert_eq!(up.hits(), 2);
+        assert_eq!(tg.get("/signals", Some("bob")).await.status(), 200); // 5: a 1-unit call still fits
+        assert_eq!(tg.get("/signals", Some("bob")).await.status(), 429);
+        assert_eq!(tg.wait_ledger("bob", 3).await, (3, 5));
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("bob", "api_calls").await, Some(5));
+        }
+    }
+);
+
+both!(
+    /// A route whose feature the plan lacks is 403 feature-not-in-plan; the pro plan has it.
+    feature_gate_is_403,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let (status, ty, _) = problem(tg.get("/export/pdf", Some("carol")).await).await;
+        assert_eq!((status, ty.as_str()), (403, "urn:tollgate:problem:feature-not-in-plan"));
+        assert_eq!(up.hits(), 0);
+        assert_eq!(tg.put_customer("carol", serde_json::json!({"plan": "pro", "status": "active"})).await.status(), 200);
+        assert_eq!(tg.get("/export/pdf", Some("carol")).await.status(), 200);
+        assert_eq!(up.hits(), 1);
+    }
+);
+
+both!(
+    /// The plan's per-minute rate is enforced before the quota: the limited call is free.
+    rate_limit_is_429_and_free,
+    |b| {
+        let (tg, up) = setup(b).await;
+        tg.put_customer("dave", serde_json::json!({"plan": "tight"})).await;
+        assert_eq!(tg.get("/signals", Some("dave")).await.status(), 200);
+        assert_eq!(tg.get("/signals", Some("dave")).await.status(), 200);
+        let r = tg.get("/signals", Some("dave")).await;
+        let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=30).contains(&retry), "retry-after {retry}");
+        let (status, ty, _) = problem(r).await;
+        assert_eq!((status, ty.as_str()), (429, "urn:tollgate:problem:rate-limited"));
+        assert_eq!(up.hits(), 2);
+        assert_eq!(tg.wait_ledger("dave", 2).await, (2, 2));
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("dave", "api_calls").await, Some(2));
+        }
+    }
+);
+
+both!(
+    /// Subscription status policy: canceled and past-due beyond grace are 402, past-due within
+    /// grace is served, an operator suspension is 403 suspended.
+    status_policy_402_and_suspended_403,
+    |b| {
+        let (tg, up) = setup(b).await;
+        tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "canceled"})).await;
+        let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+
+        let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
+        tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "past_due", "status_since": two_days_ago})).await;
+        assert_eq!(tg.get("/signals", Some("erin")).await.status(), 200, "within the 3-day grace");
+
+        let ten_days_ago = chrono::Utc::now() - chrono::Duration::days(10);
+        tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "past_due", "status_since": ten_days_ago})).await;
+        let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+
+        tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "active", "suspended": true})).await;
+        let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;
+        assert_eq!((status, ty.as_str()), (403, "urn:tollgate:problem:suspended"));
+        assert_eq!(up.hits(), 1);
+    }
+);
+
+both!(
+    /// No route matched → 404 no-route, nothing forwarded; a public route needs no token, is
+    /// not metered, and a caller cannot spoof the customer header.
+    no_route_404_and_public_routes,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let (status, ty, _) = problem(tg.get("/nope", Some("frank")).await).await;
+        assert_eq!((status, ty.as_str()), (404, "urn:tollgate:problem:no-route"));
+        assert_eq!(up.hits(), 0);
+        let r = tg.client.get(tg.url("/public")).header("x-tollgate-customer", "victim").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(header(&r, "ratelimit").is_none());
+        assert!(up.last().unwrap().headers.get("x-tollgate-customer").is_none(), "spoofed identity must not reach upstream");
+        let mut tg = tg;
+        tg.stop().await;
+    }
+);
+
+both!(
+    /// Upstream 5xx with charge = "success" refunds the reservation (ledger row with 0 units);
+    /// charge = "always" keeps it.
+    upstream_5xx_refunds,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let r = tg.get("/fail", Some("gina")).await;
+        assert_eq!(r.status(), 500);
+        assert_eq!(tg.get("/fail/always", Some("gina")).await.status(), 500);
+        assert_eq!(up.hits(), 2);
+        assert_eq!(tg.wait_ledger("gina", 2).await, (2, 1));
+        let mut units = tg.ledger_units("gina").await;
+        units.sort();
+        assert_eq!(units, vec![0, 1]);
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("gina", "api_calls").await, Some(1));
+        }
+    }
+);
+
+both!(
+    /// Upstream down → 502 upstream-unavailable as problem+json, reservation refunded.
+    upstream_down_is_502_and_refunded,
+    |b| {
+        let up = Upstream::start().await;
+        let dead = free_port();
+        let tg = Tollgate::start_with(&base_config(up.addr), b, None, |c| {
+            c.upstreams.get_mut("api").unwrap().targets = vec![dead.to_string()];
+        })
+        .await;
+        let (status, ty, _) = problem(tg.get("/signals", Some("hank")).await).await;
+        assert_eq!((status, ty.as_str()), (502, "urn:tollgate:problem:upstream-unavailable"));
+        assert_eq!(tg.wait_ledger("hank", 1).await, (1, 0));
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("hank", "api_calls").await, Some(0));
+        }
+    }
+);
+
+both!(
+    /// `cost_from_response_header` charges the upstream's exact figure; past a deny cap the actual
+    /// is still charged and the next call is refused; a garbage value keeps the reservation.
+    exact_cost_from_response_header,
+    |b| {
+        let (tg, _up) = setup(b).await;
+        let r = tg.get("/cost?n=37", Some("ivy")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining").as_deref(), Some("63"));
+        assert_eq!(tg.get("/cost?n=70", Some("ivy")).await.status(), 200); // 37 + 10 fits; 70 charged
+        let (status, ty, _) = problem(tg.get("/cost?n=1", Some("ivy")).await).await;
+        assert_eq!((status, ty.as_str()), (429, "urn:tollgate:problem:quota-exceeded"));
+        assert_eq!(tg.wait_ledger("ivy", 2).await, (2, 107));
+        assert_eq!(tg.get("/cost-bad", Some("jo")).await.status(), 200);
+        assert_eq!(tg.wait_ledger("jo", 1).await, (1, 10));
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("ivy", "tokens").await, Some(107));
+        }
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("tollgate_cost_header_invalid_total 1"), "{metrics}");
+    }
+);
+
+both!(
+    /// Every bad token is a 401 invalid-token with `WWW-Authenticate`, and the upstream sees nothing.
+    bad_tokens_are_401_and_never_forwarded,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let now = chrono::Utc::now().timestamp();
+        let mut expired = claims("kim");
+        expired["exp"] = (now - 3600).into();
+        let mut not_yet = claims("kim");
+        not_yet["nbf"] = (now + 3600).into();
+        let mut wrong_iss = claims("kim");
+        wrong_iss["iss"] = "https://evil.test/".into();
+        let mut wrong_aud = claims("kim");
+        wrong_aud["aud"] = "other".into();
+        let mut no_sub = claims("kim");
+        no_sub.as_object_mut().unwrap().remove("sub");
+        let valid = token("kim");
+        let parts: Vec<&str> = valid.split('.').collect();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let tampered_payload = b64.encode(serde_json::to_vec(&claims("mallory")).unwrap());
+        let tampered = format!("{}.{}.{}", parts[0], tampered_payload, parts[2]);
+        let none_header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let alg_none = format!("{none_header}.{}.", parts[1]);
+        let crit = {
+            let h = jsonwebtoken::Header { crit: Some(vec!["exp-ext".into()]), ..Default::default() };
+            jsonwebtoken::encode(&h, &claims("kim"), &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+        };
+        let wrong_secret = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims("kim"), &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret")).unwrap();
+        let cases: Vec<(&str, Option<String>)> = vec![
+            ("missing", None),
+            ("empty bearer", Some("Bearer ".into())),
+            ("garbled", Some("Bearer not.a.jwt".into())),
+            ("wrong scheme", Some(format!("Basic {valid}"))),
+            ("expired", Some(format!("Bearer {}", sign(&expired)))),
+            ("not yet valid", Some(format!("Bearer {}", sign(&not_yet)))),
+            ("wrong issuer", Some(format!("Bearer {}", sign(&wrong_iss)))),
+            ("wrong audience", Some(format!("Bearer {}", sign(&wrong_aud)))),
+            ("no customer claim", Some(format!("Bearer {}", sign(&no_sub)))),
+            ("tampered payload", Some(format!("Bearer {tampered}"))),
+            ("alg none", Some(format!("Bearer {alg_none}"))),
+            ("crit header", Some(format!("Bearer {crit}"))),
+            ("wrong secret", Some(format!("Bearer {wrong_secret}"))),
+        ];
+        for (name, auth) in cases {
+            let mut req = tg.client.get(tg.url("/signals"));
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            let www = header(&r, "www-authenticate").unwrap_or_default();
+            assert!(header(&r, "connection").as_deref() != Some("close"), "{name}: denials keep the connection alive");
+            let (status, ty, _) = problem(r).await;
+            assert_eq!((status, ty.as_str()), (401, "urn:tollgate:problem:invalid-token"), "{name}");
+            assert!(www.starts_with("Bearer realm=\"tollgate\""), "{name}: {www}");
+            // RFC 6750 §3.1: no error code when no (bearer) credentials were presented.
+            let presented = auth.is_some() && name != "wrong scheme";
+            assert_eq!(www.contains("invalid_token"), presented, "{name}: {www}");
+        }
+        assert_eq!(up.hits(), 0, "no bad token may reach the upstream");
+    }
+);
+
+both!(
+    /// A 16 KiB header is refused (431) before anything else; the upstream sees nothing.
+    oversized_header_is_refused,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let big = "x".repeat(16 * 1024);
+        let r = tg.client.get(tg.url("/signals")).bearer_auth(token("lee")).header("x-junk", big).send().await.unwrap();
+        let status = r.status().as_u16();
+        assert!(status == 431 || status == 401, "got {status}");
+        assert_eq!(up.hits(), 0);
+    }
+);
+
+/// Redis unreachable: a fail-closed plan answers 503 quota-store-unavailable; a fail-open plan is
+/// served from local counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_store_down_follows_fail_mode() {
+    let up = Upstream::start().await;
+    let dead = free_port();
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(format!("redis://{dead}/"));
+        c.storage.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    tg.put_customer("closed-co", serde_json::json!({"plan": "closed"}))
+        .await;
+    let (status, ty, _) = problem(tg.get("/signals", Some("closed-co")).await).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (503, "urn:tollgate:problem:quota-store-unavailable")
+    );
+    assert_eq!(up.hits(), 0);
+    // free is fail-open (the default): served, and still exact against its local counter.
+    for _ in 0..5 {
+        assert_eq!(tg.get("/signals", Some("open-co")).await.status(), 200);
+    }
+    assert_eq!(tg.get("/signals", Some("open-co")).await.status(), 429);
+    assert_eq!(up.hits(), 5);
+    let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "readyz must report the quota store down"
+    );
+}
+
+both!(
+    /// Usage still queued at shutdown is flushed to the ledger before the process exits.
+    shutdown_flushes_usage,
+    |b| {
+        let up = Upstream::start().await;
+        let mut tg = Tollgate::start_with(&base_config(up.addr), b, None, |c| {
+            c.storage.usage_flush_interval = Duration::from_secs(600);
+        })
+        .await;
+        for _ in 0..5 {
+            assert_eq!(tg.get("/signals", Some("max")).await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(tg.ledger_usage("max").await, (0, 0), "nothing flushed before shutdown");
+        tg.stop().await;
+        assert_eq!(tg.ledger_usage("max").await, (5, 5));
+    }
+);
