@@ -28,6 +28,8 @@ pub struct AdminState {
     pub store: Arc<dyn QuotaStore>,
     /// `None` when the token env var is unset: every `/admin` call is then refused.
     pub token: Option<Arc<str>>,
+    /// Broadcasts entitlement changes to other instances (with Redis).
+    pub sync: Option<Arc<crate::sync::EntitlementSync>>,
 }
 
 /// The admin router (separate from `serve` so tests can call it directly).
@@ -261,6 +263,12 @@ async fn put_customer(
         );
     }
     s.shared.entitlements.put(&id, ent.clone());
+    if let Some(sync) = &s.sync {
+        if let Err(e) = sync.publish(&id).await {
+            // The other instances still converge at their next full reload.
+            tracing::warn!(error = %e, customer = %id, "could not broadcast entitlement change");
+        }
+    }
     tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
     (StatusCode::OK, Json(ent)).into_response()
 }

@@ -12,6 +12,7 @@
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
+//! - [`sync`]: entitlement changes broadcast to every instance (Redis pub/sub).
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;
 pub mod auth;
@@ -27,5 +28,6 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod sync;
 pub mod upstream;
 pub mod usage;

@@ -139,11 +139,27 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     if token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
     }
+    let sync = match &config.storage.redis_url {
+        Some(url) => Some(Arc::new(
+            crate::sync::EntitlementSync::new(url, &config.storage.redis_prefix)
+                .context("storage.redis_url")?,
+        )),
+        None => None,
+    };
+    let sync_stop = Arc::new(Notify::new());
+    if let Some(sync) = &sync {
+        control.spawn(sync.clone().run(
+            ledger.clone(),
+            shared.entitlements.clone(),
+            sync_stop.clone(),
+        ));
+    }
     let admin_state = AdminState {
         shared: shared.clone(),
         ledger: ledger.clone(),
         store: admin_store,
         token,
+        sync,
     };
     let admin_stop = Arc::new(Notify::new());
     let admin_task = {
@@ -202,6 +218,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     tracing::info!("proxy stopped; flushing usage");
     flush_stop.notify_one();
     admin_stop.notify_one();
+    sync_stop.notify_one();
     let stats = control.block_on(async {
         let stats = flush_task.await;
         let _ = admin_task.await;

@@ -73,3 +73,32 @@ async fn embedded_quota_is_exact() {
     assert_eq!(up.hits(), 50);
     assert_eq!(tg.wait_ledger("crowd", 50).await, (50, 50));
 }
+
+/// An entitlement change made through one instance's admin API decides the other instance's
+/// next requests within a second (Redis pub/sub, ledger as the truth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entitlement_change_reaches_the_other_instance_within_a_second() {
+    let up = Upstream::start().await;
+    let config = base_config(up.addr);
+    let a = Tollgate::start(&config, Backend::Shared).await;
+    let b = Tollgate::start_with(&config, Backend::Shared, Some(&a), |_| {}).await;
+    assert_eq!(b.get("/export/pdf", Some("upgrader")).await.status(), 403);
+    assert_eq!(
+        a.put_customer("upgrader", serde_json::json!({"plan": "pro"}))
+            .await
+            .status(),
+        200
+    );
+    let changed = std::time::Instant::now();
+    loop {
+        let status = b.get("/export/pdf", Some("upgrader")).await.status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            changed.elapsed() < std::time::Duration::from_secs(1),
+            "instance b still answers {status} after 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

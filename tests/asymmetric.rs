@@ -1,0 +1,127 @@
+//! Asymmetric keys through the running proxy: PEM public keys and a JWKS endpoint, algorithm
+//! confusion, unknown `kid` (one refetch, then 401), wrong key. Bad tokens never reach upstream.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey, Header};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).unwrap()
+}
+
+/// A JWKS endpoint serving the P-256 test key as `kid = "ec-1"`, counting its hits.
+async fn jwks_server() -> (String, Arc<AtomicUsize>) {
+    let key = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("ec-1".into());
+    let doc = serde_json::json!({ "keys": [jwk] });
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let (h, doc) = (h.clone(), doc.clone());
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                axum::Json(doc)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (format!("http://{addr}/jwks.json"), hits)
+}
+
+fn signed(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, customer: &str) -> String {
+    let header = Header {
+        alg,
+        kid: kid.map(str::to_string),
+        ..Default::default()
+    };
+    jsonwebtoken::encode(&header, &claims(customer), key).unwrap()
+}
+
+/// RS256 via a PEM file and ES256 via JWKS are accepted; an HS256 token "signed" with the RSA
+/// public key (algorithm confusion), a token from another RSA key, and an unknown `kid` are 401;
+/// the unknown `kid` causes exactly one JWKS refetch. Only the two valid calls reach upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asymmetric_keys_and_their_attacks() {
+    let up = Upstream::start().await;
+    let (jwks_url, hits) = jwks_server().await;
+    let toml = base_config(up.addr).replace(
+        "algorithms = [\"HS256\"]\nsecret_env = \"TOLLGATE_TEST_JWT_SECRET\"",
+        &format!(
+            "algorithms = [\"RS256\", \"ES256\"]\npublic_key_files = [\"{}\"]\njwks_url = \"{jwks_url}\"",
+            fixture("rsa_public.pem")
+        ),
+    );
+    let tg = Tollgate::start(&toml, Backend::Embedded).await;
+    let fetched_at_start = hits.load(Ordering::SeqCst);
+    assert!(fetched_at_start >= 1, "JWKS fetched at start");
+
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa_private.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
+    let rsa2 = EncodingKey::from_rsa_pem(&pem("rsa2_private.pem")).unwrap();
+    assert_eq!(
+        tg.get_with_token("/signals", &signed(Algorithm::RS256, &rsa, None, "rs"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        tg.get_with_token(
+            "/signals",
+            &signed(Algorithm::ES256, &ec, Some("ec-1"), "ec")
+        )
+        .await
+        .status(),
+        200
+    );
+
+    let confused = signed(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(&pem("rsa_public.pem")),
+        None,
+        "rs",
+    );
+    let wrong_key = signed(Algorithm::RS256, &rsa2, None, "rs");
+    for (name, t) in [
+        ("algorithm confusion", confused),
+        ("wrong RSA key", wrong_key),
+    ] {
+        let (status, ty, _) = problem(tg.get_with_token("/signals", &t).await).await;
+        assert_eq!(
+            (status, ty.as_str()),
+            (401, "urn:tollgate:problem:invalid-token"),
+            "{name}"
+        );
+    }
+
+    let unknown_kid = signed(Algorithm::ES256, &ec, Some("ec-rotated-away"), "ec");
+    let (status, ty, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (401, "urn:tollgate:problem:invalid-token")
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        fetched_at_start + 1,
+        "exactly one refetch for an unknown kid"
+    );
+    // Within the 30 s cooldown a second unknown kid does not hammer the JWKS endpoint.
+    let (status, _, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
+    assert_eq!(status, 401);
+    assert_eq!(hits.load(Ordering::SeqCst), fetched_at_start + 1);
+
+    assert_eq!(up.hits(), 2, "only the valid tokens reached the upstream");
+}
