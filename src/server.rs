@@ -154,6 +154,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
             sync_stop.clone(),
         ));
     }
+    let admin_state_store = admin_store.clone();
     let admin_state = AdminState {
         shared: shared.clone(),
         ledger: ledger.clone(),
@@ -173,6 +174,17 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
             }
         })
     };
+    let counters_stop = Arc::new(Notify::new());
+    let redis_for_fold = config
+        .storage
+        .redis_url
+        .is_some()
+        .then(|| admin_state_store.clone());
+    control.spawn(maintain_counters(
+        shared.fallback.clone(),
+        redis_for_fold,
+        counters_stop.clone(),
+    ));
     let flush_stop = Arc::new(Notify::new());
     let flush_task = {
         let stop = flush_stop.clone();
@@ -219,6 +231,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     flush_stop.notify_one();
     admin_stop.notify_one();
     sync_stop.notify_one();
+    counters_stop.notify_one();
     let stats = control.block_on(async {
         let stats = flush_task.await;
         let _ = admin_task.await;
@@ -228,6 +241,46 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     drop(shared);
     control.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// Folds what fail-open plans counted locally during a Redis outage into Redis once it answers
+/// again (checked every second, so within seconds of recovery), and drops counters of ended
+/// periods. Without Redis the in-process store is the primary and is only swept.
+async fn maintain_counters(
+    local: Arc<MemoryStore>,
+    redis: Option<Arc<dyn QuotaStore>>,
+    stop: Arc<Notify>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.notified() => return,
+            _ = tick.tick() => {}
+        }
+        ticks += 1;
+        if let Some(redis) = &redis {
+            if !local.is_empty() && redis.ping().await.is_ok() {
+                let mut failed = Vec::new();
+                let mut folded = 0usize;
+                for d in local.drain() {
+                    match redis.adjust(&d.customer, &d.meter, d.period, d.units).await {
+                        Ok(_) => folded += 1,
+                        Err(_) => failed.push(d),
+                    }
+                }
+                if !failed.is_empty() {
+                    local.restore(failed);
+                }
+                if folded > 0 {
+                    tracing::info!(counters = folded, "folded fail-open counts into Redis");
+                }
+            }
+        }
+        if ticks.is_multiple_of(60) {
+            local.sweep(chrono::Utc::now().timestamp());
+        }
+    }
 }
 
 /// A database URL without its password, for messages.

@@ -14,9 +14,26 @@ use std::sync::Arc;
 
 #[derive(Default)]
 pub struct MemoryStore {
-    /// `customer \0 meter \0 period_start` → units used.
-    counters: DashMap<String, u64>,
+    /// `customer \0 meter \0 period_start` → counter.
+    counters: DashMap<String, Counter>,
     limiters: DashMap<Rate, Arc<DefaultKeyedRateLimiter<String>>>,
+}
+
+/// Units used in one period. Signed: as a fail-open fallback, a refund that arrives after the
+/// counts were folded into Redis must travel there as a negative delta.
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    used: i64,
+    period: Period,
+}
+
+/// Counts taken out of the store by [`MemoryStore::drain`], to be folded elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drained {
+    pub customer: String,
+    pub meter: String,
+    pub period: Period,
+    pub units: i64,
 }
 
 fn key(customer: &str, meter: &str, period: Period) -> String {
@@ -28,6 +45,9 @@ fn key(customer: &str, meter: &str, period: Period) -> String {
     k.push_str(&period.start.to_string());
     k
 }
+
+/// Counters outlive their period briefly so late refunds still find them.
+const SWEEP_SLACK_SECS: i64 = 3600;
 
 // === impl MemoryStore ===
 
@@ -49,14 +69,61 @@ impl MemoryStore {
             .clone()
     }
 
-    /// Drops counters of periods that ended before `now` (unix seconds).
-    pub fn sweep(&self, now: i64, period_end: impl Fn(&str) -> Option<i64>) {
+    /// Drops counters of periods that ended (plus slack) before `now` (unix seconds), and idle
+    /// rate-limiter state.
+    pub fn sweep(&self, now: i64) {
         self.counters
-            .retain(|k, _| period_end(k).is_none_or(|end| end > now));
+            .retain(|_, c| c.period.end + SWEEP_SLACK_SECS > now);
         for l in self.limiters.iter() {
             l.retain_recent();
         }
     }
+
+    /// Takes every non-zero counter out (fail-open fallback → Redis on recovery). A reservation
+    /// racing with the drain lands in a fresh counter and is taken by the next drain.
+    pub fn drain(&self) -> Vec<Drained> {
+        let keys: Vec<String> = self.counters.iter().map(|e| e.key().clone()).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some((k, c)) = self.counters.remove(&k) {
+                let mut parts = k.splitn(3, '\0');
+                let (Some(customer), Some(meter)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                if c.used != 0 {
+                    out.push(Drained {
+                        customer: customer.to_string(),
+                        meter: meter.to_string(),
+                        period: c.period,
+                        units: c.used,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts drained counts back (their fold failed).
+    pub fn restore(&self, items: Vec<Drained>) {
+        for d in items {
+            let mut c = self
+                .counters
+                .entry(key(&d.customer, &d.meter, d.period))
+                .or_insert(Counter {
+                    used: 0,
+                    period: d.period,
+                });
+            c.used = c.used.saturating_add(d.units);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+    }
+}
+
+fn clamp(v: i64) -> u64 {
+    v.max(0) as u64
 }
 
 #[async_trait]
@@ -71,17 +138,25 @@ impl QuotaStore for MemoryStore {
                 });
             }
         }
-        let mut used = self
+        let mut counter = self
             .counters
             .entry(key(c.customer, c.meter, c.period))
-            .or_insert(0);
+            .or_insert(Counter {
+                used: 0,
+                period: c.period,
+            });
+        let used = clamp(counter.used);
         if let Some(cap) = c.cap {
             if used.saturating_add(c.cost) > cap {
-                return Ok(Verdict::OverQuota { used: *used });
+                return Ok(Verdict::OverQuota { used });
             }
         }
-        *used = used.saturating_add(c.cost);
-        Ok(Verdict::Granted { used: *used })
+        counter.used = counter
+            .used
+            .saturating_add(c.cost.min(i64::MAX as u64) as i64);
+        Ok(Verdict::Granted {
+            used: clamp(counter.used),
+        })
     }
 
     async fn adjust(
@@ -91,19 +166,19 @@ impl QuotaStore for MemoryStore {
         period: Period,
         delta: i64,
     ) -> Result<u64, QuotaError> {
-        let mut used = self
+        let mut counter = self
             .counters
             .entry(key(customer, meter, period))
-            .or_insert(0);
-        *used = used.saturating_add_signed(delta);
-        Ok(*used)
+            .or_insert(Counter { used: 0, period });
+        counter.used = counter.used.saturating_add(delta);
+        Ok(clamp(counter.used))
     }
 
     async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError> {
         Ok(self
             .counters
             .get(&key(customer, meter, period))
-            .map_or(0, |v| *v))
+            .map_or(0, |c| clamp(c.used)))
     }
 
     async fn ping(&self) -> Result<(), QuotaError> {
@@ -152,7 +227,7 @@ mod tests {
         assert_eq!(store.used("c", "m", P).await.expect("used"), 50);
     }
 
-    /// A cost that does not fit is refused whole; refunds lower the counter but never below 0.
+    /// A cost that does not fit is refused whole; a refund lowers the counter.
     #[tokio::test]
     async fn cost_weights_and_refunds() {
         let s = MemoryStore::new();
@@ -165,7 +240,7 @@ mod tests {
             Verdict::OverQuota { used: 3 }
         );
         assert_eq!(s.adjust("c", "m", P, -3).await.expect("a"), 0);
-        assert_eq!(s.adjust("c", "m", P, -3).await.expect("a"), 0);
+        assert_eq!(s.used("c", "m", P).await.expect("u"), 0);
     }
 
     /// The burst passes at once, the next call is rate limited with a retry hint, quota untouched.
@@ -191,5 +266,44 @@ mod tests {
             other => panic!("expected rate limit, got {other:?}"),
         }
         assert_eq!(s.used("c", "m", P).await.expect("u"), 2);
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    /// Draining takes every count out once (refunds after a drain travel as negative deltas),
+    /// and restoring puts them back.
+    #[tokio::test]
+    async fn drain_and_restore() {
+        let s = MemoryStore::new();
+        let p = Period { start: 0, end: 100 };
+        let c = Check {
+            customer: "a",
+            meter: "m",
+            period: p,
+            cost: 3,
+            cap: None,
+            rate: None,
+        };
+        s.reserve(&c).await.expect("reserve");
+        let d = s.drain();
+        assert_eq!(
+            d,
+            vec![Drained {
+                customer: "a".into(),
+                meter: "m".into(),
+                period: p,
+                units: 3
+            }]
+        );
+        assert!(s.drain().is_empty());
+        s.adjust("a", "m", p, -3).await.expect("refund after drain");
+        assert_eq!(s.drain()[0].units, -3);
+        s.restore(d);
+        assert_eq!(s.used("a", "m", p).await.expect("used"), 3);
+        s.sweep(100 + SWEEP_SLACK_SECS);
+        assert!(s.is_empty());
     }
 }

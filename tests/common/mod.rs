@@ -551,3 +551,97 @@ macro_rules! both {
         }
     };
 }
+
+/// A private redis-server (its own port and data dir) that a test may stop and restart, for
+/// outage tests that must not disturb the shared Redis.
+pub struct PrivateRedis {
+    pub addr: SocketAddr,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let dir = TempDir(std::env::temp_dir().join(unique("tollgate-redis")));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut r = PrivateRedis {
+            addr: free_port(),
+            dir,
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Starts redis-server (loading the data saved at the last `shutdown_save`).
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.addr.port().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(c) = redis::Client::open(self.url()) {
+                if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("private redis did not start");
+    }
+
+    /// Saves to disk and stops (an outage that loses nothing).
+    pub async fn shutdown_save(&mut self) {
+        let c = redis::Client::open(self.url()).unwrap();
+        let mut conn = c.get_multiplexed_async_connection().await.unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query_async(&mut conn)
+            .await;
+        if let Some(mut child) = self.child.take() {
+            child.wait().ok();
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Option<i64> {
+        let c = redis::Client::open(self.url()).unwrap();
+        let mut conn = c.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Redis outages: a fail-open plan keeps serving from local counters, and what it counted is
+//! folded into Redis within seconds of recovery, so the outage gives nothing away for free.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+/// Redis stops (saving its data), three calls are served and counted locally, Redis comes back:
+/// within 5 s its counter holds the call before the outage plus the three during it, and the
+/// ledger has all four rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_counts_are_folded_into_redis_after_recovery() {
+    let mut redis = PrivateRedis::start().await;
+    let up = Upstream::start().await;
+    let url = redis.url();
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(url);
+        c.storage.redis_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let key = {
+        let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+        format!("{}:{{fo}}:q:api_calls:{}", tg.prefix, period.start)
+    };
+    assert_eq!(tg.get("/signals", Some("fo")).await.status(), 200);
+    assert_eq!(redis.get(&key).await, Some(1));
+
+    redis.shutdown_save().await;
+    for _ in 0..3 {
+        assert_eq!(
+            tg.get("/signals", Some("fo")).await.status(),
+            200,
+            "fail-open plan serves during the outage"
+        );
+    }
+    redis.restart().await;
+    let back = Instant::now();
+    loop {
+        if redis.get(&key).await == Some(4) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "not folded within 5 s: {:?}",
+            redis.get(&key).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tg.wait_ledger("fo", 4).await, (4, 4));
+    assert_eq!(up.hits(), 4);
+}
