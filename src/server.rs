@@ -80,7 +80,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<dyn QuotaStore>>> {
         Ok(match &storage.redis_url {
             Some(url) => Some(Arc::new(
-                RedisStore::new(url, &storage.redis_prefix, timeout)
+                RedisStore::new(url, storage.redis_cluster, &storage.redis_prefix, timeout)
                     .context("storage.redis_url")?,
             )),
             None => None,
@@ -141,8 +141,12 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     }
     let sync = match &config.storage.redis_url {
         Some(url) => Some(Arc::new(
-            crate::sync::EntitlementSync::new(url, &config.storage.redis_prefix)
-                .context("storage.redis_url")?,
+            // Any one node will do: in a cluster, PUBLISH reaches every node's subscribers.
+            crate::sync::EntitlementSync::new(
+                url.split(',').next().unwrap_or(url).trim(),
+                &config.storage.redis_prefix,
+            )
+            .context("storage.redis_url")?,
         )),
         None => None,
     };

@@ -62,6 +62,8 @@ pub struct AdminSettings {
 #[derive(Debug, Clone)]
 pub struct StorageSettings {
     pub redis_url: Option<String>,
+    /// `redis_url` lists Redis Cluster seed nodes (comma-separated).
+    pub redis_cluster: bool,
     pub redis_prefix: String,
     pub redis_timeout: Duration,
     pub database_url: String,
@@ -430,13 +432,25 @@ impl Validator {
                 .unwrap_or_else(|| "TOLLGATE_ADMIN_TOKEN".into()),
         };
         let s = &raw.storage;
+        let redis_cluster = s.redis_cluster.unwrap_or(false);
         if let Some(url) = &s.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            if nodes.len() > 1 && !redis_cluster {
                 self.err(
                     "storage.redis_url",
-                    format!("must start with redis:// or rediss://, got {url:?}"),
+                    "several URLs need redis_cluster = true",
                 );
             }
+            for n in nodes {
+                if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
+                    self.err(
+                        "storage.redis_url",
+                        format!("must start with redis:// or rediss://, got {n:?}"),
+                    );
+                }
+            }
+        } else if redis_cluster {
+            self.err("storage.redis_cluster", "needs redis_url (the seed nodes)");
         }
         let database_url = s
             .database_url
@@ -453,6 +467,7 @@ impl Validator {
         }
         let storage = StorageSettings {
             redis_url: s.redis_url.clone(),
+            redis_cluster,
             redis_prefix: s.redis_prefix.clone().unwrap_or_else(|| "tg".into()),
             redis_timeout: Duration::from_millis(self.positive(
                 "storage.redis_timeout_ms".into(),

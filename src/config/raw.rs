@@ -45,6 +45,8 @@ pub struct RawAdmin {
 #[serde(default)]
 pub struct RawStorage {
     pub redis_url: Option<String>,
+    /// `redis_url` is a comma-separated list of Redis Cluster seed nodes.
+    pub redis_cluster: Option<bool>,
     pub redis_prefix: Option<String>,
     pub redis_timeout_ms: Option<i64>,
     pub database_url: Option<String>,

@@ -13,7 +13,9 @@
 use super::{Check, Period, QuotaError, QuotaStore, Verdict};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, RedisResult, Script, ScriptInvocation};
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -25,35 +27,97 @@ static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("adj
 const EXPIRY_SLACK_SECS: i64 = 86_400;
 
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    target: Target,
+    conn: OnceCell<Conn>,
     prefix: String,
     timeout: Duration,
+}
+
+/// Where to connect: one server, or a cluster through its seed nodes.
+enum Target {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A live connection of either kind; both are cheap to clone (multiplexed).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke<T: FromRedisValue>(&mut self, inv: &ScriptInvocation<'_>) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(c).await,
+            Conn::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
 }
 
 // === impl RedisStore ===
 
 impl RedisStore {
-    /// Parses the URL now; connects on first use.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, QuotaError> {
+    /// Parses the URL now; connects on first use. With `cluster`, `url` is a comma-separated
+    /// list of seed nodes.
+    pub fn new(
+        url: &str,
+        cluster: bool,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisStore, QuotaError> {
+        let target = if cluster {
+            let nodes: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            Target::Cluster(Box::new(
+                ClusterClient::builder(nodes)
+                    .connection_timeout(timeout.max(Duration::from_millis(200)))
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()?,
+            ))
+        } else {
+            Target::Single(redis::Client::open(url)?)
+        };
         Ok(RedisStore {
-            client: redis::Client::open(url)?,
+            target,
             conn: OnceCell::new(),
             prefix: prefix.to_string(),
             timeout,
         })
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, QuotaError> {
+    async fn conn(&self) -> Result<Conn, QuotaError> {
         let c = self
             .conn
             .get_or_try_init(|| async {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_pipeline_buffer_size(4096);
-                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+                match &self.target {
+                    Target::Single(client) => {
+                        let cfg = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(
+                                self.timeout.max(Duration::from_millis(200)),
+                            ))
+                            .set_response_timeout(Some(self.timeout))
+                            .set_number_of_retries(1)
+                            .set_pipeline_buffer_size(4096);
+                        ConnectionManager::new_with_config(client.clone(), cfg)
+                            .await
+                            .map(Conn::Single)
+                    }
+                    Target::Cluster(client) => {
+                        client.get_async_connection().await.map(Conn::Cluster)
+                    }
+                }
             })
             .await?;
         Ok(c.clone())
@@ -124,7 +188,7 @@ impl QuotaStore for RedisStore {
             .arg(c.period.end + EXPIRY_SLACK_SECS)
             .arg(interval_us)
             .arg(tolerance_us);
-        let (code, value): (i64, i64) = self.with_deadline(inv.invoke_async(&mut conn)).await?;
+        let (code, value): (i64, i64) = self.with_deadline(conn.invoke(&inv)).await?;
         let value = value.max(0) as u64;
         match code {
             0 => Ok(Verdict::Granted { used: value }),
@@ -150,7 +214,7 @@ impl QuotaStore for RedisStore {
         inv.key(self.quota_key(customer, meter, period))
             .arg(delta)
             .arg(period.end + EXPIRY_SLACK_SECS);
-        let v: i64 = self.with_deadline(inv.invoke_async(&mut conn)).await?;
+        let v: i64 = self.with_deadline(conn.invoke(&inv)).await?;
         Ok(v.max(0) as u64)
     }
 
@@ -158,16 +222,14 @@ impl QuotaStore for RedisStore {
         let mut conn = self.conn().await?;
         let key = self.quota_key(customer, meter, period);
         let v: Option<i64> = self
-            .with_deadline(redis::cmd("GET").arg(key).query_async(&mut conn))
+            .with_deadline(conn.query(redis::cmd("GET").arg(key)))
             .await?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), QuotaError> {
         let mut conn = self.conn().await?;
-        let _: String = self
-            .with_deadline(redis::cmd("PING").query_async(&mut conn))
-            .await?;
+        let _: String = self.with_deadline(conn.query(&redis::cmd("PING"))).await?;
         Ok(())
     }
 }
@@ -182,6 +244,7 @@ mod tests {
         let prefix = format!("tgtest:{}", uuid::Uuid::now_v7().simple());
         RedisStore::new(
             "redis://127.0.0.1:6379/",
+            false,
             &prefix,
             Duration::from_millis(500),
         )
@@ -225,9 +288,8 @@ mod tests {
         assert_eq!(granted, 50);
         assert_eq!(s.used("acme", "api", P).await.expect("used"), 50);
         let mut conn = s.conn().await.expect("conn");
-        let ttl: i64 = redis::cmd("TTL")
-            .arg(s.quota_key("acme", "api", P))
-            .query_async(&mut conn)
+        let ttl: i64 = conn
+            .query(redis::cmd("TTL").arg(s.quota_key("acme", "api", P)))
             .await
             .expect("ttl");
         assert!(ttl > 0, "counter must expire, ttl={ttl}");
@@ -277,8 +339,13 @@ mod tests {
     /// An unreachable Redis is reported as an error within the deadline, not a hang.
     #[tokio::test]
     async fn redis_down_is_an_error() {
-        let s =
-            RedisStore::new("redis://127.0.0.1:1/", "x", Duration::from_millis(100)).expect("url");
+        let s = RedisStore::new(
+            "redis://127.0.0.1:1/",
+            false,
+            "x",
+            Duration::from_millis(100),
+        )
+        .expect("url");
         let started = std::time::Instant::now();
         assert!(s.ping().await.is_err());
         assert!(started.elapsed() < Duration::from_secs(3));

@@ -1,5 +1,6 @@
-//! Redis outages: a fail-open plan keeps serving from local counters, and what it counted is
-//! folded into Redis within seconds of recovery, so the outage gives nothing away for free.
+//! Redis topologies beyond the single shared server: outages (a fail-open plan keeps serving
+//! from local counters, and what it counted is folded into Redis within seconds of recovery, so
+//! the outage gives nothing away for free) and Redis Cluster.
 
 #![allow(clippy::unwrap_used)]
 
@@ -51,4 +52,40 @@ async fn fail_open_counts_are_folded_into_redis_after_recovery() {
     }
     assert_eq!(tg.wait_ledger("fo", 4).await, (4, 4));
     assert_eq!(up.hits(), 4);
+}
+
+/// On a real three-node Redis Cluster, quotas are exact per customer (each customer's keys share
+/// a hash slot, so the Lua reservation runs on one node) and customers spread over the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_are_exact_on_redis_cluster() {
+    let cluster = PrivateCluster::start().await;
+    let up = Upstream::start().await;
+    let url = cluster.url();
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(url);
+        c.storage.redis_cluster = true;
+    })
+    .await;
+    for i in 0..12 {
+        let customer = format!("cust-{i}");
+        for call in 0..6 {
+            let want = if call < 5 { 200 } else { 429 };
+            assert_eq!(
+                tg.get("/signals", Some(&customer)).await.status(),
+                want,
+                "{customer} call {call}"
+            );
+        }
+    }
+    let per_node = cluster.keys_per_node().await;
+    assert_eq!(
+        per_node.iter().sum::<i64>(),
+        12 * 2,
+        "a quota counter and a rate key per customer: {per_node:?}"
+    );
+    assert!(
+        per_node.iter().filter(|n| **n > 0).count() >= 2,
+        "customers spread over nodes: {per_node:?}"
+    );
+    assert_eq!(up.hits(), 60);
 }
