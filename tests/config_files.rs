@@ -100,3 +100,41 @@ fn token_prints_only_the_token() {
     assert_eq!(stdout.trim().split('.').count(), 3, "{stdout:?}");
     assert_eq!(stdout.lines().count(), 1);
 }
+
+/// `tollgate migrate` applies the ledger migrations once; a second run applies none.
+#[test]
+fn migrate_applies_once() {
+    let dir = std::env::temp_dir().join(format!("tollgate-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.example.toml"),
+    )
+    .unwrap();
+    let db = dir.join("ledger.db");
+    let config = dir.join("tollgate.toml");
+    std::fs::write(
+        &config,
+        example.replace(
+            "sqlite:data/tollgate.db",
+            &format!("sqlite:{}", db.display()),
+        ),
+    )
+    .unwrap();
+    let run = || {
+        let out = tollgate()
+            .args(["migrate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(run().starts_with("applied 1 migration(s)"));
+    assert!(run().starts_with("applied 0 migration(s)"));
+    assert!(db.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

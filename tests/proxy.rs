@@ -338,3 +338,61 @@ both!(
         assert_eq!(tg.ledger_usage("max").await, (5, 5));
     }
 );
+
+/// Round robin over an upstream's targets; with a health check, a dead target stops getting
+/// traffic and every call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_and_health_checks() {
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    let toml = base_config(a.addr).replace(
+        &format!("targets = [\"{}\"]", a.addr),
+        &format!("targets = [\"{}\", \"{}\"]", a.addr, b.addr),
+    );
+    let tg = Tollgate::start(&toml, Backend::Embedded).await;
+    tg.put_customer("rr", serde_json::json!({"plan": "pro"}))
+        .await;
+    for _ in 0..10 {
+        assert_eq!(tg.get("/signals", Some("rr")).await.status(), 200);
+    }
+    assert_eq!((a.hits(), b.hits()), (5, 5));
+
+    let dead = free_port();
+    let toml = base_config(a.addr).replace(
+        &format!("targets = [\"{}\"]", a.addr),
+        &format!(
+            "targets = [\"{}\", \"{dead}\"]\nhealth_check_seconds = 1",
+            a.addr
+        ),
+    );
+    let tg = Tollgate::start(&toml, Backend::Embedded).await;
+    tg.put_customer("hc", serde_json::json!({"plan": "pro"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // two health-check rounds
+    let before = a.hits();
+    for _ in 0..10 {
+        assert_eq!(tg.get("/signals", Some("hc")).await.status(), 200);
+    }
+    assert_eq!(a.hits() - before, 10);
+}
+
+/// With `unmatched = "forward"`, requests no route matches go to the named upstream, unmetered
+/// and without a token; they are not ledger rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_requests_can_be_forwarded_unmetered() {
+    let up = Upstream::start().await;
+    let toml = base_config(up.addr).replace(
+        "shutdown_grace = \"0s\"",
+        "shutdown_grace = \"0s\"\nunmatched = \"forward\"\nunmatched_upstream = \"api\"",
+    );
+    let tg = Tollgate::start(&toml, Backend::Embedded).await;
+    let r = tg.get("/docs/index.html", None).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("ratelimit").is_none());
+    assert_eq!(up.last().unwrap().path, "/docs/index.html");
+    assert_eq!(
+        tg.get("/signals", None).await.status(),
+        401,
+        "matched routes still need a token"
+    );
+    assert_eq!(tg.ledger_usage("").await, (0, 0));
+}
