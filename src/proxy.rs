@@ -41,7 +41,6 @@ pub struct Proxy {
 /// A granted reservation, to settle after the upstream answered.
 #[derive(Debug)]
 struct Reserved {
-    customer: String,
     period: Period,
     units: u64,
     /// Period total including this charge.
@@ -189,7 +188,6 @@ impl Proxy {
         match verdict {
             Verdict::Granted { used } => {
                 ctx.reserved = Some(Reserved {
-                    customer: customer.to_string(),
                     period,
                     units: route.cost,
                     used,
@@ -202,6 +200,7 @@ impl Proxy {
                 meter: route.meter.clone(),
                 limit: included.unwrap_or(0),
                 used,
+                cost: route.cost,
                 resets_at: period.end,
                 retry_after: period.seconds_left(now_s),
                 window: period.length(),
@@ -424,23 +423,23 @@ impl ProxyHttp for Proxy {
         };
         let route = ctx.route(&snap);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let mut units = 0u64;
+        let latency = ctx.started.elapsed();
+
+        // Refund on upstream failure (charge = "success"), or adjust to the exact cost.
+        let mut charged = None;
         if let (Some(r), Some(route)) = (&ctx.reserved, route) {
             let failed = ctx.upstream_failed || ctx.upstream_status.is_some_and(|s| s >= 500);
-            let delta: i64 = if failed && route.charge == Charge::Success {
-                units = 0;
-                -(r.units as i64)
-            } else if let Some(actual) = ctx.actual_cost {
-                units = actual;
-                actual as i64 - r.units as i64
-            } else {
-                units = r.units;
+            let units = if failed && route.charge == Charge::Success {
                 0
+            } else {
+                ctx.actual_cost.unwrap_or(r.units)
             };
+            let delta = units as i64 - r.units as i64;
             if delta != 0 {
+                let customer = ctx.customer.as_deref().unwrap_or_default();
                 if let Err(e) = self
                     .store_for(r)
-                    .adjust(&r.customer, &route.meter, r.period, delta)
+                    .adjust(customer, &route.meter, r.period, delta)
                     .await
                 {
                     // The ledger row below still records what was charged.
@@ -448,45 +447,48 @@ impl ProxyHttp for Proxy {
                     tracing::warn!(error = %e, request_id = %ctx.request_id, delta, "could not settle reservation");
                 }
             }
-            let event = UsageEvent {
-                id: uuid::Uuid::now_v7(),
-                ts: chrono::Utc::now(),
-                customer: r.customer.clone(),
-                meter: route.meter.clone(),
-                units: units as i64,
-                route: route.name.clone(),
-                status: ctx.upstream_status.unwrap_or(status),
-                latency_us: ctx.started.elapsed().as_micros() as i64,
-                request_id: ctx.request_id.clone(),
-            };
-            let outcome = match self.shared.usage.record(event) {
-                Recorded::Queued => "queued",
-                Recorded::Spooled => "spooled",
-                Recorded::Lost => "lost",
-            };
-            self.shared
-                .metrics
-                .usage_events
-                .with_label_values(&[outcome])
-                .inc();
+            charged = Some(units);
         }
+
         let m = match ctx.route {
             Some(i) => &snap.route_metrics[i],
             None => &snap.unmatched_metrics,
         };
         m.requests[ctx.decision.index()].inc();
-        m.duration.observe(ctx.started.elapsed().as_secs_f64());
+        m.duration.observe(latency.as_secs_f64());
         tracing::info!(
             target: "tollgate::access",
             request_id = %ctx.request_id,
             customer = ctx.customer.as_deref().unwrap_or("-"),
             route = route.map_or("-", |r| r.name.as_str()),
             decision = ctx.decision.as_str(),
-            cost = units,
+            cost = charged.unwrap_or(0),
             status,
             upstream_status = ctx.upstream_status.unwrap_or(0),
-            latency_us = ctx.started.elapsed().as_micros() as u64,
+            latency_us = latency.as_micros() as u64,
         );
+
+        // One ledger row per forwarded request, with the units finally charged. The request is
+        // over: its id and customer move into the event instead of being copied.
+        if let (Some(units), Some(route)) = (charged, route) {
+            let event = UsageEvent {
+                id: uuid::Uuid::now_v7(),
+                ts: chrono::Utc::now(),
+                customer: ctx.customer.take().unwrap_or_default(),
+                meter: route.meter.clone(),
+                units: units as i64,
+                route: route.name.clone(),
+                status: ctx.upstream_status.unwrap_or(status),
+                latency_us: latency.as_micros() as i64,
+                request_id: std::mem::take(&mut ctx.request_id),
+            };
+            let m = &self.shared.metrics;
+            match self.shared.usage.record(event) {
+                Recorded::Queued => m.usage_queued.inc(),
+                Recorded::Spooled => m.usage_spooled.inc(),
+                Recorded::Lost => m.usage_lost.inc(),
+            }
+        }
     }
 }
 

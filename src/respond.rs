@@ -27,6 +27,8 @@ pub enum Denial {
         meter: String,
         limit: u64,
         used: u64,
+        /// Units this call would have cost.
+        cost: u64,
         resets_at: i64,
         retry_after: u64,
         window: u64,
@@ -222,11 +224,15 @@ impl Denial {
                 meter,
                 limit,
                 used,
+                cost,
                 resets_at,
                 retry_after,
                 window,
             } => {
-                p.detail = format!("the {meter} quota of {limit} units for this period is used up");
+                p.detail = format!(
+                    "this call costs {cost} {meter} units and {} of the {limit} included this period are left",
+                    limit.saturating_sub(*used)
+                );
                 p.meter = Some(meter);
                 p.limit = Some(*limit);
                 p.used = Some(*used);
@@ -351,6 +357,7 @@ mod tests {
             meter: "api_calls".into(),
             limit: 100,
             used: 100,
+            cost: 1,
             resets_at: 1_800_000_000,
             retry_after: 42,
             window: 2_592_000,
