@@ -2,9 +2,10 @@
 //! §7 "Identity").
 //!
 //! Owns: the verification keys (the HS secret from an environment variable, PEM public keys, a JWKS
-//! fetched over HTTP and refetched when a token names an unknown `kid`), the JWT validation rules,
-//! the customer/plan claim lookup, the verified-token cache, and minting HS tokens for
-//! `tollgate token` and tests.
+//! fetched over HTTPS — or plain HTTP for local use — and refetched when a token names an unknown
+//! `kid`), the JWKS client's TLS trust (Mozilla's roots plus an optional private CA file), the JWT
+//! validation rules, the customer/plan claim lookup, the verified-token cache, and minting HS
+//! tokens for `tollgate token` and tests.
 //!
 //! Must not touch: HTTP responses (the one denial-mapping module turns an [`AuthError`] into a 401
 //! problem+json with `WWW-Authenticate`, using [`AuthError::description`] and
@@ -20,6 +21,9 @@
 //! - `exp` is required; `nbf` is checked; `iss`/`aud` are required and checked when configured;
 //!   leeway is the configured one (jsonwebtoken's default of 60 s is overridden).
 //! - Verified tokens are cached by their full text until `exp`, so a repeat request skips the crypto.
+//! - The JWKS is fetched over TLS verified against Mozilla's roots plus `auth.jwks_ca_file`
+//!   (rustls on aws-lc-rs); plain `http://` works for local use and is warned about unless the host
+//!   is loopback, since whoever serves the JWKS decides which tokens verify.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -66,8 +70,11 @@ pub struct AuthSettings {
     pub secret_env: Option<String>,
     /// PEM public keys (RSA/EC/Ed25519), used for RS*/PS*/ES*/EdDSA.
     pub public_key_files: Vec<std::path::PathBuf>,
-    /// JWKS document URL (plain `http://` in this build).
+    /// JWKS document URL: `https://` (real identity providers) or `http://` (local use).
     pub jwks_url: Option<String>,
+    /// PEM file of CA certificates trusted for the JWKS fetch in addition to Mozilla's roots
+    /// (for an identity provider behind a private CA). Only meaningful with `jwks_url`.
+    pub jwks_ca_file: Option<PathBuf>,
     /// Required `iss` when set.
     pub issuer: Option<String>,
     /// Accepted audiences; empty = `aud` is not checked.
@@ -249,6 +256,22 @@ pub enum AuthSetupError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The JWKS CA file cannot be read.
+    #[error("cannot read CA file {path} (auth.jwks_ca_file): {source}")]
+    CaFileRead {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The JWKS CA file is not a PEM list of usable CA certificates.
+    #[error("CA file {path} (auth.jwks_ca_file) {reason}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The JWKS URL is unusable, or its first fetch failed and there is no other key.
     #[error("auth.jwks_url {url}: {reason}")]
     Jwks {
@@ -371,7 +394,11 @@ impl Verifier {
         let cache = Arc::new(TokenCache::new(CACHE_MAX_ENTRIES));
         let jwks = match &settings.jwks_url {
             Some(url) => {
-                let jwks = Arc::new(Jwks::new(url, Arc::clone(&cache))?);
+                let jwks = Arc::new(Jwks::new(
+                    url,
+                    settings.jwks_ca_file.as_deref(),
+                    Arc::clone(&cache),
+                )?);
                 match jwks.fetch_and_replace().await {
                     Ok(count) => tracing::info!(url = %url, keys = count, "JWKS loaded"),
                     Err(reason) if static_keys.is_empty() && hs_key.is_none() => {
@@ -388,7 +415,15 @@ impl Verifier {
                 }
                 Some(jwks)
             }
-            None => None,
+            None => {
+                if let Some(path) = &settings.jwks_ca_file {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "auth.jwks_ca_file is set but auth.jwks_url is not: the CA file is unused"
+                    );
+                }
+                None
+            }
         };
 
         Ok(Verifier {
@@ -1062,6 +1097,8 @@ fn integer_bits(bytes: &[u8]) -> Option<usize> {
 /// The JWKS-provided keys and the single-flight, rate-limited refetch.
 struct Jwks {
     url: String,
+    /// Whether `auth.jwks_ca_file` is set (an unknown-issuer error then needs no hint about it).
+    has_ca_file: bool,
     client: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
     refetch: Mutex<RefetchState>,
@@ -1095,28 +1132,41 @@ enum RefetchAction {
 // === impl Jwks ===
 
 impl Jwks {
-    fn new(url: &str, cache: Arc<TokenCache>) -> Result<Jwks, AuthSetupError> {
+    /// Checks the URL and builds the HTTP(S) client; fetches nothing yet. A bad `ca_file` is an
+    /// error even when the URL is `http://` (a redirect to https would use it, and a typo should
+    /// not wait for that day).
+    fn new(
+        url: &str,
+        ca_file: Option<&Path>,
+        cache: Arc<TokenCache>,
+    ) -> Result<Jwks, AuthSetupError> {
         let fail = |reason: String| AuthSetupError::Jwks {
             url: url.to_owned(),
             reason,
         };
-        // This build's reqwest has no TLS backend (a follow-up): say so now rather than at the
-        // first fetch.
-        if !url
-            .get(..7)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
-        {
-            return Err(fail(
-                "only http:// URLs are supported in this build (https needs a reqwest TLS feature)"
-                    .to_owned(),
-            ));
+        let parsed = reqwest::Url::parse(url).map_err(|err| fail(format!("not a URL: {err}")))?;
+        match parsed.scheme() {
+            "https" => {}
+            "http" if is_loopback(&parsed) => {}
+            "http" => tracing::warn!(
+                url = %url,
+                "auth.jwks_url is plain http: whoever can tamper with the network path can \
+                 substitute signing keys; use https outside local development"
+            ),
+            other => {
+                return Err(fail(format!(
+                    "scheme {other:?} is not supported (use https://, or http:// for local use)"
+                )))
+            }
         }
         let client = reqwest::Client::builder()
             .timeout(JWKS_TIMEOUT)
+            .tls_backend_preconfigured(jwks_tls_config(url, ca_file)?)
             .build()
             .map_err(|err| fail(error_chain(&err)))?;
         Ok(Jwks {
             url: url.to_owned(),
+            has_ca_file: ca_file.is_some(),
             client,
             keys: RwLock::new(Arc::new(KeySet::default())),
             refetch: Mutex::new(RefetchState::default()),
@@ -1210,7 +1260,7 @@ impl Jwks {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|err| error_chain(&err))?;
+            .map_err(|err| self.send_error(err))?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!("HTTP status {status}"));
@@ -1222,7 +1272,11 @@ impl Jwks {
             return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|err| error_chain(&err))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| error_chain(&err.without_url()))?
+        {
             if body.len() + chunk.len() > JWKS_MAX_BYTES {
                 return Err(format!("document larger than {JWKS_MAX_BYTES} bytes"));
             }
@@ -1230,6 +1284,134 @@ impl Jwks {
         }
         Ok(body)
     }
+
+    /// A failed request as one readable line: the cause chain (e.g. "… invalid peer certificate:
+    /// UnknownIssuer"), without the URL (every caller reports it beside this), plus a hint when
+    /// the server's CA is unknown and no `auth.jwks_ca_file` is set.
+    fn send_error(&self, err: reqwest::Error) -> String {
+        let unknown_issuer = tls_error(&err).is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            )
+        });
+        let mut text = error_chain(&err.without_url());
+        if unknown_issuer && !self.has_ca_file {
+            text.push_str(
+                " (no trusted root for the server's certificate: if it comes from a private CA, \
+                 set auth.jwks_ca_file)",
+            );
+        }
+        text
+    }
+}
+
+/// The JWKS client's TLS: rustls on aws-lc-rs (the provider jsonwebtoken already uses; ring is
+/// kept out of the build), trusting Mozilla's roots plus the certificates in `ca_file`.
+fn jwks_tls_config(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<rustls::ClientConfig, AuthSetupError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let added = add_ca_file(&mut roots, path)?;
+        tracing::info!(file = %path.display(), certificates = added, "JWKS client trusts extra CAs");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| AuthSetupError::Jwks {
+            url: url.to_owned(),
+            reason: format!("TLS setup: {err}"),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// Adds every `CERTIFICATE` block of the PEM file at `path` to `roots`; returns how many. A file
+/// with none, a broken PEM block or a certificate that cannot be a trust anchor is an error.
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, AuthSetupError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+
+    let fail = |reason: String| AuthSetupError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|source| AuthSetupError::CaFileRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut added = 0;
+    for (index, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert =
+            cert.map_err(|err| fail(format!("is not valid PEM: {}", pem_error_text(&err))))?;
+        roots.add(cert).map_err(|err| {
+            // rustls words every certificate error as the peer's ("invalid peer certificate").
+            let why = match err {
+                rustls::Error::InvalidCertificate(why) => why.to_string(),
+                other => other.to_string(),
+            };
+            fail(format!(
+                "certificate {} is not usable as a CA: {why}",
+                index + 1
+            ))
+        })?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(fail("holds no PEM CERTIFICATE block".to_owned()));
+    }
+    Ok(added)
+}
+
+/// pki-types prints PEM markers as byte arrays; these two read better as text.
+fn pem_error_text(err: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match err {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "no END line for a {} block",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line {:?}", String::from_utf8_lossy(line))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The rustls error behind a failed request, if TLS is what failed. hyper-rustls hands it up
+/// wrapped in `io::Error`s (nested), whose `source()` skips the wrapped error, so an `io::Error` in
+/// the chain is opened with `get_ref` instead.
+fn tls_error(err: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    None
+}
+
+/// `localhost` or a loopback IP: plain http to it does not cross a network.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    url.host_str().is_some_and(|host| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 /// Parses a JWKS document, keeping the keys we can use and skipping (with a log line) the rest.
@@ -1458,6 +1640,7 @@ mod tests {
             secret_env: None,
             public_key_files: Vec::new(),
             jwks_url: None,
+            jwks_ca_file: None,
             issuer: None,
             audience: Vec::new(),
             leeway_seconds: 0,
@@ -1560,6 +1743,65 @@ mod tests {
         path
     }
 
+    fn tls_fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    /// A TCP listener that completes a TLS handshake before handing a connection to axum.
+    struct TlsListener {
+        tcp: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    }
+
+    impl TlsListener {
+        /// Serves `tests/fixtures/tls/{cert}.pem` with `{cert}_key.pem`.
+        fn new(tcp: tokio::net::TcpListener, cert: &str) -> TlsListener {
+            use rustls::pki_types::pem::PemObject as _;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+            let chain = CertificateDer::pem_file_iter(tls_fixture(&format!("{cert}.pem")))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key =
+                PrivateKeyDer::from_pem_file(tls_fixture(&format!("{cert}_key.pem"))).unwrap();
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            TlsListener {
+                tcp,
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            }
+        }
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        type Addr = std::net::SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, addr)) = self.tcp.accept().await else {
+                    continue;
+                };
+                // A client that refuses our certificate fails the handshake: wait for the next.
+                if let Ok(tls) = self.acceptor.accept(tcp).await {
+                    return (tls, addr);
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
+
     /// A local JWKS endpoint that counts its hits and can change its answer.
     struct JwksServer {
         url: String,
@@ -1568,7 +1810,17 @@ mod tests {
     }
 
     impl JwksServer {
+        /// Plain http on 127.0.0.1.
         async fn start(doc: Value) -> JwksServer {
+            Self::start_with(doc, None).await
+        }
+
+        /// https on 127.0.0.1 with the fixture certificate `cert` (see tests/fixtures/tls).
+        async fn start_tls(doc: Value, cert: &str) -> JwksServer {
+            Self::start_with(doc, Some(cert)).await
+        }
+
+        async fn start_with(doc: Value, tls_cert: Option<&str>) -> JwksServer {
             let hits = Arc::new(AtomicUsize::new(0));
             let answer = Arc::new(Mutex::new((200u16, doc)));
             let handler = {
@@ -1588,9 +1840,19 @@ mod tests {
             let app = axum::Router::new().route("/jwks.json", axum::routing::get(handler));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            let scheme = match tls_cert {
+                None => {
+                    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+                    "http"
+                }
+                Some(cert) => {
+                    let listener = TlsListener::new(listener, cert);
+                    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+                    "https"
+                }
+            };
             JwksServer {
-                url: format!("http://{addr}/jwks.json"),
+                url: format!("{scheme}://{addr}/jwks.json"),
                 hits,
                 answer,
             }
@@ -2262,8 +2524,8 @@ mod tests {
         assert_eq!(check(&v, &old).await, Err(AuthError::UnknownKey));
     }
 
-    /// A failing first JWKS fetch is fatal only when no other key exists; https is refused up
-    /// front in this build; errors name the URL.
+    /// A failing first JWKS fetch is fatal only when no other key exists; a URL that is not
+    /// http(s) is refused up front; errors name the URL.
     #[tokio::test]
     async fn first_jwks_fetch_failure() {
         let server = JwksServer::start(json!({ "error": "down" })).await;
@@ -2291,12 +2553,167 @@ mod tests {
         assert_eq!(check(&v, &jwks_token).await.unwrap().customer, "jwks");
 
         let mut s = settings(&[Algorithm::RS256]);
-        s.jwks_url = Some("https://issuer.example/jwks.json".to_owned());
+        s.jwks_url = Some("ftp://issuer.example/jwks.json".to_owned());
         let err = Verifier::new(s).await.unwrap_err();
         assert!(
-            err.to_string().contains("https://issuer.example/jwks.json"),
+            err.to_string().contains("ftp://issuer.example/jwks.json")
+                && err.to_string().contains("not supported"),
             "{err}"
         );
+    }
+
+    // === JWKS over HTTPS ===
+
+    fn https_settings(server: &JwksServer, ca_file: Option<&str>) -> AuthSettings {
+        let mut s = settings(&[Algorithm::RS256]);
+        s.jwks_url = Some(server.url.clone());
+        s.jwks_ca_file = ca_file.map(tls_fixture);
+        s
+    }
+
+    fn rs256_jwks() -> Value {
+        json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] })
+    }
+
+    /// An https JWKS from a private CA loads (by IP and by DNS name) when auth.jwks_ca_file names
+    /// that CA, its keys verify tokens, and an unknown kid refetches over TLS too.
+    #[tokio::test]
+    async fn https_jwks_with_private_ca_verifies() {
+        let server = JwksServer::start_tls(rs256_jwks(), "server").await;
+        assert!(
+            server.url.starts_with("https://127.0.0.1:"),
+            "{}",
+            server.url
+        );
+        let v = Verifier::new(https_settings(&server, Some("ca.pem")))
+            .await
+            .unwrap();
+        assert_eq!(server.hits(), 1);
+        let token = sign_pem(
+            Algorithm::RS256,
+            "rsa_private.pem",
+            Some("k1"),
+            &claims("tls"),
+        );
+        assert_eq!(check(&v, &token).await.unwrap().customer, "tls");
+
+        server.answer(
+            200,
+            json!({ "keys": [jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2")] }),
+        );
+        let rotated = sign_pem(
+            Algorithm::RS256,
+            "rsa2_private.pem",
+            Some("k2"),
+            &claims("k2"),
+        );
+        assert_eq!(check(&v, &rotated).await.unwrap().customer, "k2");
+        assert_eq!(server.hits(), 2);
+
+        // The certificate also names "localhost" (a DNS SAN rather than an IP SAN).
+        let mut s = https_settings(&server, Some("ca.pem"));
+        s.jwks_url = Some(server.url.replace("127.0.0.1", "localhost"));
+        let v = Verifier::new(s).await.unwrap();
+        assert_eq!(check(&v, &rotated).await.unwrap().customer, "k2");
+    }
+
+    /// With only the public roots a private-CA https JWKS is refused: setup fails (no other key)
+    /// or its keys stay unknown (PEM keys present), and the error names the URL, says
+    /// "UnknownIssuer" and points at auth.jwks_ca_file.
+    #[tokio::test]
+    async fn https_jwks_without_ca_names_the_certificate_problem() {
+        let server = JwksServer::start_tls(rs256_jwks(), "server").await;
+        let err = Verifier::new(https_settings(&server, None))
+            .await
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            server.url.as_str(),
+            "invalid peer certificate: UnknownIssuer",
+            "auth.jwks_ca_file",
+        ] {
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+        assert_eq!(err.matches(&server.url).count(), 1, "URL once: {err}");
+
+        let mut s = https_settings(&server, None);
+        s.public_key_files = vec![fixture("rsa2_public.pem")];
+        let v = Verifier::new(s).await.unwrap();
+        let token = sign_pem(
+            Algorithm::RS256,
+            "rsa_private.pem",
+            Some("k1"),
+            &claims("tls"),
+        );
+        assert_eq!(check(&v, &token).await, Err(AuthError::UnknownKey));
+        let err = v.refresh_jwks().await.unwrap_err().to_string();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    /// A certificate from the trusted CA but for another name is refused, and the error says so.
+    #[tokio::test]
+    async fn https_jwks_certificate_for_another_name_is_refused() {
+        let server = JwksServer::start_tls(rs256_jwks(), "wrong_name").await;
+        let err = Verifier::new(https_settings(&server, Some("ca.pem")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&server.url) && err.contains("certificate not valid for name"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("jwks_ca_file"),
+            "no CA hint for a name mismatch: {err}"
+        );
+    }
+
+    /// A missing, empty, key-only or corrupt auth.jwks_ca_file is a setup error naming the file,
+    /// even when other keys would let a failed JWKS fetch slide.
+    #[tokio::test]
+    async fn bad_jwks_ca_file_is_a_setup_error() {
+        let server = JwksServer::start(rs256_jwks()).await;
+        let garbage_cert = temp_pem(
+            "garbage-ca",
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        );
+        let unterminated = temp_pem("unterminated-ca", "-----BEGIN CERTIFICATE-----\naGVsbG8=\n");
+        let cases = [
+            (tls_fixture("does_not_exist.pem"), "cannot read CA file"),
+            (fixture("README.md"), "holds no PEM CERTIFICATE block"),
+            (tls_fixture("ca_key.pem"), "holds no PEM CERTIFICATE block"),
+            (
+                garbage_cert.clone(),
+                "certificate 1 is not usable as a CA: BadEncoding",
+            ),
+            (
+                unterminated.clone(),
+                "is not valid PEM: no END line for a CERTIFICATE block",
+            ),
+        ];
+        for (path, want) in cases {
+            let mut s = settings(&[Algorithm::RS256]);
+            s.public_key_files = vec![fixture("rsa_public.pem")];
+            s.jwks_url = Some(server.url.clone());
+            s.jwks_ca_file = Some(path.clone());
+            let err = Verifier::new(s).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    AuthSetupError::CaFileRead { .. } | AuthSetupError::CaFile { .. }
+                ),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&path.display().to_string())
+                    && text.contains("auth.jwks_ca_file")
+                    && text.contains(want),
+                "{want:?} not in {text}"
+            );
+        }
+        let _ = std::fs::remove_file(garbage_cert);
+        let _ = std::fs::remove_file(unterminated);
     }
 
     // === customer and plan claims ===

@@ -1,5 +1,6 @@
 //! Asymmetric keys through the running proxy: PEM public keys and a JWKS endpoint, algorithm
 //! confusion, unknown `kid` (one refetch, then 401), wrong key. Bad tokens never reach upstream.
+//! A JWKS served over HTTPS by a private CA, trusted through `auth.jwks_ca_file`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +21,11 @@ fn pem(name: &str) -> Vec<u8> {
 
 /// A JWKS endpoint serving the P-256 test key as `kid = "ec-1"`, counting its hits.
 async fn jwks_server() -> (String, Arc<AtomicUsize>) {
+    jwks_server_with(None).await
+}
+
+/// `jwks_server` with TLS when `tls` is Some (the certificate from tests/fixtures/tls).
+async fn jwks_server_with(tls: Option<tokio_rustls::TlsAcceptor>) -> (String, Arc<AtomicUsize>) {
     let key = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
     let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
     jwk.common.key_id = Some("ec-1".into());
@@ -38,8 +44,69 @@ async fn jwks_server() -> (String, Arc<AtomicUsize>) {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
-    (format!("http://{addr}/jwks.json"), hits)
+    let scheme = match tls {
+        None => {
+            tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+            "http"
+        }
+        Some(acceptor) => {
+            let listener = TlsListener {
+                tcp: listener,
+                acceptor,
+            };
+            tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+            "https"
+        }
+    };
+    (format!("{scheme}://{addr}/jwks.json"), hits)
+}
+
+/// Serves tests/fixtures/tls/server.pem (127.0.0.1 and localhost, signed by the test CA).
+fn server_tls() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = format!("{}/tests/fixtures/tls", env!("CARGO_MANIFEST_DIR"));
+    let chain = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server_key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TCP listener that completes a TLS handshake before handing a connection to axum.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that refuses our certificate fails the handshake: wait for the next.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 fn signed(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, customer: &str) -> String {
@@ -124,4 +191,48 @@ async fn asymmetric_keys_and_their_attacks() {
     assert_eq!(hits.load(Ordering::SeqCst), fetched_at_start + 1);
 
     assert_eq!(up.hits(), 2, "only the valid tokens reached the upstream");
+}
+
+/// An https JWKS from a private CA works end to end when `auth.jwks_ca_file` names the CA: the
+/// config key reaches the verifier, the JWKS is fetched at start, and its key admits a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_jwks_trusted_through_jwks_ca_file() {
+    let up = Upstream::start().await;
+    let (jwks_url, hits) = jwks_server_with(Some(server_tls())).await;
+    assert!(jwks_url.starts_with("https://"), "{jwks_url}");
+    let toml = base_config(up.addr).replace(
+        "algorithms = [\"HS256\"]\nsecret_env = \"TOLLGATE_TEST_JWT_SECRET\"",
+        &format!(
+            "algorithms = [\"ES256\"]\njwks_url = \"{jwks_url}\"\njwks_ca_file = \"{}/tests/fixtures/tls/ca.pem\"",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    );
+    let tg = Tollgate::start(&toml, Backend::Embedded).await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "JWKS fetched over TLS at start"
+    );
+
+    let ec = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
+    let token = signed(Algorithm::ES256, &ec, Some("ec-1"), "tls");
+    assert_eq!(tg.get_with_token("/signals", &token).await.status(), 200);
+    assert_eq!(up.hits(), 1);
+}
+
+/// `auth.jwks_ca_file` without `auth.jwks_url` is a config error under its own key.
+#[test]
+fn jwks_ca_file_without_jwks_url_is_a_config_error() {
+    let toml = base_config("127.0.0.1:9".parse().unwrap()).replace(
+        "[auth]\n",
+        "[auth]\njwks_ca_file = \"tests/fixtures/tls/ca.pem\"\n",
+    );
+    let errors = tollgate::config::Config::from_toml(&toml).unwrap_err().0;
+    assert_eq!(
+        errors,
+        vec![tollgate::config::ConfigError {
+            key: "auth.jwks_ca_file".into(),
+            message: "only used for the JWKS fetch: set jwks_url too, or remove it".into(),
+        }]
+    );
 }

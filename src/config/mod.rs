@@ -813,6 +813,12 @@ impl Validator {
                 "RS/PS/ES/EdDSA algorithms need public_key_files or jwks_url",
             );
         }
+        if a.jwks_ca_file.is_some() && a.jwks_url.is_none() {
+            self.err(
+                "auth.jwks_ca_file",
+                "only used for the JWKS fetch: set jwks_url too, or remove it",
+            );
+        }
         let audience = match &a.audience {
             None => vec![],
             Some(OneOrMany::One(s)) => vec![s.clone()],
@@ -823,6 +829,7 @@ impl Validator {
             secret_env: a.secret_env.clone(),
             public_key_files: a.public_key_files.iter().map(PathBuf::from).collect(),
             jwks_url: a.jwks_url.clone(),
+            jwks_ca_file: a.jwks_ca_file.as_ref().map(PathBuf::from),
             issuer: a.issuer.clone(),
             audience,
             leeway_seconds: self.non_negative("auth.leeway_seconds".into(), a.leeway_seconds, 30),

@@ -64,6 +64,8 @@ pub struct RawAuth {
     pub secret_env: Option<String>,
     pub public_key_files: Vec<String>,
     pub jwks_url: Option<String>,
+    /// PEM CA certificates trusted for the JWKS fetch besides the public roots (private CAs).
+    pub jwks_ca_file: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<OneOrMany>,
     pub leeway_seconds: Option<i64>,
