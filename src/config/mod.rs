@@ -30,6 +30,8 @@ pub struct Config {
     pub plans: BTreeMap<String, Plan>,
     /// Name of the plan with `default = true`, if any.
     pub default_plan: Option<String>,
+    /// `None` when the file has no `[stripe]` section: webhooks and sync are off.
+    pub stripe: Option<StripeSettings>,
     /// The raw document, kept to serve it back (admin API) and to version it.
     pub raw: RawConfig,
 }
@@ -71,6 +73,20 @@ pub struct StorageSettings {
     pub usage_queue: usize,
     pub usage_flush_interval: Duration,
     pub spool_dir: PathBuf,
+}
+
+/// `[stripe]`: only env var *names* live here, never secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeSettings {
+    /// Env var with the webhook signing secrets, comma-separated (several during a rotation).
+    pub webhook_secrets_env: String,
+    /// Env var with the API secret key (not used yet: the reconciler and reporter will).
+    pub secret_key_env: String,
+    pub api_base: String,
+    /// Subscription metadata key whose value is the tollgate customer id.
+    pub customer_metadata_key: String,
+    /// Stripe price id → plan name (every plan checked to exist).
+    pub prices: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +250,10 @@ impl Config {
     pub fn missing_env(&self) -> Vec<String> {
         let mut names: Vec<&String> = vec![&self.admin.token_env];
         names.extend(self.auth.secret_env.iter());
+        if let Some(s) = &self.stripe {
+            names.push(&s.webhook_secrets_env);
+            names.push(&s.secret_key_env);
+        }
         names
             .into_iter()
             .filter(|n| std::env::var_os(n).is_none())
@@ -486,6 +506,7 @@ impl Validator {
             spool_dir: PathBuf::from(s.spool_dir.clone().unwrap_or_else(|| "data/spool".into())),
         };
         let auth = self.auth(&raw);
+        let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans));
 
         // Nothing to build a router from is not an error in itself, but a bad route is.
         Some(Config {
@@ -498,6 +519,7 @@ impl Validator {
             routes,
             plans,
             default_plan,
+            stripe,
             raw,
         })
     }
@@ -774,6 +796,47 @@ impl Validator {
             }
         }
         out
+    }
+
+    fn stripe(&mut self, s: &raw::RawStripe, plans: &BTreeMap<String, Plan>) -> StripeSettings {
+        for (price, plan) in &s.prices {
+            if !plans.contains_key(plan) {
+                self.err(
+                    format!("stripe.prices.{price}"),
+                    format!("unknown plan {plan:?}"),
+                );
+            }
+        }
+        let api_base = s
+            .api_base
+            .clone()
+            .unwrap_or_else(|| "https://api.stripe.com".into());
+        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+            self.err(
+                "stripe.api_base",
+                format!("must start with https:// or http://, got {api_base:?}"),
+            );
+        }
+        let key = s
+            .customer_metadata_key
+            .clone()
+            .unwrap_or_else(|| "tollgate_customer".into());
+        if key.trim().is_empty() {
+            self.err("stripe.customer_metadata_key", "must not be empty");
+        }
+        StripeSettings {
+            webhook_secrets_env: s
+                .webhook_secrets_env
+                .clone()
+                .unwrap_or_else(|| "STRIPE_WEBHOOK_SECRETS".into()),
+            secret_key_env: s
+                .secret_key_env
+                .clone()
+                .unwrap_or_else(|| "STRIPE_SECRET_KEY".into()),
+            api_base: api_base.trim_end_matches('/').to_string(),
+            customer_metadata_key: key,
+            prices: s.prices.clone(),
+        }
     }
 
     fn auth(&mut self, raw: &RawConfig) -> AuthSettings {

@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub meters: BTreeMap<String, RawMeter>,
     pub routes: Vec<RawRoute>,
     pub plans: BTreeMap<String, RawPlan>,
+    /// Absent: everything Stripe is off.
+    pub stripe: Option<RawStripe>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -78,6 +80,20 @@ pub struct RawAuth {
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawStripe {
+    /// Env var holding the webhook signing secrets (`whsec_…`, comma-separated for rotation).
+    pub webhook_secrets_env: Option<String>,
+    /// Env var holding the Stripe API secret key.
+    pub secret_key_env: Option<String>,
+    pub api_base: Option<String>,
+    /// Subscription metadata key naming the tollgate customer.
+    pub customer_metadata_key: Option<String>,
+    /// Stripe price id → plan name.
+    pub prices: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
