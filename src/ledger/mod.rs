@@ -112,6 +112,41 @@ impl LedgerError {
     }
 }
 
+/// A verified Stripe webhook event, as stored in `stripe_events` before it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeEventRecord {
+    /// Stripe's event id (`evt_…`): the primary key, so a redelivery finds the first copy.
+    pub id: String,
+    /// The event type (`customer.subscription.updated`, …).
+    pub event_type: String,
+    /// Stripe's `created` (seconds).
+    pub created: DateTime<Utc>,
+    /// The body exactly as received (audit, and reprocessing).
+    pub payload: String,
+}
+
+/// What [`Ledger::record_stripe_event`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeEventState {
+    /// First delivery: stored now, not applied yet.
+    New,
+    /// Stored by an earlier delivery whose processing did not finish (crash, or a concurrent
+    /// delivery still working): process it now.
+    Pending,
+    /// Already applied: acknowledge and do nothing.
+    Processed,
+}
+
+/// What [`Ledger::finish_stripe_event`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeFinish {
+    /// Another delivery finished first: nothing written.
+    AlreadyProcessed,
+    /// Marked processed; `changed` says whether the customer row was written (false when there
+    /// was nothing to apply or the stored state is newer than the event).
+    Processed { changed: bool },
+}
+
 /// Tollgate's durable store. Object-safe so that start-up picks the backend from the URL.
 #[async_trait::async_trait]
 pub trait Ledger: Send + Sync + 'static {
@@ -124,6 +159,23 @@ pub trait Ledger: Send + Sync + 'static {
     async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError>;
     /// Every customer, ordered by id: loaded into the entitlement cache at start.
     async fn all_customers(&self) -> Result<Vec<(String, Entitlement)>, LedgerError>;
+    /// Stores a verified Stripe event unless its id is already stored (ON CONFLICT DO NOTHING),
+    /// and says whether it is new, stored but unprocessed, or processed.
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEventRecord,
+    ) -> Result<StripeEventState, LedgerError>;
+    /// In one transaction: claims the stored event `id` (sets `processed_at` only if it is still
+    /// NULL, so of several concurrent deliveries exactly one gets here), then applies `apply`
+    /// with [`Ledger`]'s Stripe upsert rule: the customer row is written only if its
+    /// `updated_at` ≤ the entitlement's (`updated_at` = the event's `created`), so an older event
+    /// never overwrites newer state; `suspended` (the operator's) is kept; `status_since` is kept
+    /// when the status does not change. A failure rolls the claim back (the event stays pending).
+    async fn finish_stripe_event(
+        &self,
+        id: &str,
+        apply: Option<(&str, &Entitlement)>,
+    ) -> Result<StripeFinish, LedgerError>;
     /// One round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), LedgerError>;
     /// Sum of `units` and row count for a customer/meter in [from, to): for admin and tests.
@@ -520,6 +572,175 @@ mod tests {
             .await
             .expect("tokens");
         assert_eq!(tokens, (units_of(7), 7));
+    }
+
+    fn stripe_event(id: &str, created: DateTime<Utc>) -> StripeEventRecord {
+        StripeEventRecord {
+            id: id.into(),
+            event_type: "customer.subscription.updated".into(),
+            created,
+            payload: format!("{{\"id\":\"{id}\"}}"),
+        }
+    }
+
+    fn sub(plan: &str, status: Status, at: DateTime<Utc>) -> Entitlement {
+        Entitlement {
+            plan: Some(plan.into()),
+            status,
+            status_since: Some(at),
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: at,
+        }
+    }
+
+    async fn check_stripe_events(ledger: Arc<dyn Ledger>) {
+        let t = t0();
+        let e1 = stripe_event("evt_1", t);
+        assert_eq!(
+            ledger.record_stripe_event(&e1).await.expect("record"),
+            StripeEventState::New
+        );
+        // Stored, not finished (a crash between the two steps): the redelivery processes it.
+        assert_eq!(
+            ledger.record_stripe_event(&e1).await.expect("again"),
+            StripeEventState::Pending
+        );
+        let pro = sub("pro", Status::Active, t);
+        assert_eq!(
+            ledger
+                .finish_stripe_event("evt_1", Some(("acme", &pro)))
+                .await
+                .expect("finish"),
+            StripeFinish::Processed { changed: true }
+        );
+        assert_eq!(
+            ledger.record_stripe_event(&e1).await.expect("third"),
+            StripeEventState::Processed
+        );
+        // A second finish (a concurrent delivery that lost) writes nothing.
+        let free = sub("free", Status::Active, t + Duration::seconds(9));
+        assert_eq!(
+            ledger
+                .finish_stripe_event("evt_1", Some(("acme", &free)))
+                .await
+                .expect("finish again"),
+            StripeFinish::AlreadyProcessed
+        );
+        assert_eq!(ledger.get_customer("acme").await.expect("get"), Some(pro));
+
+        // Newer event: applied; the operator's suspension and the status' start are kept.
+        let mut suspended = sub("pro", Status::Active, t + Duration::microseconds(1));
+        suspended.suspended = true;
+        ledger
+            .put_customer("acme", &suspended)
+            .await
+            .expect("suspend");
+        ledger
+            .record_stripe_event(&stripe_event("evt_2", t + Duration::seconds(10)))
+            .await
+            .expect("record 2");
+        let newer = sub("team", Status::Active, t + Duration::seconds(10));
+        assert_eq!(
+            ledger
+                .finish_stripe_event("evt_2", Some(("acme", &newer)))
+                .await
+                .expect("finish 2"),
+            StripeFinish::Processed { changed: true }
+        );
+        let got = ledger
+            .get_customer("acme")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(got.plan.as_deref(), Some("team"));
+        assert!(got.suspended, "suspension is the operator's, not Stripe's");
+        assert_eq!(got.status_since, Some(t + Duration::microseconds(1)));
+        assert_eq!(got.updated_at, t + Duration::seconds(10));
+
+        // Older event, arriving late: marked processed, customer unchanged.
+        ledger
+            .record_stripe_event(&stripe_event("evt_0", t + Duration::seconds(5)))
+            .await
+            .expect("record 0");
+        let older = sub("free", Status::Canceled, t + Duration::seconds(5));
+        assert_eq!(
+            ledger
+                .finish_stripe_event("evt_0", Some(("acme", &older)))
+                .await
+                .expect("finish 0"),
+            StripeFinish::Processed { changed: false }
+        );
+        assert_eq!(
+            ledger
+                .get_customer("acme")
+                .await
+                .expect("get")
+                .expect("row"),
+            got
+        );
+        // Nothing to apply (an ignored event type): only marked processed.
+        ledger
+            .record_stripe_event(&stripe_event("evt_x", t))
+            .await
+            .expect("record x");
+        assert_eq!(
+            ledger.finish_stripe_event("evt_x", None).await.expect("x"),
+            StripeFinish::Processed { changed: false }
+        );
+    }
+
+    async fn check_stripe_finish_is_exclusive(ledger: Arc<dyn Ledger>) {
+        ledger
+            .record_stripe_event(&stripe_event("evt_c", t0()))
+            .await
+            .expect("record");
+        let e = sub("pro", Status::Active, t0());
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (l, e) = (ledger.clone(), e.clone());
+                tokio::spawn(
+                    async move { l.finish_stripe_event("evt_c", Some(("acme", &e))).await },
+                )
+            })
+            .collect();
+        let mut processed = 0;
+        for t in tasks {
+            match t.await.expect("join").expect("finish") {
+                StripeFinish::Processed { .. } => processed += 1,
+                StripeFinish::AlreadyProcessed => {}
+            }
+        }
+        assert_eq!(processed, 1);
+    }
+
+    /// Postgres: Stripe events are stored once, claimed once, and never apply older state.
+    #[tokio::test]
+    async fn pg_stripe_events() {
+        let s = PgSchema::new();
+        check_stripe_events(s.open().await).await;
+    }
+
+    /// SQLite: Stripe events are stored once, claimed once, and never apply older state.
+    #[tokio::test]
+    async fn sqlite_stripe_events() {
+        let dir = TempDir::new();
+        check_stripe_events(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// Postgres: of 10 concurrent finishes of one event exactly one processes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pg_stripe_finish_is_exclusive() {
+        let s = PgSchema::new();
+        check_stripe_finish_is_exclusive(s.open().await).await;
+    }
+
+    /// SQLite: of 10 concurrent finishes of one event exactly one processes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_stripe_finish_is_exclusive() {
+        let dir = TempDir::new();
+        check_stripe_finish_is_exclusive(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// Postgres: migrations apply once (count 1, then 0) and opening twice is harmless.

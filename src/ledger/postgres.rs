@@ -11,7 +11,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
-use super::{LedgerError, UsageEvent, INSERT_CHUNK};
+use super::{
+    LedgerError, StripeEventRecord, StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
+};
 use crate::entitle::{Entitlement, Status};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -190,6 +192,86 @@ impl super::Ledger for PgLedger {
         .await
         .map_err(LedgerError::query("all_customers"))?;
         rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEventRecord,
+    ) -> Result<StripeEventState, LedgerError> {
+        let inserted = sqlx::query(
+            "INSERT INTO stripe_events (id, type, created, payload) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .bind(&event.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("record_stripe_event"))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(StripeEventState::New);
+        }
+        let processed: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT processed_at FROM stripe_events WHERE id = $1")
+                .bind(&event.id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(LedgerError::query("record_stripe_event"))?;
+        Ok(match processed {
+            Some(_) => StripeEventState::Processed,
+            None => StripeEventState::Pending,
+        })
+    }
+
+    async fn finish_stripe_event(
+        &self,
+        id: &str,
+        apply: Option<(&str, &Entitlement)>,
+    ) -> Result<StripeFinish, LedgerError> {
+        let op = "finish_stripe_event";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        // The claim: a concurrent delivery blocks on this row until we commit, then finds
+        // processed_at set and claims nothing.
+        let claimed = sqlx::query(
+            "UPDATE stripe_events SET processed_at = now() \
+             WHERE id = $1 AND processed_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if claimed.rows_affected() == 0 {
+            return Ok(StripeFinish::AlreadyProcessed);
+        }
+        let mut changed = false;
+        if let Some((customer, e)) = apply {
+            let done = sqlx::query(
+                "INSERT INTO customers \
+                   (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, false, $7) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                   plan = EXCLUDED.plan, status = EXCLUDED.status, \
+                   status_since = CASE WHEN customers.status = EXCLUDED.status \
+                     THEN customers.status_since ELSE EXCLUDED.status_since END, \
+                   period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
+                   updated_at = EXCLUDED.updated_at \
+                 WHERE customers.updated_at <= EXCLUDED.updated_at",
+            )
+            .bind(customer)
+            .bind(e.plan.as_deref())
+            .bind(e.status.as_str())
+            .bind(e.status_since)
+            .bind(e.period_start)
+            .bind(e.period_end)
+            .bind(e.updated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+            changed = done.rows_affected() == 1;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(StripeFinish::Processed { changed })
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

@@ -16,7 +16,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{LedgerError, UsageEvent, INSERT_CHUNK};
+use super::{
+    LedgerError, StripeEventRecord, StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
+};
 use crate::entitle::{Entitlement, Status};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -181,6 +183,88 @@ impl super::Ledger for SqliteLedger {
         .await
         .map_err(LedgerError::query("all_customers"))?;
         rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEventRecord,
+    ) -> Result<StripeEventState, LedgerError> {
+        let inserted = sqlx::query(
+            "INSERT INTO stripe_events (id, type, created, payload) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.event_type)
+        .bind(to_micros(event.created))
+        .bind(&event.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("record_stripe_event"))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(StripeEventState::New);
+        }
+        let processed: Option<i64> =
+            sqlx::query_scalar("SELECT processed_at FROM stripe_events WHERE id = ?1")
+                .bind(&event.id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(LedgerError::query("record_stripe_event"))?;
+        Ok(match processed {
+            Some(_) => StripeEventState::Processed,
+            None => StripeEventState::Pending,
+        })
+    }
+
+    async fn finish_stripe_event(
+        &self,
+        id: &str,
+        apply: Option<(&str, &Entitlement)>,
+    ) -> Result<StripeFinish, LedgerError> {
+        let op = "finish_stripe_event";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        // The claim comes first so this transaction takes SQLite's write lock at once (waiting
+        // out a concurrent writer under busy_timeout) instead of upgrading a read snapshot,
+        // which could fail with SQLITE_BUSY; the next delivery then sees processed_at set.
+        let claimed = sqlx::query(
+            "UPDATE stripe_events SET processed_at = ?2 \
+             WHERE id = ?1 AND processed_at IS NULL",
+        )
+        .bind(id)
+        .bind(to_micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if claimed.rows_affected() == 0 {
+            return Ok(StripeFinish::AlreadyProcessed);
+        }
+        let mut changed = false;
+        if let Some((customer, e)) = apply {
+            let done = sqlx::query(
+                "INSERT INTO customers \
+                   (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                   plan = excluded.plan, status = excluded.status, \
+                   status_since = CASE WHEN customers.status = excluded.status \
+                     THEN customers.status_since ELSE excluded.status_since END, \
+                   period_start = excluded.period_start, period_end = excluded.period_end, \
+                   updated_at = excluded.updated_at \
+                 WHERE customers.updated_at <= excluded.updated_at",
+            )
+            .bind(customer)
+            .bind(e.plan.as_deref())
+            .bind(e.status.as_str())
+            .bind(e.status_since.map(to_micros))
+            .bind(e.period_start.map(to_micros))
+            .bind(e.period_end.map(to_micros))
+            .bind(to_micros(e.updated_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+            changed = done.rows_affected() == 1;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(StripeFinish::Processed { changed })
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {
