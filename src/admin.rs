@@ -13,7 +13,7 @@ use crate::state::Shared;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,8 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// Broadcasts entitlement changes to other instances (with Redis).
     pub sync: Option<Arc<crate::sync::EntitlementSync>>,
+    /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
+    pub stripe: Option<Arc<crate::stripe::StripeWebhook>>,
 }
 
 /// The admin router (separate from `serve` so tests can call it directly).
@@ -39,11 +41,12 @@ pub fn app(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/customers/{id}", get(get_customer).put(put_customer))
+        .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
         .with_state(state)
 }
 
-/// An admin error as problem+json.
-fn problem(status: StatusCode, suffix: &str, detail: impl Into<String>) -> Response {
+/// An admin-listener error as problem+json (also used by the Stripe webhook).
+pub(crate) fn problem(status: StatusCode, suffix: &str, detail: impl Into<String>) -> Response {
     let body = serde_json::json!({
         "type": format!("{PROBLEM_TYPE_PREFIX}{suffix}"),
         "title": status.canonical_reason().unwrap_or(""),

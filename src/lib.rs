@@ -12,6 +12,7 @@
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
+//! - [`stripe`]: the Stripe webhook: signature, idempotent event store, subscription → entitlement.
 //! - [`sync`]: entitlement changes broadcast to every instance (Redis pub/sub).
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod stripe;
 pub mod sync;
 pub mod upstream;
 pub mod usage;

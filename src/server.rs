@@ -158,6 +158,18 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
             sync_stop.clone(),
         ));
     }
+    let stripe = match &config.stripe {
+        Some(settings) => Some(Arc::new(
+            crate::stripe::StripeWebhook::new(
+                settings.clone(),
+                ledger.clone(),
+                shared.clone(),
+                sync.clone(),
+            )
+            .context("registering Stripe metrics")?,
+        )),
+        None => None,
+    };
     let admin_state_store = admin_store.clone();
     let admin_state = AdminState {
         shared: shared.clone(),
@@ -165,6 +177,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
         store: admin_store,
         token,
         sync,
+        stripe,
     };
     let admin_stop = Arc::new(Notify::new());
     let admin_task = {
