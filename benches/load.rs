@@ -15,6 +15,10 @@
 //! Env: `BENCH_DURATION` (seconds, default 10), `BENCH_CONNECTIONS` (default 32), `RUST_LOG`
 //! (log filter; the default hides the one log line per request wrk abandons when it stops).
 
+// The same allocator as the tollgate binary, for both proxies in this process (like for like).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::{bail, ensure, Context};
 use async_trait::async_trait;
 use axum::extract::State;

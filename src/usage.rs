@@ -141,11 +141,14 @@ pub struct UsageSink {
     tx: mpsc::Sender<UsageEvent>,
     spool: Arc<Spool>,
     counters: Arc<UsageCounters>,
+    /// Wakes the flusher early when the queue is half full (it otherwise drains on its tick).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// The background writer. Run it once with [`Flusher::run`].
 pub struct Flusher {
     rx: mpsc::Receiver<UsageEvent>,
+    wake: Arc<tokio::sync::Notify>,
     ledger: Arc<dyn Ledger>,
     spool: Arc<Spool>,
     counters: Arc<UsageCounters>,
@@ -166,13 +169,16 @@ pub fn pipeline(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let spool = Arc::new(Spool::new(spool_dir));
     let counters = Arc::new(UsageCounters::default());
+    let wake = Arc::new(tokio::sync::Notify::new());
     let sink = UsageSink {
         tx,
         spool: spool.clone(),
         counters: counters.clone(),
+        wake: wake.clone(),
     };
     let flusher = Flusher {
         rx,
+        wake,
         ledger,
         spool,
         counters,
@@ -192,6 +198,9 @@ impl UsageSink {
         match self.tx.try_send(ev) {
             Ok(()) => {
                 UsageCounters::add(&self.counters.queued, 1);
+                if self.tx.capacity() * 2 < self.tx.max_capacity() {
+                    self.wake.notify_one();
+                }
                 Recorded::Queued
             }
             Err(mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev)) => {
@@ -298,6 +307,22 @@ impl Flusher {
     /// drains the channel completely, flushes, replays the spool once, returns the counts. With
     /// the ledger down this costs at most one failed ledger call; bound the whole with the
     /// shutdown grace.
+    /// Moves everything queued into `batch`, flushing each full batch. True when every sink is gone.
+    async fn take_queued(&mut self, batch: &mut Vec<UsageEvent>, health: &mut Health) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(ev) => {
+                    batch.push(ev);
+                    if batch.len() >= self.batch_max {
+                        self.flush(batch, health).await;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return false,
+                Err(mpsc::error::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> FlushStats {
         let mut health = Health::new();
         let mut batch = Vec::with_capacity(self.batch_max);
@@ -308,33 +333,28 @@ impl Flusher {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
-            // Never 0: a full batch is flushed as soon as it fills.
-            let room = self.batch_max - batch.len();
-            // Biased with the channel last: under constant load it is always ready, and the timers
-            // must still get their turn.
+            // The queue is drained on the tick (or when a sink finds it half full), not on every
+            // event: waking this task once per request cost more CPU than the inserts themselves.
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 () = sleep_until(health.retry_at) => {
                     self.replay_or_back_off(&mut health).await;
+                    continue;
                 }
-                _ = tick.tick() => {
-                    if !batch.is_empty() {
-                        self.flush(&mut batch, &mut health).await;
-                    }
-                    // Overflow while the ledger is fine: bring it in now, not at the next start.
-                    if health.healthy && self.spool.take_pending() {
-                        self.replay_or_back_off(&mut health).await;
-                    }
-                }
-                n = self.rx.recv_many(&mut batch, room) => {
-                    if n == 0 {
-                        break; // every sink is gone: nothing more can arrive
-                    }
-                    if batch.len() >= self.batch_max {
-                        self.flush(&mut batch, &mut health).await;
-                    }
-                }
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            let closed = self.take_queued(&mut batch, &mut health).await;
+            if !batch.is_empty() {
+                self.flush(&mut batch, &mut health).await;
+            }
+            // Overflow while the ledger is fine: bring it in now, not at the next start.
+            if health.healthy && self.spool.take_pending() {
+                self.replay_or_back_off(&mut health).await;
+            }
+            if closed {
+                break; // every sink is gone: nothing more can arrive
             }
         }
 

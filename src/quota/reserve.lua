@@ -26,7 +26,10 @@ if cap >= 0 and used + cost > cap then
   return {1, used}
 end
 used = redis.call('INCRBY', KEYS[1], cost)
-redis.call('EXPIREAT', KEYS[1], ARGV[3])
+if used == cost then
+  -- A new counter: give it its expiry once, not on every call.
+  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+end
 if interval > 0 then
   redis.call('SET', KEYS[2], new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1)
 end
