@@ -53,6 +53,7 @@ struct Reserved {
 
 /// Per-request state.
 pub struct Ctx {
+    shared: Arc<Shared>,
     started: Instant,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<usize>,
@@ -71,6 +72,37 @@ pub struct Ctx {
 impl Ctx {
     fn route<'s>(&self, snap: &'s Snapshot) -> Option<&'s Route> {
         self.route.map(|i| &snap.config.routes[i])
+    }
+}
+
+/// A request that holds a reservation but never reaches `logging` (pingora drops in-flight
+/// requests when the shutdown grace runs out) would leave a charge in the quota store with no
+/// ledger row. Record it here: the upstream may have served it, so the charge is kept, and the
+/// ledger agrees with the quota store. Status 0: no response was sent.
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        let Some(r) = self.reserved.take() else {
+            return;
+        };
+        let Some(snap) = self.snapshot.clone() else {
+            return;
+        };
+        let Some(route) = self.route(&snap) else {
+            return;
+        };
+        tracing::warn!(request_id = %self.request_id, units = r.units, "request cut off before settling; charge recorded");
+        let event = UsageEvent {
+            id: uuid::Uuid::now_v7(),
+            ts: chrono::Utc::now(),
+            customer: self.customer.take().unwrap_or_default(),
+            meter: route.meter.clone(),
+            units: r.units as i64,
+            route: route.name.clone(),
+            status: 0,
+            latency_us: self.started.elapsed().as_micros() as i64,
+            request_id: std::mem::take(&mut self.request_id),
+        };
+        self.shared.usage.record(event);
     }
 }
 
@@ -226,6 +258,7 @@ impl ProxyHttp for Proxy {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            shared: self.shared.clone(),
             started: Instant::now(),
             snapshot: None,
             route: None,
@@ -427,7 +460,8 @@ impl ProxyHttp for Proxy {
 
         // Refund on upstream failure (charge = "success"), or adjust to the exact cost.
         let mut charged = None;
-        if let (Some(r), Some(route)) = (&ctx.reserved, route) {
+        let reserved = ctx.reserved.take(); // settled here, so `Drop for Ctx` has nothing to do
+        if let (Some(r), Some(route)) = (&reserved, route) {
             let failed = ctx.upstream_failed || ctx.upstream_status.is_some_and(|s| s >= 500);
             let units = if failed && route.charge == Charge::Success {
                 0

@@ -396,3 +396,28 @@ async fn unmatched_requests_can_be_forwarded_unmetered() {
     );
     assert_eq!(tg.ledger_usage("").await, (0, 0));
 }
+
+both!(
+    /// A request cut off by shutdown after it was charged (pingora drops in-flight requests when
+    /// the grace runs out) still gets its ledger row, so the ledger agrees with the quota store.
+    request_cut_off_by_shutdown_is_still_recorded,
+    |b| {
+        let (mut tg, up) = setup(b).await;
+        let client = tg.client.clone();
+        let url = tg.url("/slow");
+        let pending = tokio::spawn(async move { client.get(url).bearer_auth(token("late")).send().await });
+        for _ in 0..100 {
+            if up.hits() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(up.hits(), 1, "the slow request reached the upstream");
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("late", "api_calls").await, Some(1));
+        }
+        tg.stop().await;
+        assert!(pending.await.unwrap().is_err(), "the client got no response");
+        assert_eq!(tg.ledger_usage("late").await, (1, 1));
+    }
+);

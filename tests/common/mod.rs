@@ -56,6 +56,13 @@ impl Upstream {
                 get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
             )
             .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route(
                 "/fail/always",
                 get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
             )
@@ -184,6 +191,11 @@ upstream = "api"
 meter = "tokens"
 cost = 10
 cost_from_response_header = "X-Usage-Tokens"
+
+[[routes]]
+match = "GET /slow"
+upstream = "api"
+cost = 1
 
 [[routes]]
 match = "GET /public"
