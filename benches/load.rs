@@ -29,7 +29,7 @@ use axum::Router;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{RunArgs, Server};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -601,16 +601,6 @@ async fn signals(State(hits): State<Arc<AtomicU64>>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "application/json")], BODY)
 }
 
-struct NotifyWatch(Arc<Notify>);
-
-#[async_trait]
-impl ShutdownSignalWatch for NotifyWatch {
-    async fn recv(&self) -> ShutdownSignal {
-        self.0.notified().await;
-        ShutdownSignal::GracefulTerminate
-    }
-}
-
 /// The floor: pingora's proxy with nothing but `upstream_peer` (built as tollgate builds its peer).
 struct PassthroughProxy {
     upstream: SocketAddr,
@@ -661,7 +651,7 @@ impl Passthrough {
                 proxy.add_tcp(&addr.to_string());
                 server.add_service(proxy);
                 server.run(RunArgs {
-                    shutdown_signal: Box::new(NotifyWatch(st)),
+                    shutdown_signal: Box::new(tollgate::server::NotifyWatch(st)),
                 });
             })
             .context("spawning the passthrough")?;

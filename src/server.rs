@@ -49,7 +49,8 @@ pub struct Options {
     pub on_ready: Option<Box<dyn FnOnce(Ready) + Send>>,
 }
 
-struct NotifyWatch(Arc<Notify>);
+/// A pingora shutdown watch that asks for a graceful stop when notified (tests, benches).
+pub struct NotifyWatch(pub Arc<Notify>);
 
 #[async_trait]
 impl ShutdownSignalWatch for NotifyWatch {

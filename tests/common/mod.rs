@@ -608,21 +608,7 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server on PATH");
         self.child = Some(child);
-        for _ in 0..200 {
-            if let Ok(c) = redis::Client::open(self.url()) {
-                if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
-                    if redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .is_ok()
-                    {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("private redis did not start");
+        wait_ping(&self.url()).await;
     }
 
     /// Saves to disk and stops (an outage that loses nothing).
