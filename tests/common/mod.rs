@@ -489,15 +489,12 @@ impl Tollgate {
 
     /// The Redis quota counter of the current calendar month (Shared backend).
     pub async fn redis_used(&self, customer: &str, meter: &str) -> Option<i64> {
-        let client = redis::Client::open(REDIS_URL).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
-        let key = format!("{}:{{{customer}}}:q:{meter}:{}", self.prefix, period.start);
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
+        redis_get(
+            REDIS_URL,
+            &format!("{}:{{{customer}}}:q:{meter}:{}", self.prefix, period.start),
+        )
+        .await
     }
 }
 
@@ -625,13 +622,7 @@ impl PrivateRedis {
     }
 
     pub async fn get(&self, key: &str) -> Option<i64> {
-        let c = redis::Client::open(self.url()).unwrap();
-        let mut conn = c.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
+        redis_get(&self.url(), key).await
     }
 }
 
@@ -779,4 +770,15 @@ async fn node_cmd<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> T {
     let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
     let mut conn = c.get_multiplexed_async_connection().await.unwrap();
     cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// `GET key` as an integer on the Redis at `url`.
+pub async fn redis_get(url: &str, key: &str) -> Option<i64> {
+    let c = redis::Client::open(url).unwrap();
+    let mut conn = c.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
 }
