@@ -118,80 +118,82 @@ fn signed(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, customer: &str) 
     jsonwebtoken::encode(&header, &claims(customer), key).unwrap()
 }
 
-/// RS256 via a PEM file and ES256 via JWKS are accepted; an HS256 token "signed" with the RSA
-/// public key (algorithm confusion), a token from another RSA key, and an unknown `kid` are 401;
-/// the unknown `kid` causes exactly one JWKS refetch. Only the two valid calls reach upstream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn asymmetric_keys_and_their_attacks() {
-    let up = Upstream::start().await;
-    let (jwks_url, hits) = jwks_server().await;
-    let toml = base_config(up.addr).replace(
-        "algorithms = [\"HS256\"]\nsecret_env = \"TOLLGATE_TEST_JWT_SECRET\"",
-        &format!(
-            "algorithms = [\"RS256\", \"ES256\"]\npublic_key_files = [\"{}\"]\njwks_url = \"{jwks_url}\"",
-            fixture("rsa_public.pem")
-        ),
-    );
-    let tg = Tollgate::start(&toml, Backend::Embedded).await;
-    let fetched_at_start = hits.load(Ordering::SeqCst);
-    assert!(fetched_at_start >= 1, "JWKS fetched at start");
+both!(
+    /// RS256 via a PEM file and ES256 via JWKS are accepted; an HS256 token "signed" with the RSA
+    /// public key (algorithm confusion), a token from another RSA key, and an unknown `kid` are 401;
+    /// the unknown `kid` causes exactly one JWKS refetch. Only the two valid calls reach upstream.
+    asymmetric_keys_and_their_attacks,
+    |b| {
+        let up = Upstream::start().await;
+        let (jwks_url, hits) = jwks_server().await;
+        let toml = base_config(up.addr).replace(
+            "algorithms = [\"HS256\"]\nsecret_env = \"TOLLGATE_TEST_JWT_SECRET\"",
+            &format!(
+                "algorithms = [\"RS256\", \"ES256\"]\npublic_key_files = [\"{}\"]\njwks_url = \"{jwks_url}\"",
+                fixture("rsa_public.pem")
+            ),
+        );
+        let tg = Tollgate::start(&toml, b).await;
+        let fetched_at_start = hits.load(Ordering::SeqCst);
+        assert!(fetched_at_start >= 1, "JWKS fetched at start");
 
-    let rsa = EncodingKey::from_rsa_pem(&pem("rsa_private.pem")).unwrap();
-    let ec = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
-    let rsa2 = EncodingKey::from_rsa_pem(&pem("rsa2_private.pem")).unwrap();
-    assert_eq!(
-        tg.get_with_token("/signals", &signed(Algorithm::RS256, &rsa, None, "rs"))
+        let rsa = EncodingKey::from_rsa_pem(&pem("rsa_private.pem")).unwrap();
+        let ec = EncodingKey::from_ec_pem(&pem("ec256_private.pem")).unwrap();
+        let rsa2 = EncodingKey::from_rsa_pem(&pem("rsa2_private.pem")).unwrap();
+        assert_eq!(
+            tg.get_with_token("/signals", &signed(Algorithm::RS256, &rsa, None, "rs"))
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(
+            tg.get_with_token(
+                "/signals",
+                &signed(Algorithm::ES256, &ec, Some("ec-1"), "ec")
+            )
             .await
             .status(),
-        200
-    );
-    assert_eq!(
-        tg.get_with_token(
-            "/signals",
-            &signed(Algorithm::ES256, &ec, Some("ec-1"), "ec")
-        )
-        .await
-        .status(),
-        200
-    );
+            200
+        );
 
-    let confused = signed(
-        Algorithm::HS256,
-        &EncodingKey::from_secret(&pem("rsa_public.pem")),
-        None,
-        "rs",
-    );
-    let wrong_key = signed(Algorithm::RS256, &rsa2, None, "rs");
-    for (name, t) in [
-        ("algorithm confusion", confused),
-        ("wrong RSA key", wrong_key),
-    ] {
-        let (status, ty, _) = problem(tg.get_with_token("/signals", &t).await).await;
+        let confused = signed(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(&pem("rsa_public.pem")),
+            None,
+            "rs",
+        );
+        let wrong_key = signed(Algorithm::RS256, &rsa2, None, "rs");
+        for (name, t) in [
+            ("algorithm confusion", confused),
+            ("wrong RSA key", wrong_key),
+        ] {
+            let (status, ty, _) = problem(tg.get_with_token("/signals", &t).await).await;
+            assert_eq!(
+                (status, ty.as_str()),
+                (401, "urn:tollgate:problem:invalid-token"),
+                "{name}"
+            );
+        }
+
+        let unknown_kid = signed(Algorithm::ES256, &ec, Some("ec-rotated-away"), "ec");
+        let (status, ty, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
         assert_eq!(
             (status, ty.as_str()),
-            (401, "urn:tollgate:problem:invalid-token"),
-            "{name}"
+            (401, "urn:tollgate:problem:invalid-token")
         );
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            fetched_at_start + 1,
+            "exactly one refetch for an unknown kid"
+        );
+        // Within the 30 s cooldown a second unknown kid does not hammer the JWKS endpoint.
+        let (status, _, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
+        assert_eq!(status, 401);
+        assert_eq!(hits.load(Ordering::SeqCst), fetched_at_start + 1);
+
+        assert_eq!(up.hits(), 2, "only the valid tokens reached the upstream");
     }
-
-    let unknown_kid = signed(Algorithm::ES256, &ec, Some("ec-rotated-away"), "ec");
-    let (status, ty, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
-    assert_eq!(
-        (status, ty.as_str()),
-        (401, "urn:tollgate:problem:invalid-token")
-    );
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        fetched_at_start + 1,
-        "exactly one refetch for an unknown kid"
-    );
-    // Within the 30 s cooldown a second unknown kid does not hammer the JWKS endpoint.
-    let (status, _, _) = problem(tg.get_with_token("/signals", &unknown_kid).await).await;
-    assert_eq!(status, 401);
-    assert_eq!(hits.load(Ordering::SeqCst), fetched_at_start + 1);
-
-    assert_eq!(up.hits(), 2, "only the valid tokens reached the upstream");
-}
+);
 
 /// An https JWKS from a private CA works end to end when `auth.jwks_ca_file` names the CA: the
 /// config key reaches the verifier, the JWKS is fetched at start, and its key admits a token.
