@@ -405,3 +405,60 @@ both!(
         refused(&tg, post(&tg, body, Some(&sig)).await, 413, "body-too-large").await;
     }
 );
+
+/// An invoice event (the real `invoice.payment_failed` envelope, API 2025-03-31 shape) for the
+/// subscription of `customer`, varied in id, type and `created`.
+fn invoice_event(id: &str, kind: &str, created: i64, customer: &str) -> String {
+    let mut ev = fixture("DERIVED_event_invoice.payment_failed_envelope.json");
+    ev["id"] = json!(id);
+    ev["type"] = json!(format!("invoice.{kind}"));
+    ev["created"] = json!(created);
+    ev["data"]["object"]["parent"]["subscription_details"]["metadata"] =
+        json!({ "tollgate_customer": customer });
+    serde_json::to_string_pretty(&ev).unwrap()
+}
+
+both!(
+    /// `invoice.payment_failed` marks a pro customer past_due: served during the plan's grace
+    /// (3 days), 402 payment-required after it; `invoice.paid` brings it back to active.
+    payment_failed_is_past_due_then_402_after_grace,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let day = 86_400;
+        let t = now();
+        deliver(&tg, &sub_event("evt_pf_sub", "created", t - 10 * day, "acme", &["price_pro"], "active")).await;
+        let r = deliver(&tg, &invoice_event("evt_pf_1", "payment_failed", t - day, "acme")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
+        assert_eq!(customer(&tg, "acme").await["status"], "past_due");
+        assert_eq!(tg.get("/export/pdf", Some("acme")).await.status(), 200, "within the grace");
+
+        // The same failure, seen as having happened five days ago: grace is over.
+        deliver(&tg, &sub_event("evt_pf_sub2", "updated", t - 6 * day, "globex", &["price_pro"], "active")).await;
+        deliver(&tg, &invoice_event("evt_pf_2", "payment_failed", t - 5 * day, "globex")).await;
+        let (status, ty, _) = problem(tg.get("/export/pdf", Some("globex")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+
+        deliver(&tg, &invoice_event("evt_pf_3", "paid", t, "globex")).await;
+        assert_eq!(customer(&tg, "globex").await["status"], "active");
+        assert_eq!(tg.get("/export/pdf", Some("globex")).await.status(), 200);
+    }
+);
+
+both!(
+    /// A failed invoice older than the subscription's latest state changes nothing, and an
+    /// invoice never revives a canceled customer.
+    late_or_irrelevant_invoices_change_nothing,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let t = now();
+        deliver(&tg, &sub_event("evt_li_sub", "updated", t, "acme", &["price_pro"], "active")).await;
+        let r = deliver(&tg, &invoice_event("evt_li_1", "payment_failed", t - 60, "acme")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "stale");
+        assert_eq!(customer(&tg, "acme").await["status"], "active");
+
+        deliver(&tg, &sub_event("evt_li_del", "deleted", t, "gone", &["price_pro"], "canceled")).await;
+        let r = deliver(&tg, &invoice_event("evt_li_2", "payment_failed", t + 1, "gone")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "ignored");
+        assert_eq!(customer(&tg, "gone").await["status"], "canceled");
+    }
+);

@@ -246,6 +246,9 @@ const NAMED_TYPES: &[&str] = &[
     "customer.subscription.paused",
     "customer.subscription.resumed",
     "customer.subscription.trial_will_end",
+    "invoice.payment_failed",
+    "invoice.paid",
+    "invoice.payment_succeeded",
 ];
 
 /// Outcome of one delivery (the metric's `outcome` label and the 2xx body).
@@ -362,7 +365,10 @@ impl StripeWebhook {
             self.count(&env.event_type, Outcome::Duplicate.as_str());
             return Ok(Outcome::Duplicate);
         }
-        let apply = self.plan_change(&env);
+        let apply = match env.event_type.strip_prefix("invoice.") {
+            Some(kind) => self.payment_change(&env, kind).await?,
+            None => self.plan_change(&env),
+        };
         let finish = self
             .ledger
             .finish_stripe_event(&env.id, apply.as_ref().map(|(c, e)| (c.as_str(), e)))
@@ -405,6 +411,67 @@ impl StripeWebhook {
             return None;
         };
         Some((customer, ent))
+    }
+
+    /// Invoice events move a subscribed customer between `past_due` and `active` (DESIGN §7:
+    /// `invoice.payment_failed` marks it past_due unless a newer state says otherwise). The rest
+    /// of the entitlement is the stored one; the write is as of the event's `created`, so the
+    /// ledger's conditional upsert refuses it when a newer subscription event was applied. A
+    /// canceled or unpaid customer is never revived by an invoice.
+    async fn payment_change(
+        &self,
+        env: &Envelope,
+        kind: &str,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let target = match kind {
+            "payment_failed" => Status::PastDue,
+            "paid" | "payment_succeeded" => Status::Active,
+            _ => return Ok(None),
+        };
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("invoice") {
+            return Ok(None);
+        }
+        // The subscription's metadata as the invoice carries it: under `parent` since API
+        // 2025-03-31, at the top level before.
+        let key = &self.settings.customer_metadata_key;
+        let customer = [
+            "/parent/subscription_details/metadata",
+            "/subscription_details/metadata",
+        ]
+        .iter()
+        .find_map(|p| {
+            env.object
+                .pointer(p)
+                .and_then(|m| m.get(key))
+                .and_then(|c| c.as_str())
+        })
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from);
+        let Some(customer) = customer else {
+            tracing::warn!(event = %env.id, %key, "invoice's subscription has no tollgate customer in its metadata; ignored");
+            return Ok(None);
+        };
+        let Some(current) = self.ledger.get_customer(&customer).await? else {
+            return Ok(None); // no subscription applied yet: nothing to mark
+        };
+        let applies = match target {
+            Status::PastDue => matches!(
+                current.status,
+                Status::Active | Status::Trialing | Status::PastDue
+            ),
+            _ => current.status == Status::PastDue,
+        };
+        if !applies || current.status == target {
+            return Ok(None);
+        }
+        let ent = Entitlement {
+            status: target,
+            status_since: Some(env.created),
+            updated_at: env.created,
+            ..current
+        };
+        Ok(Some((customer, ent)))
     }
 
     /// Ledger → this instance's cache → every other instance.
