@@ -241,6 +241,9 @@ pub struct Tollgate {
     stop: Arc<Notify>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<TempDir>,
+    _spool: TempDir,
+    /// This instance created its Postgres schema (not a peer) and drops it on drop.
+    owns_schema: bool,
 }
 
 /// A directory removed on drop.
@@ -307,8 +310,9 @@ impl Tollgate {
                 config.storage.database_schema = Some(schema.clone());
             }
         }
-        let spool = std::env::temp_dir().join(unique("tollgate-spool"));
-        config.storage.spool_dir = spool;
+        let spool = TempDir(std::env::temp_dir().join(unique("tollgate-spool")));
+        config.storage.spool_dir = spool.0.clone();
+        let owns_schema = backend == Backend::Shared && peer.is_none();
         tweak(&mut config);
         let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let admin = admin_listener.local_addr().unwrap();
@@ -338,6 +342,8 @@ impl Tollgate {
             stop,
             thread: Some(thread),
             _dir: dir,
+            _spool: spool,
+            owns_schema,
         };
         // Wait for start-up (migrations, bind), then for the proxy port to accept.
         let started =
@@ -503,6 +509,27 @@ impl Drop for Tollgate {
         self.stop.notify_one();
         if let Some(h) = self.thread.take() {
             let _ = h.join();
+        }
+        // Tests share one Postgres database across runs: leave no schema behind. (Redis keys
+        // expire with their period.) A runtime of its own, on its own thread: drop may run inside
+        // the test's runtime, which cannot block.
+        if self.owns_schema {
+            let (url, schema) = (self.database_url.clone(), self.schema.clone());
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                            .execute(&mut c)
+                            .await;
+                    }
+                });
+            })
+            .join();
         }
     }
 }
