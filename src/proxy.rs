@@ -73,6 +73,28 @@ impl Ctx {
     fn route<'s>(&self, snap: &'s Snapshot) -> Option<&'s Route> {
         self.route.map(|i| &snap.config.routes[i])
     }
+
+    /// Hands the request's ledger row to the usage pipeline. The request is over: its id and
+    /// customer move into the event instead of being copied.
+    fn record_usage(&mut self, route: &Route, units: u64, status: u16) {
+        let event = UsageEvent {
+            id: uuid::Uuid::now_v7(),
+            ts: chrono::Utc::now(),
+            customer: self.customer.take().unwrap_or_default(),
+            meter: route.meter.clone(),
+            units: units as i64,
+            route: route.name.clone(),
+            status,
+            latency_us: self.started.elapsed().as_micros() as i64,
+            request_id: std::mem::take(&mut self.request_id),
+        };
+        let m = &self.shared.metrics;
+        match self.shared.usage.record(event) {
+            Recorded::Queued => m.usage_queued.inc(),
+            Recorded::Spooled => m.usage_spooled.inc(),
+            Recorded::Lost => m.usage_lost.inc(),
+        }
+    }
 }
 
 /// A request that holds a reservation but never reaches `logging` (pingora drops in-flight
@@ -91,18 +113,7 @@ impl Drop for Ctx {
             return;
         };
         tracing::warn!(request_id = %self.request_id, units = r.units, "request cut off before settling; charge recorded");
-        let event = UsageEvent {
-            id: uuid::Uuid::now_v7(),
-            ts: chrono::Utc::now(),
-            customer: self.customer.take().unwrap_or_default(),
-            meter: route.meter.clone(),
-            units: r.units as i64,
-            route: route.name.clone(),
-            status: 0,
-            latency_us: self.started.elapsed().as_micros() as i64,
-            request_id: std::mem::take(&mut self.request_id),
-        };
-        self.shared.usage.record(event);
+        self.record_usage(route, r.units, 0);
     }
 }
 
@@ -502,26 +513,9 @@ impl ProxyHttp for Proxy {
             latency_us = latency.as_micros() as u64,
         );
 
-        // One ledger row per forwarded request, with the units finally charged. The request is
-        // over: its id and customer move into the event instead of being copied.
+        // One ledger row per forwarded request, with the units finally charged.
         if let (Some(units), Some(route)) = (charged, route) {
-            let event = UsageEvent {
-                id: uuid::Uuid::now_v7(),
-                ts: chrono::Utc::now(),
-                customer: ctx.customer.take().unwrap_or_default(),
-                meter: route.meter.clone(),
-                units: units as i64,
-                route: route.name.clone(),
-                status: ctx.upstream_status.unwrap_or(status),
-                latency_us: latency.as_micros() as i64,
-                request_id: std::mem::take(&mut ctx.request_id),
-            };
-            let m = &self.shared.metrics;
-            match self.shared.usage.record(event) {
-                Recorded::Queued => m.usage_queued.inc(),
-                Recorded::Spooled => m.usage_spooled.inc(),
-                Recorded::Lost => m.usage_lost.inc(),
-            }
+            ctx.record_usage(route, units, ctx.upstream_status.unwrap_or(status));
         }
     }
 }
