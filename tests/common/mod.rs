@@ -415,29 +415,8 @@ impl Tollgate {
 
     /// Ledger rows for a customer: (count, sum of units).
     pub async fn ledger_usage(&self, customer: &str) -> (i64, i64) {
-        let sql = "SELECT COUNT(*), CAST(COALESCE(SUM(units), 0) AS BIGINT) FROM usage_events WHERE customer = $1";
-        match self.backend {
-            Backend::Embedded => {
-                let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
-                let r: (i64, i64) = sqlx::query_as(sql)
-                    .bind(customer)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-                r
-            }
-            Backend::Shared => {
-                let pool = self.pg().await;
-                let r: (i64, i64) = sqlx::query_as(sql)
-                    .bind(customer)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-                r
-            }
-        }
+        let units = self.ledger_units(customer).await;
+        (units.len() as i64, units.iter().sum())
     }
 
     /// Units per ledger row for a customer, oldest first.
