@@ -171,6 +171,11 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let stripe_stop = Arc::new(Notify::new());
+    if let Some(stripe) = &stripe {
+        crate::stripe::spawn_background(&control, stripe, &config, stripe_stop.clone())
+            .context("starting the Stripe reporter and reconciler")?;
+    }
     let admin_state_store = admin_store.clone();
     let admin_state = AdminState {
         shared: shared.clone(),
@@ -250,6 +255,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     admin_stop.notify_one();
     sync_stop.notify_one();
     counters_stop.notify_one();
+    stripe_stop.notify_waiters();
     let stats = control.block_on(async {
         let stats = flush_task.await;
         let _ = admin_task.await;

@@ -20,6 +20,8 @@ use chrono::{DateTime, Utc};
 use std::fmt;
 use std::sync::Arc;
 
+pub mod api;
+pub mod report;
 pub mod webhook;
 
 /// Largest webhook body accepted (Stripe's events are a few KiB).
@@ -228,6 +230,88 @@ pub fn entitlement_for(
     })
 }
 
+/// The Stripe customer id an object names in `customer` (an id, or an expanded object).
+pub fn stripe_customer_of(obj: &serde_json::Value) -> Option<String> {
+    let c = obj.get("customer")?;
+    c.as_str()
+        .or_else(|| c.get("id").and_then(|i| i.as_str()))
+        .map(str::trim)
+        .filter(|c| c.starts_with("cus_"))
+        .map(String::from)
+}
+
+/// Links `customer` to `stripe_customer` and audits a change; says whether it changed. A
+/// conflict (the Stripe customer belongs to another tollgate customer) is logged and left for an
+/// operator, not an error.
+pub async fn link(
+    ledger: &dyn Ledger,
+    customer: &str,
+    stripe_customer: &str,
+    source: &str,
+    actor: &str,
+) -> Result<bool, StripeError> {
+    match ledger
+        .link_stripe_customer(customer, stripe_customer, source)
+        .await
+    {
+        Ok(before) if before.as_deref() == Some(stripe_customer) => Ok(false),
+        Ok(before) => {
+            tracing::info!(%customer, %stripe_customer, ?before, %source, "Stripe customer linked");
+            ledger
+                .audit(&crate::ledger::AuditEntry {
+                    actor: actor.into(),
+                    action: "stripe.link".into(),
+                    target: customer.into(),
+                    before: before.map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
+                    after: Some(
+                        serde_json::json!({ "stripe_customer": stripe_customer }).to_string(),
+                    ),
+                })
+                .await?;
+            Ok(true)
+        }
+        Err(LedgerError::LinkConflict {
+            customer: owner, ..
+        }) => {
+            tracing::warn!(%customer, %stripe_customer, %owner, "Stripe customer already linked to another customer; link not changed");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts the Stripe background tasks on `runtime` (the usage reporter), stopping when `stop` is
+/// notified. Without the secret key they do not run (logged): webhooks still work.
+pub fn spawn_background(
+    runtime: &tokio::runtime::Runtime,
+    stripe: &Arc<StripeWebhook>,
+    config: &crate::config::Config,
+    stop: Arc<tokio::sync::Notify>,
+) -> Result<(), prometheus::Error> {
+    let settings = &stripe.settings;
+    let api = match api::StripeApi::from_settings(settings) {
+        Ok(api) => api,
+        Err(e) => {
+            tracing::warn!(error = %e, "Stripe API calls are off: no usage reporting");
+            return Ok(());
+        }
+    };
+    let meters = config
+        .meters
+        .iter()
+        .filter_map(|(name, m)| Some((name.clone(), m.stripe_event_name.clone()?)))
+        .collect();
+    let reporter = report::Reporter::new(
+        stripe.ledger.clone(),
+        api.clone(),
+        meters,
+        settings,
+        &stripe.shared.metrics.registry,
+    )?;
+    runtime.spawn(reporter.run(stop));
+    Ok(())
+}
+
 /// What the webhook endpoint needs, built once at start when `[stripe]` is configured.
 pub struct StripeWebhook {
     pub settings: crate::config::StripeSettings,
@@ -365,10 +449,13 @@ impl StripeWebhook {
             self.count(&env.event_type, Outcome::Duplicate.as_str());
             return Ok(Outcome::Duplicate);
         }
-        let apply = match env.event_type.strip_prefix("invoice.") {
-            Some(kind) => self.payment_change(&env, kind).await?,
-            None => self.plan_change(&env),
+        let apply = match env.event_type.as_str() {
+            t if t.starts_with("invoice.") => self.payment_change(&env, &t[8..]).await?,
+            _ => self.plan_change(&env),
         };
+        if env.event_type.starts_with("customer.subscription.") {
+            self.link_from_subscription(&env).await?;
+        }
         let finish = self
             .ledger
             .finish_stripe_event(&env.id, apply.as_ref().map(|(c, e)| (c.as_str(), e)))
@@ -472,6 +559,26 @@ impl StripeWebhook {
             ..current
         };
         Ok(Some((customer, ent)))
+    }
+
+    /// Records the subscription's Stripe customer as the tollgate customer's link (what usage
+    /// reporting needs). A Stripe customer already linked to someone else is left as it is.
+    async fn link_from_subscription(&self, env: &Envelope) -> Result<(), StripeError> {
+        let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
+        let (Some(customer), Some(stripe_customer)) =
+            (facts.customer, stripe_customer_of(&env.object))
+        else {
+            return Ok(());
+        };
+        link(
+            &*self.ledger,
+            &customer,
+            &stripe_customer,
+            "webhook",
+            "stripe-webhook",
+        )
+        .await?;
+        Ok(())
     }
 
     /// Ledger → this instance's cache → every other instance.
