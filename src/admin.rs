@@ -42,6 +42,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/customers/{id}", get(get_customer).put(put_customer))
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
+        .merge(crate::stripe::admin::routes())
         .with_state(state)
 }
 
@@ -68,7 +69,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -20,7 +20,9 @@ use chrono::{DateTime, Utc};
 use std::fmt;
 use std::sync::Arc;
 
+pub mod admin;
 pub mod api;
+pub mod reconcile;
 pub mod report;
 pub mod webhook;
 
@@ -280,8 +282,16 @@ pub async fn link(
     }
 }
 
-/// Starts the Stripe background tasks on `runtime` (the usage reporter), stopping when `stop` is
-/// notified. Without the secret key they do not run (logged): webhooks still work.
+/// The Stripe API side, present when the secret key is set: the client (portal sessions, links)
+/// and the reconciler (`POST /admin/stripe/sync`).
+pub struct Control {
+    pub api: api::StripeApi,
+    pub reconciler: Arc<reconcile::Reconciler>,
+}
+
+/// Starts the Stripe background tasks on `runtime` (usage reporter, reconciler), each stopping
+/// when `stop` is notified, and makes [`Control`] available to the admin API. Without the secret
+/// key they do not run (logged): webhooks still work.
 pub fn spawn_background(
     runtime: &tokio::runtime::Runtime,
     stripe: &Arc<StripeWebhook>,
@@ -292,7 +302,7 @@ pub fn spawn_background(
     let api = match api::StripeApi::from_settings(settings) {
         Ok(api) => api,
         Err(e) => {
-            tracing::warn!(error = %e, "Stripe API calls are off: no usage reporting");
+            tracing::warn!(error = %e, "Stripe API calls are off: no usage reporting, no reconciler, no portal");
             return Ok(());
         }
     };
@@ -308,7 +318,16 @@ pub fn spawn_background(
         settings,
         &stripe.shared.metrics.registry,
     )?;
-    runtime.spawn(reporter.run(stop));
+    runtime.spawn(reporter.run(stop.clone()));
+    let reconciler = Arc::new(reconcile::Reconciler::new(
+        stripe.ledger.clone(),
+        api.clone(),
+        settings.clone(),
+        stripe.shared.clone(),
+        stripe.sync.clone(),
+    ));
+    runtime.spawn(reconciler.clone().run(stop));
+    let _ = stripe.control.set(Control { api, reconciler });
     Ok(())
 }
 
@@ -319,6 +338,8 @@ pub struct StripeWebhook {
     pub ledger: Arc<dyn Ledger>,
     pub shared: Arc<Shared>,
     pub sync: Option<Arc<crate::sync::EntitlementSync>>,
+    /// Set by [`spawn_background`] when the API key is configured.
+    pub control: std::sync::OnceLock<Control>,
     webhooks: prometheus::IntCounterVec,
 }
 
@@ -392,6 +413,7 @@ impl StripeWebhook {
             ledger,
             shared,
             sync,
+            control: std::sync::OnceLock::new(),
             webhooks,
         })
     }
