@@ -315,3 +315,77 @@ both!(
         assert_eq!(customer(&tg, "acme").await["plan"], "pro");
     }
 );
+
+/// Delivers one signed event with `object` as `data.object`.
+async fn deliver(tg: &Tollgate, id: &str, kind: &str, created: i64, object: Value) -> u16 {
+    let body = json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": created,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": kind,
+        "data": {"object": object},
+    })
+    .to_string();
+    let now = chrono::Utc::now().timestamp();
+    tg.client
+        .post(tg.admin_url("/webhooks/stripe"))
+        .header("stripe-signature", sign_webhook(&body, SECRET, now))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+both!(
+    /// `checkout.session.completed` links the customer (`client_reference_id`, else metadata);
+    /// `customer.deleted` cancels the linked customer (402 on the next call), and a late,
+    /// older subscription event does not revive it.
+    checkout_links_and_customer_deleted_cancels,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        let now = chrono::Utc::now().timestamp();
+        let session = json!({
+            "id": "cs_test_1", "object": "checkout.session", "mode": "subscription",
+            "client_reference_id": "globex", "customer": "cus_chk",
+            "metadata": {"tollgate_customer": "ignored-when-client-reference-id-is-set"},
+            "status": "complete", "subscription": "sub_chk",
+        });
+        assert_eq!(deliver(&tg, "evt_chk", "checkout.session.completed", now - 20, session).await, 200);
+        // Metadata when there is no client_reference_id.
+        let session2 = json!({
+            "id": "cs_test_2", "object": "checkout.session", "mode": "subscription",
+            "client_reference_id": null, "customer": "cus_meta",
+            "metadata": {"tollgate_customer": "hooli"}, "status": "complete",
+        });
+        assert_eq!(deliver(&tg, "evt_chk2", "checkout.session.completed", now - 20, session2).await, 200);
+        assert_eq!(
+            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE (customer = 'globex' AND stripe_customer_id = 'cus_chk') OR (customer = 'hooli' AND stripe_customer_id = 'cus_meta')").await,
+            2
+        );
+        let sub = subscription("sub_chk", "cus_chk", Some("globex"), &["price_pro"], "active", now - 20);
+        assert_eq!(deliver(&tg, "evt_sub", "customer.subscription.created", now - 10, sub.clone()).await, 200);
+        assert_eq!(tg.get("/export/pdf", Some("globex")).await.status(), 200);
+
+        let deleted = json!({"id": "cus_chk", "object": "customer", "deleted": true});
+        assert_eq!(deliver(&tg, "evt_del", "customer.deleted", now, deleted).await, 200);
+        let c = customer(&tg, "globex").await;
+        assert_eq!((c["status"].as_str(), c["plan"].as_str()), (Some("canceled"), None), "{c}");
+        let (status, ty, _) = problem(tg.get("/signals", Some("globex")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+        // A late subscription.updated created before the deletion changes nothing.
+        assert_eq!(deliver(&tg, "evt_late", "customer.subscription.updated", now - 5, sub).await, 200);
+        assert_eq!(customer(&tg, "globex").await["status"], "canceled");
+        // A deleted Stripe customer nobody is linked to: acknowledged, nothing changes.
+        let other = json!({"id": "cus_nobody", "object": "customer", "deleted": true});
+        assert_eq!(deliver(&tg, "evt_del2", "customer.deleted", now, other).await, 200);
+        assert_eq!(scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM customers").await, 1);
+    }
+);

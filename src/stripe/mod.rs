@@ -354,6 +354,8 @@ const NAMED_TYPES: &[&str] = &[
     "invoice.payment_failed",
     "invoice.paid",
     "invoice.payment_succeeded",
+    "customer.deleted",
+    "checkout.session.completed",
 ];
 
 /// Outcome of one delivery (the metric's `outcome` label and the 2xx body).
@@ -473,6 +475,11 @@ impl StripeWebhook {
         }
         let apply = match env.event_type.as_str() {
             t if t.starts_with("invoice.") => self.payment_change(&env, &t[8..]).await?,
+            "customer.deleted" => self.customer_deleted(&env).await?,
+            "checkout.session.completed" => {
+                self.checkout_completed(&env).await?;
+                None
+            }
             _ => self.plan_change(&env),
         };
         if env.event_type.starts_with("customer.subscription.") {
@@ -581,6 +588,64 @@ impl StripeWebhook {
             ..current
         };
         Ok(Some((customer, ent)))
+    }
+
+    /// `customer.deleted`: Stripe cancels every subscription of a deleted customer, so the
+    /// linked tollgate customer is canceled and back on no plan (the default plan, if the status
+    /// policy falls back to it), as of the event (order-safe like any Stripe write). The link is
+    /// kept: it names the customer in the audit and a re-created Stripe customer replaces it.
+    async fn customer_deleted(
+        &self,
+        env: &Envelope,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let Some(cus) = env.object.get("id").and_then(|i| i.as_str()) else {
+            return Ok(None);
+        };
+        let links = self.ledger.stripe_links().await?;
+        let Some((customer, _)) = links.into_iter().find(|(_, s)| s == cus) else {
+            tracing::info!(event = %env.id, stripe_customer = %cus, "deleted Stripe customer is linked to no tollgate customer; ignored");
+            return Ok(None);
+        };
+        let ent = Entitlement {
+            plan: None,
+            status: Status::Canceled,
+            status_since: Some(env.created),
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: env.created,
+        };
+        Ok(Some((customer, ent)))
+    }
+
+    /// `checkout.session.completed`: links the session's Stripe customer to the tollgate
+    /// customer named by `client_reference_id`, or else by `metadata[customer_metadata_key]`.
+    async fn checkout_completed(&self, env: &Envelope) -> Result<(), StripeError> {
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("checkout.session") {
+            return Ok(());
+        }
+        let key = &self.settings.customer_metadata_key;
+        let customer = env
+            .object
+            .get("client_reference_id")
+            .and_then(|c| c.as_str())
+            .or_else(|| {
+                env.object
+                    .get("metadata")
+                    .and_then(|m| m.get(key))
+                    .and_then(|c| c.as_str())
+            })
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        match (customer, stripe_customer_of(&env.object)) {
+            (Some(customer), Some(cus)) => {
+                link(&*self.ledger, customer, &cus, "checkout", "stripe-webhook").await?;
+            }
+            _ => {
+                tracing::warn!(event = %env.id, "checkout session names no tollgate customer or no Stripe customer; not linked");
+            }
+        }
+        Ok(())
     }
 
     /// Records the subscription's Stripe customer as the tollgate customer's link (what usage
