@@ -10,8 +10,14 @@
 //! Must not touch: the request path, quota counters, the admin token (a webhook's only
 //! credential is its signature).
 //!
-//! Not yet here (later slices): customer-level metadata and admin links as the customer
-//! mapping, invoice events, the reconciler, usage reporting, the billing portal.
+//! Layout: this file holds the webhook logic (subscription, invoice, `customer.deleted`,
+//! `checkout.session.completed`) and the customer links; [`webhook`] its HTTP side; [`api`] the
+//! Stripe API client; [`report`] usage → Billing meter events; [`reconcile`] the subscription
+//! pull; [`admin`] the `/admin/stripe/*` and `/admin/customers/{id}/{stripe,portal-session}`
+//! routes. [`spawn_background`] starts the reporter and the reconciler.
+//!
+//! Not yet here: `cancel_at_period_end` and trial end in the entitlement, re-fetching a
+//! subscription from the API for same-second events.
 
 use crate::entitle::{Entitlement, Status};
 use crate::ledger::{Ledger, LedgerError, StripeEventRecord, StripeEventState, StripeFinish};
