@@ -217,6 +217,11 @@ both!(
             metrics.contains("tollgate_stripe_usage_too_old_rows_total 1"),
             "{metrics}"
         );
+        // initech's row waits for a link, and is counted.
+        assert!(
+            metrics.contains("tollgate_stripe_unlinked_usage_rows 1"),
+            "{metrics}"
+        );
         assert!(
             metrics.contains("tollgate_stripe_meter_events_total{outcome=\"already_exists\"} 1"),
             "{metrics}"

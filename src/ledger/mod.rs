@@ -232,6 +232,8 @@ pub trait Ledger: Send + Sync + 'static {
         customer: &str,
         e: &Entitlement,
     ) -> Result<bool, LedgerError>;
+    /// Unreported usage rows on `meters` of customers with no Stripe link (they wait for one).
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError>;
 }
 
 /// What [`Ledger::claim_usage_reports`] takes.
@@ -959,6 +961,19 @@ mod tests {
         assert_eq!(first[0].identifier, format!("tg_{}", evs[0].id.simple()));
         assert_eq!(first[0].stripe_customer, "cus_a");
         assert_eq!(first[0].event_name, "ev_api");
+        // globex's 9 rows wait for a link; other meters do not count.
+        let meters = vec!["api_calls".to_string()];
+        assert_eq!(
+            ledger.unlinked_usage_rows(&meters).await.expect("unlinked"),
+            9
+        );
+        assert_eq!(
+            ledger
+                .unlinked_usage_rows(&["tokens".to_string()])
+                .await
+                .expect("unlinked tokens"),
+            0
+        );
 
         let pending = ledger.pending_usage_reports(10).await.expect("pending");
         assert_eq!(

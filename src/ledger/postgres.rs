@@ -560,6 +560,18 @@ impl super::Ledger for PgLedger {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events u \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL AND u.meter = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM stripe_customers l WHERE l.customer = u.customer)",
+        )
+        .bind(meters)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("unlinked_usage_rows"))
+    }
+
     async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError> {
         sqlx::query(
             "INSERT INTO audit_log (actor, action, target, before, after) \

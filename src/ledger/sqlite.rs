@@ -574,6 +574,23 @@ impl super::Ledger for SqliteLedger {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
+        let meters = serde_json::to_string(meters).map_err(|e| LedgerError::Corrupt {
+            table: "usage_events",
+            detail: e.to_string(),
+        })?;
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events u \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL \
+               AND u.meter IN (SELECT value FROM json_each(?)) \
+               AND NOT EXISTS (SELECT 1 FROM stripe_customers l WHERE l.customer = u.customer)",
+        )
+        .bind(meters)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("unlinked_usage_rows"))
+    }
+
     async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError> {
         sqlx::query(
             "INSERT INTO audit_log (actor, action, target, before, after, at) \

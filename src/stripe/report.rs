@@ -13,7 +13,7 @@
 //! Reports older than Stripe's 35-day timestamp window are flagged (`too_old`) and never sent.
 //!
 //! Owns: `stripe_meter_reports` rows' lifecycle, `tollgate_stripe_meter_events_total`,
-//! `tollgate_stripe_usage_too_old_rows_total`. Must not touch: the request path, quota counters.
+//! `tollgate_stripe_usage_too_old_rows_total`, `tollgate_stripe_unlinked_usage_rows`. Must not touch: the request path, quota counters.
 
 use super::api::StripeApi;
 use crate::ledger::{Ledger, LedgerError, MeterReport, ReportClaim, ReportState};
@@ -96,6 +96,7 @@ pub struct Reporter {
     delay: Duration,
     events: prometheus::IntCounterVec,
     too_old_rows: prometheus::IntCounter,
+    unlinked_rows: prometheus::IntGauge,
 }
 
 // === impl Reporter ===
@@ -120,8 +121,13 @@ impl Reporter {
             "tollgate_stripe_usage_too_old_rows_total",
             "Ledger usage rows older than Stripe's 35-day window: flagged, never sent",
         )?;
+        let unlinked_rows = prometheus::IntGauge::new(
+            "tollgate_stripe_unlinked_usage_rows",
+            "Unreported usage rows of customers with no Stripe link (reported once linked)",
+        )?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(too_old_rows.clone()))?;
+        registry.register(Box::new(unlinked_rows.clone()))?;
         Ok(Reporter {
             ledger,
             api,
@@ -131,6 +137,7 @@ impl Reporter {
             delay: settings.report_delay,
             events,
             too_old_rows,
+            unlinked_rows,
         })
     }
 
@@ -191,6 +198,9 @@ impl Reporter {
                 _ => {}
             }
         }
+        let meters: Vec<String> = self.meters.keys().cloned().collect();
+        self.unlinked_rows
+            .set(self.ledger.unlinked_usage_rows(&meters).await?);
         for r in self.ledger.pending_usage_reports(SEND_BATCH).await? {
             if r.ts < too_old_before {
                 // Pending so long (Stripe down for weeks) that Stripe would refuse it now.
