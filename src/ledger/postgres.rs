@@ -408,39 +408,57 @@ impl super::Ledger for PgLedger {
             claim.window_secs,
             claim.too_old_before,
         );
+        // Two statements whatever the number of reports (columns as arrays through UNNEST):
+        // a claim of many small reports must not hold its row locks for thousands of round trips.
+        let mut cols = ReportColumns::default();
         for r in &reports {
-            sqlx::query(
-                "INSERT INTO stripe_meter_reports (identifier, customer, stripe_customer_id, \
-                   meter, event_name, ts, value, row_count, state, finished_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                   CASE WHEN $9 = 'pending' THEN NULL ELSE now() END)",
-            )
-            .bind(&r.identifier)
-            .bind(&r.customer)
-            .bind(&r.stripe_customer)
-            .bind(&r.meter)
-            .bind(&r.event_name)
-            .bind(r.ts)
-            .bind(r.value)
-            .bind(r.rows)
-            .bind(r.state.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
+            cols.identifier.push(r.identifier.as_str());
+            cols.customer.push(r.customer.as_str());
+            cols.stripe_customer.push(r.stripe_customer.as_str());
+            cols.meter.push(r.meter.as_str());
+            cols.event_name.push(r.event_name.as_str());
+            cols.ts.push(r.ts);
+            cols.value.push(r.value);
+            cols.rows.push(r.rows);
+            cols.state.push(r.state.as_str());
             // A zero report is done as claimed: its rows count as reported.
             let reported = r.state == ReportState::Zero;
-            sqlx::query(
-                "UPDATE usage_events SET report_id = $1, \
-                   reported_at = CASE WHEN $3 THEN now() ELSE NULL END \
-                 WHERE id = ANY($2)",
-            )
-            .bind(&r.identifier)
-            .bind(&r.row_ids)
-            .bind(reported)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
+            for id in &r.row_ids {
+                cols.row_id.push(*id);
+                cols.row_report.push(r.identifier.as_str());
+                cols.row_reported.push(reported);
+            }
         }
+        sqlx::query(
+            "INSERT INTO stripe_meter_reports (identifier, customer, stripe_customer_id, \
+               meter, event_name, ts, value, row_count, state, finished_at) \
+             SELECT i, c, sc, m, e, t, v, n, st, CASE WHEN st = 'pending' THEN NULL ELSE now() END \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+               $6::timestamptz[], $7::int8[], $8::int8[], $9::text[]) AS x(i, c, sc, m, e, t, v, n, st)",
+        )
+        .bind(&cols.identifier)
+        .bind(&cols.customer)
+        .bind(&cols.stripe_customer)
+        .bind(&cols.meter)
+        .bind(&cols.event_name)
+        .bind(&cols.ts)
+        .bind(&cols.value)
+        .bind(&cols.rows)
+        .bind(&cols.state)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "UPDATE usage_events u SET report_id = x.r, \
+               reported_at = CASE WHEN x.done THEN now() ELSE NULL END \
+             FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) AS x(id, r, done) WHERE u.id = x.id",
+        )
+        .bind(&cols.row_id)
+        .bind(&cols.row_report)
+        .bind(&cols.row_reported)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(reports)
     }
@@ -587,6 +605,23 @@ impl super::Ledger for PgLedger {
         .map_err(LedgerError::query("audit"))?;
         Ok(())
     }
+}
+
+/// [`MeterReport`]s as columns, for one UNNEST insert (and their rows, for one UPDATE).
+#[derive(Default)]
+struct ReportColumns<'a> {
+    identifier: Vec<&'a str>,
+    customer: Vec<&'a str>,
+    stripe_customer: Vec<&'a str>,
+    meter: Vec<&'a str>,
+    event_name: Vec<&'a str>,
+    ts: Vec<DateTime<Utc>>,
+    value: Vec<i64>,
+    rows: Vec<i64>,
+    state: Vec<&'a str>,
+    row_id: Vec<uuid::Uuid>,
+    row_report: Vec<&'a str>,
+    row_reported: Vec<bool>,
 }
 
 fn customer_from_row(row: &PgRow) -> Result<(String, Entitlement), LedgerError> {
