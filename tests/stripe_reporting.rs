@@ -260,9 +260,14 @@ both!(
         let l = ledger(&tg).await;
         l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
         l.link_stripe_customer("globex", "cus_globex", "test").await.unwrap();
-        // The older event (acme's, sent first) is refused with a 400 (as for a meter Stripe
-        // lacks); globex's, sent next in the same run, is accepted.
-        stripe.fail_next(METER_EVENTS, &[Fault::Status(400)]);
+        // Stripe refuses acme's event once (as for a customer it does not know); globex's, in
+        // the same run, is accepted.
+        stripe
+            .inner
+            .lock()
+            .unwrap()
+            .reject_customer
+            .insert("cus_acme".into(), 1);
         l.insert_usage(&[
             row("acme", "api_calls", 3, Days::minutes(10)),
             row("globex", "api_calls", 4, Days::minutes(1)),
@@ -277,20 +282,20 @@ both!(
         }
         assert_eq!((unreported(&tg, "acme").await, unreported(&tg, "globex").await), (0, 0));
         let calls = stripe.calls(METER_EVENTS);
-        // globex was delivered right after acme's was refused; acme's went in a later run.
-        let who: Vec<(Option<&str>, u16)> = calls
-            .iter()
-            .map(|c| (c.param("payload[stripe_customer_id]"), c.status))
-            .collect();
-        assert_eq!(
-            who,
-            vec![
-                (Some("cus_acme"), 400),
-                (Some("cus_globex"), 200),
-                (Some("cus_acme"), 200)
-            ]
-        );
-        assert_eq!(calls[0].param("identifier"), calls[2].param("identifier"));
+        let of = |cus: &str| -> Vec<(usize, u16, String)> {
+            calls
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.param("payload[stripe_customer_id]") == Some(cus))
+                .map(|(i, c)| (i, c.status, c.param("identifier").unwrap().to_string()))
+                .collect()
+        };
+        let (acme, globex) = (of("cus_acme"), of("cus_globex"));
+        assert_eq!(acme.iter().map(|c| c.1).collect::<Vec<_>>(), vec![400, 200]);
+        assert_eq!(acme[0].2, acme[1].2, "the refused event is resent as it was");
+        assert_eq!(globex.iter().map(|c| c.1).collect::<Vec<_>>(), vec![200]);
+        // globex did not wait for acme's refusal to be resolved.
+        assert!(globex[0].0 < acme[1].0, "{calls:?}");
         let sums = sums(&stripe);
         assert_eq!(sums[&("cus_acme".to_string(), "tg_api_calls".to_string())], 3);
         assert_eq!(sums[&("cus_globex".to_string(), "tg_api_calls".to_string())], 4);

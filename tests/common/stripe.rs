@@ -67,6 +67,8 @@ pub struct Inner {
     pub applied: BTreeMap<String, Applied>,
     /// Per path: faults consumed by the next calls, in order.
     pub faults: HashMap<String, VecDeque<Fault>>,
+    /// Stripe customer → how many more of its meter events to refuse (400 "No such customer").
+    pub reject_customer: HashMap<String, usize>,
     /// What `GET /v1/subscriptions` lists, in order.
     pub subscriptions: Vec<Value>,
     /// Most subscriptions per page whatever `limit` asks (Stripe may return fewer).
@@ -241,6 +243,15 @@ async fn meter_event(
                 "invalid_request_error",
                 Some("timestamp_too_far_in_past"),
                 "Timestamp must be within the past 35 calendar days.",
+            );
+        }
+        if let Some(n) = g.reject_customer.get_mut(&customer).filter(|n| **n > 0) {
+            *n -= 1;
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such customer: '{customer}'"),
             );
         }
         if g.applied.contains_key(&identifier) {
