@@ -133,7 +133,7 @@ fn migrate_applies_once() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    assert!(run().starts_with("applied 1 migration(s)"));
+    assert!(run().starts_with("applied 2 migration(s)"));
     assert!(run().starts_with("applied 0 migration(s)"));
     assert!(db.exists());
     std::fs::remove_dir_all(&dir).ok();
