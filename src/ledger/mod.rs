@@ -234,6 +234,14 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<bool, LedgerError>;
     /// Unreported usage rows on `meters` of customers with no Stripe link (they wait for one).
     async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError>;
+    /// One link, looked up from either side: `(customer, stripe customer)` of the link whose
+    /// tollgate customer is `customer`, or (when `customer` is `None`) whose Stripe customer is
+    /// `stripe_customer`.
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError>;
 }
 
 /// What [`Ledger::claim_usage_reports`] takes.
@@ -929,6 +937,32 @@ mod tests {
         assert_eq!(
             ledger.stripe_links().await.expect("links"),
             vec![("acme".to_string(), "cus_a".to_string())]
+        );
+        let link = Some(("acme".to_string(), "cus_a".to_string()));
+        assert_eq!(
+            ledger
+                .stripe_link(Some("acme"), None)
+                .await
+                .expect("by customer"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(None, Some("cus_a"))
+                .await
+                .expect("by cus"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(Some("globex"), None)
+                .await
+                .expect("none"),
+            None
+        );
+        assert_eq!(
+            ledger.stripe_link(None, Some("cus_x")).await.expect("none"),
+            None
         );
 
         // 100 rows of acme (linked) and 9 of globex (not linked), in one 60 s window from t0.

@@ -591,6 +591,22 @@ impl super::Ledger for SqliteLedger {
         .map_err(LedgerError::query("unlinked_usage_rows"))
     }
 
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers \
+             WHERE (?1 IS NOT NULL AND customer = ?1) OR (?1 IS NULL AND stripe_customer_id = ?2)",
+        )
+        .bind(customer)
+        .bind(stripe_customer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_link"))
+    }
+
     async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError> {
         sqlx::query(
             "INSERT INTO audit_log (actor, action, target, before, after, at) \

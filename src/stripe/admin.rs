@@ -158,11 +158,11 @@ async fn portal_session(
             Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
         }
     };
-    let links = match s.ledger.stripe_links().await {
+    let link = match s.ledger.stripe_link(Some(&id), None).await {
         Ok(l) => l,
         Err(e) => return ledger_problem(&e),
     };
-    let Some((_, cus)) = links.into_iter().find(|(c, _)| *c == id) else {
+    let Some((_, cus)) = link else {
         return problem(
             StatusCode::NOT_FOUND,
             "unknown-customer",

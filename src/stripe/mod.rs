@@ -607,8 +607,7 @@ impl StripeWebhook {
         let Some(cus) = env.object.get("id").and_then(|i| i.as_str()) else {
             return Ok(None);
         };
-        let links = self.ledger.stripe_links().await?;
-        let Some((customer, _)) = links.into_iter().find(|(_, s)| s == cus) else {
+        let Some((customer, _)) = self.ledger.stripe_link(None, Some(cus)).await? else {
             tracing::info!(event = %env.id, stripe_customer = %cus, "deleted Stripe customer is linked to no tollgate customer; ignored");
             return Ok(None);
         };
