@@ -281,28 +281,8 @@ both!(
         let now = chrono::Utc::now().timestamp();
         let sub = subscription("sub_w", "cus_web", Some("acme"), &["price_pro"], "active", now);
         for (i, kind) in ["created", "updated"].iter().enumerate() {
-            let body = json!({
-                "id": format!("evt_link_{i}"),
-                "object": "event",
-                "api_version": "2025-03-31.basil",
-                "created": now + i as i64,
-                "livemode": false,
-                "pending_webhooks": 1,
-                "request": {"id": null, "idempotency_key": null},
-                "type": format!("customer.subscription.{kind}"),
-                "data": {"object": sub},
-            })
-            .to_string();
-            let r = tg
-                .client
-                .post(tg.admin_url("/webhooks/stripe"))
-                .header("stripe-signature", sign_webhook(&body, SECRET, now))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            let (id, kind) = (format!("evt_link_{i}"), format!("customer.subscription.{kind}"));
+            assert_eq!(deliver(&tg, &id, &kind, now + i as i64, sub.clone()).await, 200);
         }
         assert_eq!(
             scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE customer = 'acme' AND stripe_customer_id = 'cus_web'").await,
