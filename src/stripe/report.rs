@@ -12,6 +12,10 @@
 //! any other 4xx leaves that report pending (counted, logged) and goes on with the others.
 //! Reports older than Stripe's 35-day timestamp window are flagged (`too_old`) and never sent.
 //!
+//! Limit: Stripe keeps identifiers for "at least 24 hours". A report whose answer was lost and
+//! that is resent more than a day later (Stripe unreachable for a day right after applying it)
+//! could be counted twice; `attempts`/`last_error` on the report show such cases.
+//!
 //! Owns: `stripe_meter_reports` rows' lifecycle, `tollgate_stripe_meter_events_total`,
 //! `tollgate_stripe_usage_too_old_rows_total`, `tollgate_stripe_unlinked_usage_rows`. Must not touch: the request path, quota counters.
 
