@@ -186,6 +186,68 @@ pub trait Ledger: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(i64, i64), LedgerError>;
+    /// In one transaction: stores `document` as the next config version, written by `author`,
+    /// and its `audit_log` row (actor = `author`). Returns the stored version (its number is
+    /// the ledger's sequence, so versions from several instances never collide).
+    async fn insert_config_version(
+        &self,
+        author: &str,
+        document: &str,
+        audit: &AuditRecord,
+    ) -> Result<ConfigVersion, LedgerError>;
+    /// One stored config version, `None` if there is no such version.
+    async fn config_version(&self, version: i64) -> Result<Option<ConfigVersion>, LedgerError>;
+    /// The newest config version; with `author_prefix`, the newest whose author starts with it.
+    async fn latest_config_version(
+        &self,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<ConfigVersion>, LedgerError>;
+    /// Config versions, newest first, without their documents (`document` is empty): at most
+    /// `limit`, only those older than `before` when given (pagination).
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ConfigVersion>, LedgerError>;
+    /// `audit_log` rows, newest first: at most `limit`, only ids below `before` when given.
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, LedgerError>;
+}
+
+/// One row of `config_versions`: a live-config document (JSON) and who stored it when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub author: String,
+    pub document: String,
+}
+
+/// What an admin mutation writes to `audit_log` (the actor is the caller's author).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `config.put`, `config.patch`, `config.rollback`, `config.reload`, …
+    pub action: String,
+    /// What changed: `config`, `routes/{name}`, `plans/{name}`.
+    pub target: String,
+    /// JSON before and after (absent for creations and deletions).
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+/// One row of `audit_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
 }
 
 /// Rows per INSERT statement. 9 columns × 1000 = 9000 parameters: under SQLite's 32766 and far
