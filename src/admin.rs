@@ -32,6 +32,8 @@ pub struct AdminState {
     pub sync: Option<Arc<crate::sync::EntitlementSync>>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
     pub stripe: Option<Arc<crate::stripe::StripeWebhook>>,
+    /// Live config: versions, validation, apply and broadcast (`admin_config` serves it).
+    pub live: Arc<crate::liveconfig::LiveConfig>,
 }
 
 /// The admin router (separate from `serve` so tests can call it directly).
@@ -42,6 +44,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/customers/{id}", get(get_customer).put(put_customer))
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
+        .merge(crate::admin_config::routes())
         .with_state(state)
 }
 
@@ -68,7 +71,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
