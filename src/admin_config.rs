@@ -13,14 +13,16 @@
 //! the *actor* named in `X-Tollgate-Actor` (recorded as `admin:{actor}`; plain `admin` without
 //! it): the admin token is one shared secret, so the header is how operators tell each other
 //! apart in the history. A refused document is 400 `invalid-config` listing every error with
-//! its key, exactly as `check-config` reports them.
+//! its key, exactly as `check-config` reports them. `GET /admin/config` sends the version as
+//! `ETag`; a change with `If-Match: "N"` is refused with 412 unless version N is still in force,
+//! so "GET, edit, PUT" cannot silently undo someone else's change.
 //!
 //! Owns: these HTTP shapes. The versioning, validation and apply logic is `liveconfig`'s.
 
 use crate::admin::{authorize, problem, AdminState};
 use crate::config::live::{LiveDoc, Section};
 use crate::ledger::ConfigVersion;
-use crate::liveconfig::{LiveError, Proposal};
+use crate::liveconfig::{LiveError, Proposal, Write};
 use crate::respond::PROBLEM_TYPE_PREFIX;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -71,6 +73,36 @@ fn author(headers: &HeaderMap) -> Result<String, Box<Response>> {
             format!("{ACTOR_HEADER} must be 1-64 printable ASCII characters"),
         ))),
     }
+}
+
+/// `If-Match: "7"` (or `7`): the version the change was based on; `*` or absent: any.
+fn if_version(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or_default().trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    s.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| {
+            Box::new(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-if-match",
+                "If-Match must be a config version, e.g. \"7\"",
+            ))
+        })
+}
+
+/// Who, dry run or not, and on which version, from a change's request.
+fn write_of(
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<(String, bool, Option<u64>), Box<Response>> {
+    Ok((author(headers)?, dry_run(q)?, if_version(headers)?))
 }
 
 fn dry_run(q: &HashMap<String, String>) -> Result<bool, Box<Response>> {
@@ -151,6 +183,11 @@ fn refused(e: LiveError) -> Response {
             },
             format!("no entry {name:?} under {section}"),
         ),
+        e @ LiveError::VersionMismatch { .. } => problem(
+            StatusCode::PRECONDITION_FAILED,
+            "config-version-mismatch",
+            e.to_string(),
+        ),
         LiveError::Ledger(e) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "ledger-unavailable",
@@ -207,7 +244,9 @@ async fn get_config(State(s): State<AdminState>, headers: HeaderMap) -> Response
         body["created_at"] = json!(v.created_at);
         body["author"] = v.author.into();
     }
-    Json(body).into_response()
+    // For `If-Match` on the next change: GET, edit, PUT without clobbering someone else's.
+    let etag = format!("\"{}\"", snap.version);
+    ([(header::ETAG, etag)], Json(body)).into_response()
 }
 
 async fn put_config(
@@ -217,13 +256,17 @@ async fn put_config(
     body: Bytes,
 ) -> Response {
     try_resp!(authorize(&s, &headers));
-    let who = try_resp!(author(&headers));
-    let dry = try_resp!(dry_run(&q));
+    let (author, dry_run, if_version) = try_resp!(write_of(&headers, &q));
     let (doc, found) = match LiveDoc::from_json(&body) {
         Ok(d) => d,
         Err(e) => return refused(LiveError::Invalid(e)),
     };
-    match s.live.put(&who, doc, found, dry).await {
+    let w = Write {
+        author: &author,
+        dry_run,
+        if_version,
+    };
+    match s.live.put(&w, doc, found).await {
         Ok((p, v)) => changed(&p, v.as_ref()),
         Err(e) => refused(e),
     }
@@ -238,8 +281,7 @@ async fn patch_entry(
     body: Bytes,
 ) -> Response {
     try_resp!(authorize(&s, &headers));
-    let who = try_resp!(author(&headers));
-    let dry = try_resp!(dry_run(&q));
+    let (author, dry_run, if_version) = try_resp!(write_of(&headers, &q));
     let patch: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
@@ -251,7 +293,12 @@ async fn patch_entry(
         }
         Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
     };
-    match s.live.patch(&who, section, &name, &patch, dry).await {
+    let w = Write {
+        author: &author,
+        dry_run,
+        if_version,
+    };
+    match s.live.patch(&w, section, &name, &patch).await {
         Ok((p, v)) => changed(&p, v.as_ref()),
         Err(e) => refused(e),
     }
@@ -284,12 +331,16 @@ async fn rollback(
     Path(version): Path<String>,
 ) -> Response {
     try_resp!(authorize(&s, &headers));
-    let who = try_resp!(author(&headers));
-    let dry = try_resp!(dry_run(&q));
+    let (author, dry_run, if_version) = try_resp!(write_of(&headers, &q));
     let Ok(version) = version.parse::<i64>() else {
         return no_version(&version);
     };
-    match s.live.rollback(&who, version, dry).await {
+    let w = Write {
+        author: &author,
+        dry_run,
+        if_version,
+    };
+    match s.live.rollback(&w, version).await {
         Ok((p, v)) => changed(&p, v.as_ref()),
         Err(e) => refused(e),
     }

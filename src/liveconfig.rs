@@ -48,12 +48,25 @@ pub enum LiveError {
     UnknownVersion(i64),
     #[error("no entry {1:?} under {0}")]
     UnknownEntry(&'static str, String),
+    /// The caller based its change on another version than the one in force (`If-Match`).
+    #[error("the change was based on version {expected}, but version {current} is in force")]
+    VersionMismatch { expected: u64, current: u64 },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     /// A stored document no longer applies to this instance (e.g. its restart-only settings
     /// differ from the instance that stored it).
     #[error("stored config version {0} is unreadable: {1}")]
     Stored(i64, String),
+}
+
+/// Who makes a change, and how.
+pub struct Write<'a> {
+    /// Recorded in `config_versions.author` and as the audit actor.
+    pub author: &'a str,
+    /// Only answer what would change.
+    pub dry_run: bool,
+    /// Refuse the change unless this version is in force (optimistic concurrency).
+    pub if_version: Option<u64>,
 }
 
 /// What a validated change would do, before (or instead of, for a dry run) storing it.
@@ -202,15 +215,29 @@ impl LiveConfig {
         })
     }
 
+    /// Takes this instance's write turn, brought up to the ledger's newest version (so a change
+    /// is based on, and checked against, the newest stored config, not a stale local one).
+    async fn begin(&self, w: &Write<'_>) -> Result<tokio::sync::MutexGuard<'_, ()>, LiveError> {
+        let guard = self.write.lock().await;
+        self.catch_up().await;
+        let current = self.version();
+        match w.if_version {
+            Some(expected) if expected != current => {
+                Err(LiveError::VersionMismatch { expected, current })
+            }
+            _ => Ok(guard),
+        }
+    }
+
     /// Replaces the whole live document (PUT).
     pub async fn put(
         &self,
-        author: &str,
+        w: &Write<'_>,
         doc: LiveDoc,
         found: Vec<ConfigError>,
-        dry_run: bool,
     ) -> Result<(Proposal, Option<ConfigVersion>), LiveError> {
-        let _w = self.write.lock().await;
+        let _turn = self.begin(w).await?;
+        let (author, dry_run) = (w.author, w.dry_run);
         let p = self.propose(doc, found)?;
         if dry_run {
             return Ok((p, None));
@@ -232,15 +259,13 @@ impl LiveConfig {
     /// Merges `patch` into one route or plan (PATCH).
     pub async fn patch(
         &self,
-        author: &str,
+        w: &Write<'_>,
         section: Section,
         name: &str,
         patch: &Value,
-        dry_run: bool,
     ) -> Result<(Proposal, Option<ConfigVersion>), LiveError> {
-        let _w = self.write.lock().await;
-        // Merge into the newest stored version, not a possibly stale local one.
-        self.catch_up().await;
+        let _turn = self.begin(w).await?;
+        let (author, dry_run) = (w.author, w.dry_run);
         let cur = self.current().config.live();
         let unknown = || LiveError::UnknownEntry(section.as_str(), name.to_string());
         let before = cur.entry(section, name).ok_or_else(unknown)?;
@@ -279,12 +304,11 @@ impl LiveConfig {
     /// Makes stored version `version`'s document current, as a new version.
     pub async fn rollback(
         &self,
-        author: &str,
+        w: &Write<'_>,
         version: i64,
-        dry_run: bool,
     ) -> Result<(Proposal, Option<ConfigVersion>), LiveError> {
-        let _w = self.write.lock().await;
-        self.catch_up().await;
+        let _turn = self.begin(w).await?;
+        let (author, dry_run) = (w.author, w.dry_run);
         let stored = self
             .ledger
             .config_version(version)

@@ -519,3 +519,48 @@ both!(
         assert_eq!(third.wait_ledger("ute", 1).await, (1, 3));
     }
 );
+
+both!(
+    /// `If-Match` with a version no longer in force is 412 and changes nothing; the version in
+    /// force (from `ETag`) is accepted. `tollgate_config_version` follows the version in force.
+    if_match_refuses_a_stale_change,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        let r = admin(&tg, reqwest::Method::GET, "/admin/config").await.send().await.unwrap();
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        let first: Value = r.json().await.unwrap();
+        assert_eq!(etag, format!("\"{}\"", first["version"]));
+        let r = patch(&tg, &format!("/admin/routes/{SIGNALS}"), json!({"cost": 2})).await;
+        assert_eq!(r.status(), 200);
+        let second = config(&tg).await;
+
+        let mut doc = first["document"].clone();
+        route(&mut doc, "GET /signals")["cost"] = json!(7);
+        let stale = admin(&tg, reqwest::Method::PUT, "/admin/config")
+            .await
+            .header("if-match", &etag)
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        let (status, ty, _) = problem(stale).await;
+        assert_eq!((status, ty.as_str()), (412, "urn:tollgate:problem:config-version-mismatch"));
+        assert_eq!(config(&tg).await, second);
+
+        let fresh = admin(&tg, reqwest::Method::PUT, "/admin/config")
+            .await
+            .header("if-match", format!("\"{}\"", second["version"]))
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fresh.status(), 200);
+        let third: Value = fresh.json().await.unwrap();
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.contains(&format!("\ntollgate_config_version {}\n", third["version"])),
+            "{metrics}"
+        );
+    }
+);
