@@ -3,7 +3,7 @@
 //! | call | does |
 //! | --- | --- |
 //! | `GET /admin/config` | version in force + its live document (JSON in the TOML's structure) |
-//! | `PUT /admin/config` | replaces the live document |
+//! | `PUT /admin/config` | replaces the live document (JSON, or TOML with `Content-Type: application/toml`) |
 //! | `PATCH /admin/routes/{name}`, `/admin/plans/{name}` | merges fields into one entry (RFC 7396) |
 //! | `POST /admin/config/rollback/{version}` | makes a stored version's document current, as a new version |
 //! | `GET /admin/config/versions[/{version}]` | version history (newest first, `?limit=&before=`) / one document |
@@ -257,7 +257,19 @@ async fn put_config(
 ) -> Response {
     try_resp!(authorize(&s, &headers));
     let (author, dry_run, if_version) = try_resp!(write_of(&headers, &q));
-    let (doc, found) = match LiveDoc::from_json(&body) {
+    let toml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/toml"));
+    let parsed = if toml {
+        match std::str::from_utf8(&body) {
+            Ok(text) => LiveDoc::from_toml(text),
+            Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+        }
+    } else {
+        LiveDoc::from_json(&body)
+    };
+    let (doc, found) = match parsed {
         Ok(d) => d,
         Err(e) => return refused(LiveError::Invalid(e)),
     };

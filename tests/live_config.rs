@@ -564,3 +564,50 @@ both!(
         );
     }
 );
+
+both!(
+    /// Upstream targets change live: after the PUT, requests go to the new target only. The
+    /// document may also be sent as TOML, in the file's own syntax.
+    upstream_targets_change_live,
+    |b| {
+        let (old, new) = (Upstream::start().await, Upstream::start().await);
+        let tg = Tollgate::start(&base_config(old.addr), b).await;
+        assert_eq!(tg.get("/signals", Some("vera")).await.status(), 200);
+        assert_eq!((old.hits(), new.hits()), (1, 0));
+
+        // Only the live sections of the base file, pointed at the new upstream.
+        let file = base_config(new.addr);
+        let live = &file[file.find("[upstreams.api]").unwrap()..];
+        let r = admin(&tg, reqwest::Method::PUT, "/admin/config")
+            .await
+            .header("content-type", "application/toml")
+            .body(live.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["changes"],
+            json!([{"key": "upstreams.api.targets", "before": [old.addr.to_string()], "after": [new.addr.to_string()]}])
+        );
+        for _ in 0..3 {
+            assert_eq!(tg.get("/signals", Some("vera")).await.status(), 200);
+        }
+        assert_eq!((old.hits(), new.hits()), (1, 3));
+
+        // TOML errors carry their keys as well.
+        let (status, _, body) = problem(
+            admin(&tg, reqwest::Method::PUT, "/admin/config")
+                .await
+                .header("content-type", "application/toml")
+                .body(live.replace("[upstreams.api]", "[upstreams.api]\nweight = 2"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(body["errors"], json!([{"key": "upstreams.api.weight", "message": "unknown key"}]));
+    }
+);

@@ -70,6 +70,17 @@ impl LiveDoc {
         Ok(parsed)
     }
 
+    /// As [`LiveDoc::from_json`], from TOML text (the file's own syntax, live sections only).
+    pub fn from_toml(text: &str) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "toml".into(),
+                message: e.to_string().trim().to_string(),
+            }])
+        })?;
+        Self::parse(de)
+    }
+
     /// As [`LiveDoc::from_json`], from a `serde_json::Value`.
     pub fn from_value(value: Value) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
         Self::parse(value)
