@@ -638,7 +638,13 @@ impl Broadcast {
             tokio::select! {
                 msg = messages.next() => {
                     let Some(msg) = msg else { anyhow::bail!("subscription closed") };
-                    let version: i64 = msg.get_payload()?;
+                    let version: i64 = match msg.get_payload() {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a config broadcast that is not a version");
+                            continue;
+                        }
+                    };
                     if let Err(e) = live.follow(version).await {
                         tracing::error!(error = %e, version, "config version not applied");
                     }
