@@ -611,3 +611,52 @@ both!(
         assert_eq!(body["errors"], json!([{"key": "upstreams.api.weight", "message": "unknown key"}]));
     }
 );
+
+/// A change made while Redis is down (its broadcast lost) reaches the other instance once Redis
+/// is back: every resubscribe catches up with the ledger's newest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_broadcast_is_caught_up_on_resubscribe() {
+    let up = Upstream::start().await;
+    let mut redis = PrivateRedis::start().await;
+    let url = redis.url();
+    let a = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(url.clone());
+    })
+    .await;
+    let b = Tollgate::start_with(&base_config(up.addr), Backend::Shared, Some(&a), |c| {
+        c.storage.redis_url = Some(url.clone());
+    })
+    .await;
+    // B is subscribed: a change reaches it.
+    let r = patch(&a, &format!("/admin/routes/{SIGNALS}"), json!({"cost": 2})).await;
+    assert_eq!(r.status(), 200);
+    let v2 = r.json::<Value>().await.unwrap()["version"].clone();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while config(&b).await["version"] != v2 {
+        assert!(Instant::now() < deadline, "B never got version {v2}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    redis.shutdown_save().await;
+    let r = patch(&a, &format!("/admin/routes/{SIGNALS}"), json!({"cost": 3})).await;
+    assert_eq!(r.status(), 200, "a change does not need Redis");
+    let v3 = r.json::<Value>().await.unwrap()["version"].clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        config(&b).await["version"],
+        v2,
+        "nothing can reach B while Redis is down"
+    );
+
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while config(&b).await["version"] != v3 {
+        assert!(
+            Instant::now() < deadline,
+            "B did not catch up after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut doc = config(&b).await["document"].clone();
+    assert_eq!(route(&mut doc, "GET /signals")["cost"], 3);
+}
