@@ -660,3 +660,57 @@ async fn a_missed_broadcast_is_caught_up_on_resubscribe() {
     let mut doc = config(&b).await["document"].clone();
     assert_eq!(route(&mut doc, "GET /signals")["cost"], 3);
 }
+
+/// Concurrent PUTs spread over two instances: all versioned, and within a second both
+/// instances run the newest version whole (its cost with its quota).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_on_two_instances_converge_on_the_newest() {
+    let up = Upstream::start().await;
+    let a = Arc::new(Tollgate::start(&roomy(up.addr), Backend::Shared).await);
+    let b =
+        Arc::new(Tollgate::start_with(&roomy(up.addr), Backend::Shared, Some(&a), |_| {}).await);
+    let doc = config(&a).await["document"].clone();
+    let mut tasks = Vec::new();
+    for i in 1..=8i64 {
+        let tg = if i % 2 == 0 { b.clone() } else { a.clone() };
+        let mut doc = doc.clone();
+        tasks.push(tokio::spawn(async move {
+            route(&mut doc, "GET /signals")["cost"] = json!(i);
+            doc["plans"]["free"]["quotas"]["api_calls"]["included"] = json!(1000 + i);
+            let r = put(&tg, &doc).await;
+            assert_eq!(r.status(), 200);
+            (
+                r.json::<Value>().await.unwrap()["version"]
+                    .as_i64()
+                    .unwrap(),
+                i,
+            )
+        }));
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    let (last, i) = *done.iter().max().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for tg in [&a, &b] {
+        loop {
+            let now = config(tg).await;
+            if now["version"] == last {
+                let mut doc = now["document"].clone();
+                assert_eq!(route(&mut doc, "GET /signals")["cost"], i);
+                assert_eq!(
+                    doc["plans"]["free"]["quotas"]["api_calls"]["included"],
+                    1000 + i
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not on version {last} within 1 s: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(version_count(&a).await, 9);
+}
