@@ -269,6 +269,17 @@ async fn put_customer(
         );
     }
     s.shared.entitlements.put(&id, ent.clone());
+    let json = |e: &Entitlement| serde_json::to_string(e).ok();
+    let (before, after) = (previous.as_ref().and_then(json), json(&ent));
+    crate::admin_config::record_audit(
+        &s,
+        &headers,
+        "customer.put",
+        format!("customers/{id}"),
+        before,
+        after,
+    )
+    .await;
     if let Some(sync) = &s.sync {
         if let Err(e) = sync.publish(&id).await {
             // The other instances still converge at their next full reload.

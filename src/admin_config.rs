@@ -17,7 +17,9 @@
 //! `ETag`; a change with `If-Match: "N"` is refused with 412 unless version N is still in force,
 //! so "GET, edit, PUT" cannot silently undo someone else's change.
 //!
-//! Owns: these HTTP shapes. The versioning, validation and apply logic is `liveconfig`'s.
+//! Owns: these HTTP shapes, the actor header, and `record_audit` (other admin mutations, e.g.
+//! `PUT /admin/customers/{id}`, audit through it). Versioning, validation and apply are
+//! `liveconfig`'s.
 
 use crate::admin::{authorize, problem, AdminState};
 use crate::config::live::{LiveDoc, Section};
@@ -144,6 +146,28 @@ fn page(q: &HashMap<String, String>) -> Result<(Option<i64>, i64), Box<Response>
             .ok_or_else(|| bad("limit"))?,
     };
     Ok((before, limit))
+}
+
+/// Records an admin mutation that is not a config version (customers, …) in `audit_log`, by the
+/// caller's actor. Best effort: the change is already made; a failure is logged, not answered.
+pub(crate) async fn record_audit(
+    s: &AdminState,
+    headers: &HeaderMap,
+    action: &str,
+    target: String,
+    before: Option<String>,
+    after: Option<String>,
+) {
+    let actor = author(headers).unwrap_or_else(|_| "admin".into());
+    let record = crate::ledger::AuditRecord {
+        action: action.into(),
+        target,
+        before,
+        after,
+    };
+    if let Err(e) = s.ledger.insert_audit(&actor, &record).await {
+        tracing::warn!(error = %e, action, target = %record.target, "admin change not audited");
+    }
 }
 
 /// The one mapping from live-config errors to responses.

@@ -714,3 +714,30 @@ async fn concurrent_puts_on_two_instances_converge_on_the_newest() {
     }
     assert_eq!(version_count(&a).await, 9);
 }
+
+both!(
+    /// Admin changes to customers are audited too, with the actor and before/after.
+    customer_changes_are_audited,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        assert_eq!(tg.put_customer("wren", json!({"plan": "free"})).await.status(), 200);
+        let r = admin(&tg, reqwest::Method::PUT, "/admin/customers/wren")
+            .await
+            .header("x-tollgate-actor", "bob")
+            .json(&json!({"plan": "pro"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let audit = get_json(&tg, "/admin/audit?limit=2").await;
+        let e = &audit["entries"];
+        assert_eq!(e[0]["action"], "customer.put");
+        assert_eq!(e[0]["target"], "customers/wren");
+        assert_eq!(e[0]["actor"], "admin:bob");
+        assert_eq!((e[0]["before"]["plan"].clone(), e[0]["after"]["plan"].clone()), (json!("free"), json!("pro")));
+        assert_eq!((e[1]["actor"].clone(), e[1]["before"].clone()), (json!("admin"), Value::Null));
+        let older = get_json(&tg, &format!("/admin/audit?before={}", e[1]["id"])).await;
+        assert_eq!(older["entries"][0]["action"], "config.load", "the page continues below");
+    }
+);

@@ -209,6 +209,8 @@ pub trait Ledger: Send + Sync + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<ConfigVersion>, LedgerError>;
+    /// Appends one `audit_log` row (admin mutations other than config versions).
+    async fn insert_audit(&self, actor: &str, record: &AuditRecord) -> Result<(), LedgerError>;
     /// `audit_log` rows, newest first: at most `limit`, only ids below `before` when given.
     async fn audit_entries(
         &self,

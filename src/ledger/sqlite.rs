@@ -382,6 +382,27 @@ impl super::Ledger for SqliteLedger {
         .collect()
     }
 
+    async fn insert_audit(
+        &self,
+        actor: &str,
+        record: &super::AuditRecord,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(to_micros(Utc::now()))
+        .bind(actor)
+        .bind(&record.action)
+        .bind(&record.target)
+        .bind(&record.before)
+        .bind(&record.after)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
     async fn audit_entries(
         &self,
         before: Option<i64>,
