@@ -409,6 +409,18 @@ both!(
                 (v1, "file".into()),
             ]
         );
+        let mut old = get_json(&tg, &format!("/admin/config/versions/{}", v2["version"])).await;
+        assert_eq!(old["author"], "admin:alice");
+        assert_eq!(route(&mut old["document"], "GET /signals")["cost"], 5);
+        let (status, ty, _) = problem(
+            admin(&tg, reqwest::Method::GET, "/admin/config/versions/999999")
+                .await
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, ty.as_str()), (404, "urn:tollgate:problem:unknown-config-version"));
         let page = get_json(&tg, "/admin/config/versions?limit=1").await;
         assert_eq!(page["versions"].as_array().unwrap().len(), 1);
         assert_eq!(page["next_before"], v3["version"]);
