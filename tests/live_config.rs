@@ -753,3 +753,30 @@ both!(
         assert_eq!(older["entries"][0]["action"], "config.load", "the page continues below");
     }
 );
+
+/// An upstream changed live keeps its health check: a dead target added with
+/// `health_check_seconds` stops receiving traffic, as it would with the file at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_changed_live_is_health_checked() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&base_config(up.addr), Backend::Embedded).await;
+    let mut doc = config(&tg).await["document"].clone();
+    let dead = free_port();
+    doc["upstreams"]["api"] =
+        json!({"targets": [dead.to_string(), up.addr.to_string()], "health_check_seconds": 1});
+    assert_eq!(put(&tg, &doc).await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    'settled: loop {
+        for _ in 0..6 {
+            if tg.get("/public", None).await.status() != 200 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dead target still gets traffic"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue 'settled;
+            }
+        }
+        break;
+    }
+}
