@@ -159,6 +159,19 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
         println!("load average before start: {load}");
     }
 
+    let prefix = format!("tgbench_{}", uuid::Uuid::now_v7().simple());
+    let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
+    let spool = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", schema));
+    cleanup.redis_prefix = Some(prefix.clone());
+    cleanup.schema = Some(schema.clone());
+    cleanup.files.push(spool.clone());
+    // Every target gets the same requests, `Authorization` header included: what the ratio
+    // measures is what tollgate does with them, not a difference in what wrk sends.
+    let tokens = mint_tokens()?;
+    let script = std::env::temp_dir().join(format!("tollgate-bench-{schema}.lua"));
+    cleanup.files.push(script.clone());
+    std::fs::write(&script, wrk_script(&tokens)).context("writing the wrk script")?;
+
     let upstream = Upstream::start()?;
     println!(
         "upstream    {}  axum, 1 worker thread, 200 + {} B JSON",
@@ -169,7 +182,7 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
 
     // (a) the upstream directly.
     expect_status(upstream.addr, None, 200).context("upstream probe")?;
-    let r = measure("upstream", upstream.addr, None, s)?;
+    let r = measure("upstream", upstream.addr, Some(&script), s)?;
     rows.push(("upstream", r));
 
     // (b) bare pingora.
@@ -179,26 +192,15 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
         pass.addr
     );
     expect_status(pass.addr, None, 200).context("passthrough probe")?;
-    let r = measure("passthrough", pass.addr, None, s)?;
+    let r = measure("passthrough", pass.addr, Some(&script), s)?;
     pass.stop();
     rows.push(("passthrough", r));
 
     // (c) tollgate, full path.
-    let prefix = format!("tgbench_{}", uuid::Uuid::now_v7().simple());
-    let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
-    let spool = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", schema));
-    cleanup.redis_prefix = Some(prefix.clone());
-    cleanup.schema = Some(schema.clone());
-    cleanup.files.push(spool.clone());
-    let tokens = mint_tokens()?;
-    let script = std::env::temp_dir().join(format!("tollgate-bench-{schema}.lua"));
-    cleanup.files.push(script.clone());
-    std::fs::write(&script, wrk_script(&tokens)).context("writing the wrk script")?;
-
     let mut tg = Tollgate::start(upstream.addr, &prefix, &schema, &spool)?;
     println!(
-        "tollgate    {}  {PROXY_THREADS} proxy threads, HS256, Redis {REDIS_URL} (prefix {prefix}), \
-         Postgres ledger (schema {schema})",
+        "tollgate    {}  {PROXY_THREADS} proxy threads, HS256, Redis {REDIS_URL} \
+         (prefix {prefix}), Postgres ledger (schema {schema})",
         tg.proxy
     );
     println!(

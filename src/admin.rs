@@ -32,6 +32,8 @@ pub struct AdminState {
     pub sync: Option<Arc<crate::sync::EntitlementSync>>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
     pub stripe: Option<Arc<crate::stripe::StripeWebhook>>,
+    /// Live config: versions, validation, apply and broadcast (`admin_config` serves it).
+    pub live: Arc<crate::liveconfig::LiveConfig>,
 }
 
 /// The admin router (separate from `serve` so tests can call it directly).
@@ -42,6 +44,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/customers/{id}", get(get_customer).put(put_customer))
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
+        .merge(crate::admin_config::routes())
         .merge(crate::stripe::admin::routes())
         .with_state(state)
 }
@@ -267,6 +270,17 @@ async fn put_customer(
         );
     }
     s.shared.entitlements.put(&id, ent.clone());
+    let json = |e: &Entitlement| serde_json::to_string(e).ok();
+    let (before, after) = (previous.as_ref().and_then(json), json(&ent));
+    crate::admin_config::record_audit(
+        &s,
+        &headers,
+        "customer.put",
+        format!("customers/{id}"),
+        before,
+        after,
+    )
+    .await;
     if let Some(sync) = &s.sync {
         if let Err(e) = sync.publish(&id).await {
             // The other instances still converge at their next full reload.

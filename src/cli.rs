@@ -72,8 +72,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
         Command::Serve { config } => match load(&config) {
-            Ok(c) => finish(server::run(
+            Ok(c) => finish(server::run_from(
                 c,
+                Some(config),
                 Options {
                     admin_listener: None,
                     stop: Stop::Signals,

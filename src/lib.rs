@@ -10,6 +10,7 @@
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, migrations.
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
+//! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
 //! - [`stripe`]: Stripe: webhooks (signature, idempotent event store, subscription → entitlement),
@@ -17,12 +18,14 @@
 //! - [`sync`]: entitlement changes broadcast to every instance (Redis pub/sub).
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;
+pub mod admin_config;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod entitle;
 pub mod ledger;
+pub mod liveconfig;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;

@@ -11,6 +11,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::entitle::Entitlements;
+use crate::liveconfig::LiveConfig;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::quota::{memory::MemoryStore, redis::RedisStore, QuotaStore};
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -62,6 +64,12 @@ impl ShutdownSignalWatch for NotifyWatch {
 
 /// Runs tollgate until stopped. Returns after the usage channel has been flushed to the ledger.
 pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
+    run_from(config, None, opts)
+}
+
+/// As [`run`], for a config read from `source`: SIGHUP reloads that file's live part (routes,
+/// plans, meters, upstreams) the way an admin PUT does, and versions record it as the author.
+pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-control")
@@ -73,8 +81,8 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     let (pools, health_checks) =
         upstream::build(&config.upstreams).context("resolving upstream targets")?;
     let pools = Arc::new(pools);
-    let snapshot = Snapshot::new(config.clone(), pools, &metrics, 1).map_err(anyhow::Error::msg)?;
-    metrics.config_version.set(1);
+    // Version 0 until `LiveConfig::start` numbers it from the ledger (before anything serves).
+    let snapshot = Snapshot::new(config.clone(), pools, &metrics, 0).map_err(anyhow::Error::msg)?;
 
     let fallback = Arc::new(MemoryStore::new());
     let storage = config.storage.clone();
@@ -171,6 +179,32 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let live = Arc::new(
+        LiveConfig::new(
+            shared.clone(),
+            ledger.clone(),
+            config.storage.redis_url.as_deref().map(|url| {
+                (
+                    url.split(',').next().unwrap_or(url).trim(),
+                    config.storage.redis_prefix.as_str(),
+                )
+            }),
+        )
+        .context("storage.redis_url")?,
+    );
+    control
+        .block_on(live.start(source.as_deref()))
+        .context("storing the config version")?;
+    let live_stop = Arc::new(Notify::new());
+    control.spawn(live.clone().run(live_stop.clone()));
+    let hup_stop = Arc::new(Notify::new());
+    if let Some(path) = source {
+        // Registered here, before the proxy serves: SIGHUP's default action ends the process.
+        let _rt = control.enter();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
+        control.spawn(live.clone().reload_on_sighup(path, hup, hup_stop.clone()));
+    }
     let stripe_stop = Arc::new(Notify::new());
     if let Some(stripe) = &stripe {
         crate::stripe::spawn_background(&control, stripe, &config, stripe_stop.clone())
@@ -184,6 +218,7 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
         token,
         sync,
         stripe,
+        live,
     };
     let admin_stop = Arc::new(Notify::new());
     let admin_task = {
@@ -254,6 +289,8 @@ pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     flush_stop.notify_one();
     admin_stop.notify_one();
     sync_stop.notify_one();
+    live_stop.notify_one();
+    hup_stop.notify_one();
     counters_stop.notify_one();
     stripe_stop.notify_waiters();
     let stats = control.block_on(async {

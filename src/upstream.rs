@@ -49,3 +49,30 @@ pub fn build(
     }
     Ok((pools, services))
 }
+
+/// A pool for an upstream that a live config change added or changed. pingora's background
+/// services are fixed when the server starts, so its health check (if any) runs as a task on the
+/// current runtime instead, until the pool is dropped (the last snapshot using it is gone).
+///
+/// Resolving a target that is a host name blocks on DNS (admin path only, never per request).
+pub fn build_live(u: &Upstream) -> std::io::Result<Pool> {
+    let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(u.targets.iter().map(String::as_str))?;
+    if u.health_check.is_some() {
+        lb.set_health_check(TcpHealthCheck::new());
+    }
+    let lb = Arc::new(lb);
+    if let Some(every) = u.health_check {
+        let weak = Arc::downgrade(&lb);
+        tokio::spawn(async move {
+            while let Some(lb) = weak.upgrade() {
+                lb.backends().run_health_check(false).await;
+                drop(lb);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    Ok(Pool {
+        lb,
+        host: u.host.clone(),
+    })
+}

@@ -6,6 +6,7 @@
 //! Owns: parsing, defaults, cross-references (route → upstream/meter/feature, plan → meter).
 //! Must not touch: secrets (only the *names* of env vars live here), the network, storage.
 
+pub mod live;
 pub mod raw;
 
 use crate::auth::AuthSettings;
@@ -243,10 +244,23 @@ impl Config {
         let mut unknown = Vec::new();
         let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
             .map_err(|e| one("toml", e.to_string().trim().to_string()))?;
-        let mut v = Validator::default();
-        for key in unknown {
-            v.err(key, "unknown key");
-        }
+        let unknown = unknown
+            .into_iter()
+            .map(|key| ConfigError {
+                key,
+                message: "unknown key".into(),
+            })
+            .collect();
+        Config::from_raw(raw, unknown)
+    }
+
+    /// Validates a parsed document; `found` are errors already found while parsing it (unknown
+    /// keys), reported first. The one validation behind the file, `check-config` and the admin API.
+    pub(crate) fn from_raw(
+        raw: RawConfig,
+        found: Vec<ConfigError>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut v = Validator { errors: found };
         let config = v.config(raw);
         match config {
             Some(c) if v.errors.is_empty() => Ok(c),

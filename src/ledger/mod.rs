@@ -192,6 +192,37 @@ pub trait Ledger: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(i64, i64), LedgerError>;
+    /// In one transaction: stores `document` as the next config version, written by `author`,
+    /// and its `audit_log` row (actor = `author`). Returns the stored version (its number is
+    /// the ledger's sequence, so versions from several instances never collide).
+    async fn insert_config_version(
+        &self,
+        author: &str,
+        document: &str,
+        audit: &AuditRecord,
+    ) -> Result<ConfigVersion, LedgerError>;
+    /// One stored config version, `None` if there is no such version.
+    async fn config_version(&self, version: i64) -> Result<Option<ConfigVersion>, LedgerError>;
+    /// The newest config version; with `author_prefix`, the newest whose author starts with it.
+    async fn latest_config_version(
+        &self,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<ConfigVersion>, LedgerError>;
+    /// Config versions, newest first, without their documents (`document` is empty): at most
+    /// `limit`, only those older than `before` when given (pagination).
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ConfigVersion>, LedgerError>;
+    /// Appends one `audit_log` row (admin mutations other than config versions).
+    async fn insert_audit(&self, actor: &str, record: &AuditRecord) -> Result<(), LedgerError>;
+    /// `audit_log` rows, newest first: at most `limit`, only ids below `before` when given.
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, LedgerError>;
     /// Links `customer` to the Stripe customer `stripe_customer` (`source` says who did it).
     /// Returns the Stripe customer it was linked to before, if any. A Stripe customer linked to
     /// another tollgate customer is an error (`LinkConflict`): an operator must unlink it first.
@@ -222,8 +253,6 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<u64, LedgerError>;
     /// Counts a failed delivery attempt of a pending report and keeps the error for operators.
     async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError>;
-    /// Appends to `audit_log`.
-    async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError>;
     /// Writes a Stripe-derived entitlement with the same rule as [`Ledger::finish_stripe_event`]
     /// (only over older state; `suspended` and an unchanged status' `status_since` kept), without
     /// an event (the reconciler). Returns whether the row was written.
@@ -376,9 +405,32 @@ pub fn group_reports(
     out
 }
 
-/// One `audit_log` row. `before`/`after` are JSON documents.
+/// One row of `config_versions`: a live-config document (JSON) and who stored it when.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub author: String,
+    pub document: String,
+}
+
+/// What an admin mutation writes to `audit_log` (the actor is the caller's author).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `config.put`, `config.patch`, `config.rollback`, `config.reload`, …
+    pub action: String,
+    /// What changed: `config`, `routes/{name}`, `plans/{name}`.
+    pub target: String,
+    /// JSON before and after (absent for creations and deletions).
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+/// One row of `audit_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
     pub actor: String,
     pub action: String,
     pub target: String,
@@ -1050,16 +1102,6 @@ mod tests {
             .await
             .expect("none")
             .is_empty());
-        ledger
-            .audit(&AuditEntry {
-                actor: "test".into(),
-                action: "stripe.link".into(),
-                target: "acme".into(),
-                before: None,
-                after: Some("{}".into()),
-            })
-            .await
-            .expect("audit");
     }
 
     /// Postgres: usage is claimed into reports once, bounded per claim, finished once.
@@ -1191,5 +1233,98 @@ mod tests {
             err.to_string().starts_with("cannot connect to the ledger"),
             "{err}"
         );
+    }
+
+    /// Config versions: numbered in order, read back whole, listed newest first in pages, the
+    /// newest by author prefix (no LIKE wildcards), each with its audit row.
+    async fn check_config_versions(ledger: Arc<dyn Ledger>) {
+        assert_eq!(
+            ledger.latest_config_version(None).await.expect("latest"),
+            None
+        );
+        let audit = |n: usize| AuditRecord {
+            action: format!("config.test.{n}"),
+            target: "config".into(),
+            before: None,
+            after: Some(format!("{{\"n\":{n}}}")),
+        };
+        let mut stored = Vec::new();
+        for (n, author) in ["file:/etc/t.toml", "admin:alice", "file_x", "admin"]
+            .iter()
+            .enumerate()
+        {
+            let v = ledger
+                .insert_config_version(author, &format!("{{\"n\":{n}}}"), &audit(n))
+                .await
+                .expect("insert");
+            assert_eq!(v.author, *author);
+            stored.push(v);
+        }
+        assert!(stored.windows(2).all(|w| w[0].version < w[1].version));
+        let back = ledger
+            .config_version(stored[1].version)
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(back, stored[1]);
+        assert_eq!(ledger.config_version(-5).await.expect("get"), None);
+        let newest = |p| ledger.latest_config_version(p);
+        assert_eq!(newest(None).await.expect("latest"), Some(stored[3].clone()));
+        assert_eq!(
+            newest(Some("file:")).await.expect("file"),
+            Some(stored[0].clone())
+        );
+        assert_eq!(
+            newest(Some("file")).await.expect("file"),
+            Some(stored[2].clone())
+        );
+        assert_eq!(newest(Some("%")).await.expect("wildcard"), None);
+
+        let page = ledger.config_versions(None, 3).await.expect("page");
+        let numbers: Vec<i64> = page.iter().map(|v| v.version).collect();
+        let want: Vec<i64> = stored.iter().rev().take(3).map(|v| v.version).collect();
+        assert_eq!(numbers, want);
+        assert!(
+            page.iter().all(|v| v.document.is_empty()),
+            "listings leave documents out"
+        );
+        let rest = ledger
+            .config_versions(Some(numbers[2]), 3)
+            .await
+            .expect("next page");
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].version, stored[0].version);
+
+        ledger
+            .insert_audit("admin:bob", &audit(9))
+            .await
+            .expect("audit");
+        let entries = ledger.audit_entries(None, 10).await.expect("audit log");
+        assert_eq!(entries.len(), 5);
+        assert_eq!(
+            (entries[0].actor.as_str(), entries[0].action.as_str()),
+            ("admin:bob", "config.test.9")
+        );
+        assert_eq!(entries[4].actor, "file:/etc/t.toml");
+        assert_eq!(entries[4].after.as_deref(), Some("{\"n\":0}"));
+        let older = ledger
+            .audit_entries(Some(entries[1].id), 10)
+            .await
+            .expect("older");
+        assert_eq!(older.len(), 3);
+    }
+
+    /// Postgres: config versions and the audit log.
+    #[tokio::test]
+    async fn pg_config_versions() {
+        let s = PgSchema::new();
+        check_config_versions(s.open().await).await;
+    }
+
+    /// SQLite: config versions and the audit log.
+    #[tokio::test]
+    async fn sqlite_config_versions() {
+        let dir = TempDir::new();
+        check_config_versions(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 }

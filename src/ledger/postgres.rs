@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::{
-    AuditEntry, LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
+    LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
     StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
 };
 use crate::entitle::{Entitlement, Status};
@@ -301,6 +301,150 @@ impl super::Ledger for PgLedger {
         .fetch_one(&self.pool)
         .await
         .map_err(LedgerError::query("usage_totals"))
+    }
+
+    async fn insert_config_version(
+        &self,
+        author: &str,
+        document: &str,
+        audit: &super::AuditRecord,
+    ) -> Result<super::ConfigVersion, LedgerError> {
+        let op = "insert_config_version";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let (version, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
+            "INSERT INTO config_versions (author, document) VALUES ($1, $2) \
+             RETURNING version, created_at",
+        )
+        .bind(author)
+        .bind(document)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, before, after) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(author)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.before)
+        .bind(&audit.after)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(super::ConfigVersion {
+            version,
+            created_at,
+            author: author.to_string(),
+            document: document.to_string(),
+        })
+    }
+
+    async fn config_version(
+        &self,
+        version: i64,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions WHERE version = $1",
+        )
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_version"))
+        .map(|r| r.map(pg_config_version))
+    }
+
+    async fn latest_config_version(
+        &self,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions \
+             WHERE $1::text IS NULL OR left(author, length($1)) = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(author_prefix)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("latest_config_version"))
+        .map(|r| r.map(pg_config_version))
+    }
+
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, '' FROM config_versions \
+             WHERE $1::int8 IS NULL OR version < $1 ORDER BY version DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_versions"))
+        .map(|rows| rows.into_iter().map(pg_config_version).collect())
+    }
+
+    async fn insert_audit(
+        &self,
+        actor: &str,
+        record: &super::AuditRecord,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, before, after) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(actor)
+        .bind(&record.action)
+        .bind(&record.target)
+        .bind(&record.before)
+        .bind(&record.after)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
+        type Row = (
+            i64,
+            DateTime<Utc>,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log \
+             WHERE $1::int8 IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("audit_entries"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, at, actor, action, target, before, after)| super::AuditEntry {
+                    id,
+                    at,
+                    actor,
+                    action,
+                    target,
+                    before,
+                    after,
+                },
+            )
+            .collect())
     }
 
     async fn link_stripe_customer(
@@ -606,21 +750,16 @@ impl super::Ledger for PgLedger {
         .await
         .map_err(LedgerError::query("stripe_link"))
     }
+}
 
-    async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, before, after) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&entry.actor)
-        .bind(&entry.action)
-        .bind(&entry.target)
-        .bind(entry.before.as_deref())
-        .bind(entry.after.as_deref())
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("audit"))?;
-        Ok(())
+fn pg_config_version(
+    (version, created_at, author, document): (i64, DateTime<Utc>, String, String),
+) -> super::ConfigVersion {
+    super::ConfigVersion {
+        version,
+        created_at,
+        author,
+        document,
     }
 }
 

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    AuditEntry, LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
+    LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
     StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
 };
 use crate::entitle::{Entitlement, Status};
@@ -294,6 +294,155 @@ impl super::Ledger for SqliteLedger {
         .fetch_one(&self.pool)
         .await
         .map_err(LedgerError::query("usage_totals"))
+    }
+
+    async fn insert_config_version(
+        &self,
+        author: &str,
+        document: &str,
+        audit: &super::AuditRecord,
+    ) -> Result<super::ConfigVersion, LedgerError> {
+        let op = "insert_config_version";
+        let now = to_micros(Utc::now());
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO config_versions (created_at, author, document) VALUES (?1, ?2, ?3) \
+             RETURNING version",
+        )
+        .bind(now)
+        .bind(author)
+        .bind(document)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(now)
+        .bind(author)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.before)
+        .bind(&audit.after)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        sqlite_config_version((version, now, author.to_string(), document.to_string()))
+    }
+
+    async fn config_version(
+        &self,
+        version: i64,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions WHERE version = ?1",
+        )
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_version"))?
+        .map(sqlite_config_version)
+        .transpose()
+    }
+
+    async fn latest_config_version(
+        &self,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions \
+             WHERE ?1 IS NULL OR substr(author, 1, length(?1)) = ?1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(author_prefix)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("latest_config_version"))?
+        .map(sqlite_config_version)
+        .transpose()
+    }
+
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, '' FROM config_versions \
+             WHERE ?1 IS NULL OR version < ?1 ORDER BY version DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_versions"))?
+        .into_iter()
+        .map(sqlite_config_version)
+        .collect()
+    }
+
+    async fn insert_audit(
+        &self,
+        actor: &str,
+        record: &super::AuditRecord,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(to_micros(Utc::now()))
+        .bind(actor)
+        .bind(&record.action)
+        .bind(&record.target)
+        .bind(&record.before)
+        .bind(&record.after)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
+        type Row = (
+            i64,
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log \
+             WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("audit_entries"))?;
+        rows.into_iter()
+            .map(|(id, at, actor, action, target, before, after)| {
+                Ok(super::AuditEntry {
+                    id,
+                    at: from_micros(at).ok_or_else(|| LedgerError::Corrupt {
+                        table: "audit_log",
+                        detail: format!("entry {id} has at out of range: {at}"),
+                    })?,
+                    actor,
+                    action,
+                    target,
+                    before,
+                    after,
+                })
+            })
+            .collect()
     }
 
     async fn link_stripe_customer(
@@ -606,23 +755,20 @@ impl super::Ledger for SqliteLedger {
         .await
         .map_err(LedgerError::query("stripe_link"))
     }
+}
 
-    async fn audit(&self, entry: &AuditEntry) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, before, after, at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&entry.actor)
-        .bind(&entry.action)
-        .bind(&entry.target)
-        .bind(entry.before.as_deref())
-        .bind(entry.after.as_deref())
-        .bind(to_micros(Utc::now()))
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("audit"))?;
-        Ok(())
-    }
+fn sqlite_config_version(
+    (version, created_at, author, document): (i64, i64, String, String),
+) -> Result<super::ConfigVersion, LedgerError> {
+    Ok(super::ConfigVersion {
+        version,
+        created_at: from_micros(created_at).ok_or_else(|| LedgerError::Corrupt {
+            table: "config_versions",
+            detail: format!("version {version} has created_at out of range: {created_at}"),
+        })?,
+        author,
+        document,
+    })
 }
 
 fn customer_from_row(row: &SqliteRow) -> Result<(String, Entitlement), LedgerError> {

@@ -101,21 +101,18 @@ async fn link(
     match stripe.ledger.link_stripe_customer(&id, cus, "admin").await {
         Ok(before) => {
             if before.as_deref() != Some(cus) {
-                let audit = stripe
-                    .ledger
-                    .audit(&crate::ledger::AuditEntry {
-                        actor: "admin".into(),
-                        action: "stripe.link".into(),
-                        target: id.clone(),
-                        before: before
-                            .as_ref()
-                            .map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
-                        after: Some(serde_json::json!({ "stripe_customer": cus }).to_string()),
-                    })
-                    .await;
-                if let Err(e) = audit {
-                    return ledger_problem(&e);
-                }
+                // By the caller's actor (X-Tollgate-Actor), like every admin mutation.
+                crate::admin_config::record_audit(
+                    &s,
+                    &headers,
+                    "stripe.link",
+                    id.clone(),
+                    before
+                        .as_ref()
+                        .map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
+                    Some(serde_json::json!({ "stripe_customer": cus }).to_string()),
+                )
+                .await;
             }
             tracing::info!(customer = %id, stripe_customer = %cus, ?before, "Stripe customer linked by admin");
             Json(serde_json::json!({ "customer": id, "stripe_customer": cus, "previous": before }))

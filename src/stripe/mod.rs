@@ -266,15 +266,18 @@ pub async fn link(
         Ok(before) => {
             tracing::info!(%customer, %stripe_customer, ?before, %source, "Stripe customer linked");
             ledger
-                .audit(&crate::ledger::AuditEntry {
-                    actor: actor.into(),
-                    action: "stripe.link".into(),
-                    target: customer.into(),
-                    before: before.map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
-                    after: Some(
-                        serde_json::json!({ "stripe_customer": stripe_customer }).to_string(),
-                    ),
-                })
+                .insert_audit(
+                    actor,
+                    &crate::ledger::AuditRecord {
+                        action: "stripe.link".into(),
+                        target: customer.into(),
+                        before: before
+                            .map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
+                        after: Some(
+                            serde_json::json!({ "stripe_customer": stripe_customer }).to_string(),
+                        ),
+                    },
+                )
                 .await?;
             Ok(true)
         }

@@ -15,7 +15,7 @@ use super::api::StripeApi;
 use super::report::{classify, Delivery};
 use super::{entitlement_for, link, stripe_customer_of, subscription_facts, StripeError};
 use crate::entitle::{Entitlement, Status};
-use crate::ledger::{AuditEntry, Ledger};
+use crate::ledger::{AuditRecord, Ledger};
 use crate::state::Shared;
 use chrono::Utc;
 use serde::Serialize;
@@ -197,15 +197,13 @@ impl Reconciler {
                 continue; // a newer webhook got there first
             }
             let after = self.ledger.get_customer(&customer).await?.unwrap_or(want);
-            self.ledger
-                .audit(&AuditEntry {
-                    actor: "stripe-sync".into(),
-                    action: "stripe.sync".into(),
-                    target: customer.clone(),
-                    before: before.as_ref().and_then(|b| serde_json::to_string(b).ok()),
-                    after: serde_json::to_string(&after).ok(),
-                })
-                .await?;
+            let record = AuditRecord {
+                action: "stripe.sync".into(),
+                target: customer.clone(),
+                before: before.as_ref().and_then(|b| serde_json::to_string(b).ok()),
+                after: serde_json::to_string(&after).ok(),
+            };
+            self.ledger.insert_audit("stripe-sync", &record).await?;
             self.propagate(&customer, after.clone()).await;
             tracing::info!(%customer, plan = ?after.plan, status = after.status.as_str(), "entitlement repaired from Stripe");
             report.changed.push(Change {

@@ -1,0 +1,133 @@
+//! SIGHUP through the real binary: `tollgate serve` reloads its config file's live part as a new
+//! version; a bad file is logged with its keys and the running config stays.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Serve {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+async fn admin_config(client: &reqwest::Client, admin: std::net::SocketAddr) -> Option<Value> {
+    let r = client
+        .get(format!("http://{admin}/admin/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .ok()?;
+    (r.status() == 200).then_some(())?;
+    r.json().await.ok()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, failing after `secs` seconds with `what`.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Edit the file and SIGHUP: a new version by `file:PATH` with the new cost; a bad file: every
+/// error logged with its key, version and behaviour unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file_and_refuses_a_bad_one() {
+    let up = Upstream::start().await;
+    let dir = TempDir(std::env::temp_dir().join(unique("tollgate-sighup")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let toml = base_config(up.addr)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
+        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
+        + &format!(
+            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
+            dir.0.join("ledger.db").display(),
+            dir.0.join("spool").display()
+        );
+    let file = dir.0.join("tollgate.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let log = dir.0.join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let serve = Serve { child, log };
+    let client = reqwest::Client::new();
+    let first = until(30, "tollgate serve to start", || {
+        admin_config(&client, admin)
+    })
+    .await;
+    let author = format!("file:{}", file.display());
+    assert_eq!(first["author"], author.as_str());
+
+    std::fs::write(
+        &file,
+        toml.replace(
+            "match = \"GET /signals\"\nupstream = \"api\"\ncost = 1",
+            "match = \"GET /signals\"\nupstream = \"api\"\ncost = 4",
+        ),
+    )
+    .unwrap();
+    signal(&serve.child, "-HUP");
+    let second = until(5, "the reloaded version", || async {
+        admin_config(&client, admin)
+            .await
+            .filter(|c| c["version"] != first["version"])
+    })
+    .await;
+    assert_eq!(second["author"], author.as_str());
+    assert_eq!(second["document"]["routes"][0]["cost"], 4);
+
+    std::fs::write(
+        &file,
+        toml.replace("cost = 1", "cost = -2")
+            .replace("[upstreams.api]", "[upstreams.api]\nweight = 3"),
+    )
+    .unwrap();
+    signal(&serve.child, "-HUP");
+    let logged = until(5, "the refusal in the log", || async {
+        let text = std::fs::read_to_string(&serve.log).unwrap_or_default();
+        text.contains("config file refused").then_some(text)
+    })
+    .await;
+    assert!(logged.contains("upstreams.api.weight"), "{logged}");
+    assert!(logged.contains("routes[0].cost"), "{logged}");
+    let third = admin_config(&client, admin).await.unwrap();
+    assert_eq!(third["version"], second["version"]);
+    assert_eq!(third["document"], second["document"]);
+
+    signal(&serve.child, "-TERM");
+}
