@@ -207,7 +207,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     }
     let stripe_stop = Arc::new(Notify::new());
     if let Some(stripe) = &stripe {
-        crate::stripe::spawn_background(&control, stripe, &config, stripe_stop.clone())
+        crate::stripe::spawn_background(&control, stripe, stripe_stop.clone())
             .context("starting the Stripe reporter and reconciler")?;
     }
     let admin_state_store = admin_store.clone();

@@ -301,3 +301,56 @@ both!(
         assert_eq!(sums[&("cus_globex".to_string(), "tg_api_calls".to_string())], 4);
     }
 );
+
+both!(
+    /// Meters are live config: giving a meter a `stripe_event_name` through the admin API starts
+    /// reporting its usage without a restart (and nothing is sent before).
+    live_meter_change_starts_reporting,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, |_| {}).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.insert_usage(&[row("acme", "api_calls", 5, Days::minutes(2))])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(stripe.calls(METER_EVENTS).is_empty());
+        assert_eq!(unreported(&tg, "acme").await, 1);
+
+        let current: serde_json::Value = tg
+            .client
+            .get(tg.admin_url("/admin/config"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut doc = current["document"].clone();
+        doc["meters"]["api_calls"]["stripe_event_name"] = serde_json::json!("ev_live");
+        let r = tg
+            .client
+            .put(tg.admin_url("/admin/config"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        for _ in 0..100 {
+            if unreported(&tg, "acme").await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(unreported(&tg, "acme").await, 0);
+        let want: BTreeMap<(String, String), i64> =
+            [(("cus_acme".to_string(), "ev_live".to_string()), 5)]
+                .into_iter()
+                .collect();
+        assert_eq!(sums(&stripe), want);
+    }
+);

@@ -304,7 +304,6 @@ pub struct Control {
 pub fn spawn_background(
     runtime: &tokio::runtime::Runtime,
     stripe: &Arc<StripeWebhook>,
-    config: &crate::config::Config,
     stop: Arc<tokio::sync::Notify>,
 ) -> Result<(), prometheus::Error> {
     let settings = &stripe.settings;
@@ -315,15 +314,10 @@ pub fn spawn_background(
             return Ok(());
         }
     };
-    let meters = config
-        .meters
-        .iter()
-        .filter_map(|(name, m)| Some((name.clone(), m.stripe_event_name.clone()?)))
-        .collect();
     let reporter = report::Reporter::new(
         stripe.ledger.clone(),
         api.clone(),
-        meters,
+        stripe.shared.clone(),
         settings,
         &stripe.shared.metrics.registry,
     )?;

@@ -96,8 +96,9 @@ pub struct RunStats {
 pub struct Reporter {
     ledger: Arc<dyn Ledger>,
     api: StripeApi,
-    /// Meter → Stripe `event_name` (meters without one are not reported).
-    meters: BTreeMap<String, String>,
+    /// The live config: which meters are reported, under which event name, is read each run
+    /// (meters change through the admin API without a restart).
+    shared: Arc<crate::state::Shared>,
     interval: Duration,
     window: Duration,
     delay: Duration,
@@ -109,11 +110,11 @@ pub struct Reporter {
 // === impl Reporter ===
 
 impl Reporter {
-    /// Registers the metrics. `meters` maps meter names to Stripe meter event names.
+    /// Registers the metrics.
     pub fn new(
         ledger: Arc<dyn Ledger>,
         api: StripeApi,
-        meters: BTreeMap<String, String>,
+        shared: Arc<crate::state::Shared>,
         settings: &crate::config::StripeSettings,
         registry: &prometheus::Registry,
     ) -> Result<Reporter, prometheus::Error> {
@@ -138,7 +139,7 @@ impl Reporter {
         Ok(Reporter {
             ledger,
             api,
-            meters,
+            shared,
             interval: settings.report_interval,
             window: settings.report_window,
             delay: settings.report_delay,
@@ -151,10 +152,6 @@ impl Reporter {
     /// Runs until `stop` is notified: a run every `report_interval`; after a transient failure
     /// the wait doubles (up to 5 min) until a run succeeds.
     pub async fn run(self, stop: Arc<Notify>) {
-        if self.meters.is_empty() {
-            tracing::info!("no meter has a stripe_event_name: usage reporting is off");
-            return;
-        }
         // Registered once and enabled, so a `notify_waiters` during a run is not missed.
         let stopped = stop.notified();
         tokio::pin!(stopped);
@@ -187,9 +184,14 @@ impl Reporter {
 
     /// One run as of `now`: claim, then send every pending report (see the module doc).
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<RunStats, LedgerError> {
+        let meters = self.meters();
+        if meters.is_empty() {
+            // No meter has a stripe_event_name (yet): nothing to report, nothing to count.
+            return Ok(RunStats::default());
+        }
         let too_old_before = now - MAX_AGE + AGE_MARGIN;
         let claim = ReportClaim {
-            meters: self.meters.clone(),
+            meters: meters.clone(),
             until: now - chrono::Duration::from_std(self.delay).unwrap_or_default(),
             window_secs: self.window.as_secs().max(1) as i64,
             too_old_before,
@@ -205,7 +207,7 @@ impl Reporter {
                 _ => {}
             }
         }
-        let meters: Vec<String> = self.meters.keys().cloned().collect();
+        let meters: Vec<String> = meters.into_keys().collect();
         self.unlinked_rows
             .set(self.ledger.unlinked_usage_rows(&meters).await?);
         // Up to SEND_CONCURRENCY calls in flight, started oldest first. After a transient
@@ -285,6 +287,16 @@ impl Reporter {
             }
         }
         Ok(())
+    }
+
+    /// Meter → Stripe `event_name`, from the live config (meters without one are not reported).
+    fn meters(&self) -> BTreeMap<String, String> {
+        let snap = self.shared.snapshot.load();
+        snap.config
+            .meters
+            .iter()
+            .filter_map(|(name, m)| Some((name.clone(), m.stripe_event_name.clone()?)))
+            .collect()
     }
 
     fn flag_too_old(&self, r: &MeterReport, stats: &mut RunStats) {
