@@ -111,6 +111,12 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .metrics
         .usage_queue_depth
         .set(s.shared.usage.queue_depth() as i64);
+    let lag_ms = s
+        .shared
+        .usage
+        .counters()
+        .ledger_lag_ms(chrono::Utc::now().timestamp_millis());
+    s.shared.metrics.ledger_lag.set(lag_ms as f64 / 1000.0);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.shared.metrics.render(),

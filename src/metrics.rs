@@ -4,13 +4,14 @@
 
 use crate::respond::Decision;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
+    shadow: IntCounterVec,
     duration: HistogramVec,
     pub quota_store_duration: Histogram,
     pub quota_store_errors: IntCounter,
@@ -19,6 +20,8 @@ pub struct Metrics {
     pub usage_spooled: IntCounter,
     pub usage_lost: IntCounter,
     pub usage_queue_depth: IntGauge,
+    /// Set at scrape time from the usage pipeline.
+    pub ledger_lag: Gauge,
     pub cost_header_invalid: IntCounter,
     pub config_version: IntGauge,
 }
@@ -26,6 +29,9 @@ pub struct Metrics {
 /// Per-route handles, indexed by [`Decision::index`].
 pub struct RouteMetrics {
     pub requests: Vec<IntCounter>,
+    /// `tollgate_shadow_denials_total`, indexed by [`Decision::index`]; only the decisions
+    /// shadow mode can waive have a handle.
+    pub shadow: Vec<Option<IntCounter>>,
     pub duration: Histogram,
 }
 
@@ -38,6 +44,14 @@ impl Metrics {
             Opts::new(
                 "tollgate_requests_total",
                 "Requests by decision and route name",
+            ),
+            &["decision", "route"],
+        )?;
+        let shadow = IntCounterVec::new(
+            Opts::new(
+                "tollgate_shadow_denials_total",
+                "Requests a shadow-mode route or plan would have denied but forwarded, by the \
+                 decision it waived and route name",
             ),
             &["decision", "route"],
         )?;
@@ -75,6 +89,11 @@ impl Metrics {
             "tollgate_usage_queue_depth",
             "Usage events waiting for the ledger",
         )?;
+        let ledger_lag = Gauge::new(
+            "tollgate_ledger_lag_seconds",
+            "Time since the usage flusher last had every event it had taken in the ledger \
+             (grows while the ledger is down)",
+        )?;
         let cost_header_invalid = IntCounter::new(
             "tollgate_cost_header_invalid_total",
             "Upstream cost headers that were not a non-negative integer (the reservation was kept)",
@@ -82,6 +101,8 @@ impl Metrics {
         let config_version =
             IntGauge::new("tollgate_config_version", "Version of the config in force")?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(shadow.clone()))?;
+        registry.register(Box::new(ledger_lag.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(quota_store_duration.clone()))?;
         registry.register(Box::new(quota_store_errors.clone()))?;
@@ -92,6 +113,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             requests,
+            shadow,
             duration,
             quota_store_duration,
             quota_store_errors,
@@ -99,6 +121,7 @@ impl Metrics {
             usage_spooled: usage_events.with_label_values(&["spooled"]),
             usage_lost: usage_events.with_label_values(&["lost"]),
             usage_queue_depth,
+            ledger_lag,
             cost_header_invalid,
             config_version,
         })
@@ -110,6 +133,13 @@ impl Metrics {
             requests: Decision::ALL
                 .iter()
                 .map(|d| self.requests.with_label_values(&[d.as_str(), name]))
+                .collect(),
+            shadow: Decision::ALL
+                .iter()
+                .map(|d| {
+                    d.shadowable()
+                        .then(|| self.shadow.with_label_values(&[d.as_str(), name]))
+                })
                 .collect(),
             duration: self.duration.with_label_values(&[name]),
         }

@@ -67,6 +67,8 @@ pub struct Ctx {
     upstream_failed: bool,
     /// Exact cost reported by the upstream, when the route asks for it and the value is valid.
     actual_cost: Option<u64>,
+    /// The denial shadow mode waived (the last one, when several applied).
+    shadowed: Option<Decision>,
 }
 
 impl Ctx {
@@ -165,13 +167,21 @@ impl Proxy {
         ctx.customer = Some(identity.customer);
         let customer = ctx.customer.as_deref().unwrap_or_default();
 
+        // Shadow mode: plan decisions are computed and counted, not enforced.
+        let shadow = route.shadow || plan.shadow;
+        let mut shadowed = None;
+
         // 4. gate
         if let Some(feature) = &route.feature {
             if !plan.features.contains(feature) {
-                return Some(Denial::FeatureNotInPlan {
+                let denial = Denial::FeatureNotInPlan {
                     feature: feature.clone(),
                     plan: plan.name.clone(),
-                });
+                };
+                if !shadow {
+                    return Some(denial);
+                }
+                shadowed = Some(waive(ctx, snap, route, &denial));
             }
         }
 
@@ -206,39 +216,13 @@ impl Proxy {
             cap,
             rate: plan.rate,
         };
-        let started = Instant::now();
-        let (verdict, local) = match self.shared.store.reserve(&check).await {
-            Ok(v) => (v, false),
-            Err(e) => {
-                self.shared.metrics.quota_store_errors.inc();
-                tracing::warn!(error = %e, "quota store unavailable");
-                match plan.fail_mode {
-                    crate::config::FailMode::Closed => return Some(Denial::QuotaStoreUnavailable),
-                    crate::config::FailMode::Open => {
-                        match self.shared.fallback.reserve(&check).await {
-                            Ok(v) => (v, true),
-                            Err(_) => return Some(Denial::QuotaStoreUnavailable),
-                        }
-                    }
-                }
-            }
+        let (mut verdict, local) = match self.reserve(&check, plan.fail_mode).await {
+            Ok(v) => v,
+            Err(denial) => return Some(denial),
         };
-        self.shared
-            .metrics
-            .quota_store_duration
-            .observe(started.elapsed().as_secs_f64());
         let now_s = now.timestamp();
-        match verdict {
-            Verdict::Granted { used } => {
-                ctx.reserved = Some(Reserved {
-                    period,
-                    units: route.cost,
-                    used,
-                    included,
-                    local,
-                });
-                None
-            }
+        let denial = match verdict {
+            Verdict::Granted { .. } => None,
             Verdict::OverQuota { used } => Some(Denial::QuotaExceeded {
                 meter: route.meter.clone(),
                 limit: included.unwrap_or(0),
@@ -251,7 +235,76 @@ impl Proxy {
             Verdict::RateLimited { retry_after_ms } => Some(Denial::RateLimited {
                 retry_after: retry_after_ms.div_ceil(1000).max(1),
             }),
+        };
+        if let Some(denial) = denial {
+            if !shadow {
+                return Some(denial);
+            }
+            // The call goes ahead, so it is charged: past the cap and the rate, in the same store.
+            shadowed = Some(waive(ctx, snap, route, &denial));
+            let anyway = Check {
+                cap: None,
+                rate: None,
+                ..check
+            };
+            let store = if local {
+                self.shared.fallback.as_ref() as &dyn QuotaStore
+            } else {
+                self.shared.store.as_ref()
+            };
+            verdict = match store.reserve(&anyway).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.shared.metrics.quota_store_errors.inc();
+                    tracing::warn!(error = %e, "quota store unavailable");
+                    return Some(Denial::QuotaStoreUnavailable);
+                }
+            };
         }
+        let Verdict::Granted { used } = verdict else {
+            // An uncapped, unrated reservation is always granted.
+            return Some(Denial::QuotaStoreUnavailable);
+        };
+        ctx.reserved = Some(Reserved {
+            period,
+            units: route.cost,
+            used,
+            included,
+            local,
+        });
+        ctx.shadowed = shadowed;
+        None
+    }
+
+    /// One reservation in the quota store, or in the local fallback when the store is down and
+    /// the plan fails open. The bool is true when the fallback took it.
+    async fn reserve(
+        &self,
+        check: &Check<'_>,
+        fail_mode: crate::config::FailMode,
+    ) -> Result<(Verdict, bool), Denial> {
+        let started = Instant::now();
+        let result = match self.shared.store.reserve(check).await {
+            Ok(v) => Ok((v, false)),
+            Err(e) => {
+                self.shared.metrics.quota_store_errors.inc();
+                tracing::warn!(error = %e, "quota store unavailable");
+                match fail_mode {
+                    crate::config::FailMode::Closed => Err(Denial::QuotaStoreUnavailable),
+                    crate::config::FailMode::Open => {
+                        match self.shared.fallback.reserve(check).await {
+                            Ok(v) => Ok((v, true)),
+                            Err(_) => Err(Denial::QuotaStoreUnavailable),
+                        }
+                    }
+                }
+            }
+        };
+        self.shared
+            .metrics
+            .quota_store_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     fn store_for(&self, r: &Reserved) -> &dyn QuotaStore {
@@ -281,6 +334,7 @@ impl ProxyHttp for Proxy {
             upstream_status: None,
             upstream_failed: false,
             actual_cost: None,
+            shadowed: None,
         }
     }
 
@@ -507,6 +561,7 @@ impl ProxyHttp for Proxy {
             customer = ctx.customer.as_deref().unwrap_or("-"),
             route = route.map_or("-", |r| r.name.as_str()),
             decision = ctx.decision.as_str(),
+            shadow = ctx.shadowed.map_or("-", Decision::as_str),
             cost = charged.unwrap_or(0),
             status,
             upstream_status = ctx.upstream_status.unwrap_or(0),
@@ -518,6 +573,28 @@ impl ProxyHttp for Proxy {
             ctx.record_usage(route, units, ctx.upstream_status.unwrap_or(status));
         }
     }
+}
+
+/// Shadow mode: counts and logs the denial that was not enforced; returns its decision (for the
+/// access log).
+fn waive(ctx: &Ctx, snap: &Snapshot, route: &Route, denial: &Denial) -> Decision {
+    let decision = denial.decision();
+    if let Some(Some(c)) = ctx
+        .route
+        .and_then(|i| snap.route_metrics.get(i))
+        .map(|m| &m.shadow[decision.index()])
+    {
+        c.inc();
+    }
+    tracing::info!(
+        target: "tollgate::shadow",
+        request_id = %ctx.request_id,
+        customer = ctx.customer.as_deref().unwrap_or("-"),
+        route = route.name.as_str(),
+        decision = decision.as_str(),
+        "shadow mode: forwarded a request the plan would deny"
+    );
+    decision
 }
 
 /// The caller's `X-Request-Id` when it is sane (visible ASCII, ≤ 128 bytes), else a UUIDv7.

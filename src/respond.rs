@@ -97,6 +97,15 @@ impl Decision {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// A plan decision that shadow mode computes and counts but does not enforce. Identity
+    /// (`invalid-token`) and account state (`suspended`, `payment-required`) are always enforced.
+    pub fn shadowable(self) -> bool {
+        matches!(
+            self,
+            Decision::FeatureNotInPlan | Decision::QuotaExceeded | Decision::RateLimited
+        )
+    }
 }
 
 #[derive(Serialize)]

@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ pub enum Recorded {
 
 /// Event counters shared by the sink and the flusher, for metrics
 /// (`tollgate_usage_events_total{outcome}`, DESIGN §6). Monotonic; read them any time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UsageCounters {
     queued: AtomicU64,
     inserted: AtomicU64,
@@ -61,6 +61,23 @@ pub struct UsageCounters {
     spooled: AtomicU64,
     failed: AtomicU64,
     lost: AtomicU64,
+    /// Unix milliseconds when the flusher last had everything it had taken in the ledger
+    /// (for `tollgate_ledger_lag_seconds`).
+    caught_up_ms: AtomicI64,
+}
+
+impl Default for UsageCounters {
+    fn default() -> Self {
+        UsageCounters {
+            queued: AtomicU64::new(0),
+            inserted: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            spooled: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            caught_up_ms: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
+        }
+    }
 }
 
 /// A snapshot of [`UsageCounters`]; also what [`Flusher::run`] returns.
@@ -119,6 +136,18 @@ impl UsageCounters {
             failed: self.failed(),
             lost: self.lost(),
         }
+    }
+
+    /// How far the ledger is behind, in milliseconds: the time since the flusher last had
+    /// written everything it had taken (it checks every flush interval). It grows while the
+    /// ledger is down and events wait in the spool.
+    pub fn ledger_lag_ms(&self, now_ms: i64) -> i64 {
+        (now_ms - self.caught_up_ms.load(Ordering::Relaxed)).max(0)
+    }
+
+    fn caught_up(&self) {
+        self.caught_up_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
     fn add(counter: &AtomicU64, n: usize) {
@@ -352,6 +381,9 @@ impl Flusher {
             // Overflow while the ledger is fine: bring it in now, not at the next start.
             if health.healthy && self.spool.take_pending() {
                 self.replay_or_back_off(&mut health).await;
+            }
+            if health.healthy {
+                self.counters.caught_up();
             }
             if closed {
                 break; // every sink is gone: nothing more can arrive

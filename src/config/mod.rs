@@ -138,6 +138,9 @@ pub struct Route {
     pub cost_from_response_header: Option<http::HeaderName>,
     pub charge: Charge,
     pub auth: RouteAuth,
+    /// Shadow mode: plan decisions on this route (feature gate, rate limit, quota) are
+    /// computed, logged and counted, but the request is forwarded and charged anyway.
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +177,8 @@ pub struct Plan {
     pub fail_mode: FailMode,
     pub past_due_grace: Duration,
     pub rank: i64,
+    /// Shadow mode for every route this plan is used on (see [`Route::shadow`]).
+    pub shadow: bool,
 }
 
 /// One violated rule: the key path and what is wrong with it.
@@ -644,6 +649,7 @@ impl Validator {
                     fail_mode,
                     past_due_grace,
                     rank: p.rank.unwrap_or(0),
+                    shadow: p.shadow.unwrap_or(false),
                 },
             );
         }
@@ -809,6 +815,7 @@ impl Validator {
                 cost_from_response_header,
                 charge,
                 auth,
+                shadow: r.shadow.unwrap_or(false),
             });
         }
         // Duplicates and ambiguous patterns are found by building the router once.

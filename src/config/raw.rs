@@ -135,12 +135,14 @@ pub struct RawRoute {
     pub cost_from_response_header: Option<String>,
     pub charge: Option<String>,
     pub auth: Option<String>,
+    pub shadow: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct RawPlan {
     pub default: Option<bool>,
+    pub shadow: Option<bool>,
     pub features: Vec<String>,
     pub rate_per_minute: Option<i64>,
     pub burst: Option<i64>,
