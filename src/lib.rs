@@ -10,6 +10,7 @@
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, migrations.
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
+//! - [`admin_customers`]: customers' usage, suspension and credits (admin API).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
@@ -18,6 +19,7 @@
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;
 pub mod admin_config;
+pub mod admin_customers;
 pub mod auth;
 pub mod cli;
 pub mod config;
