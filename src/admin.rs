@@ -49,6 +49,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
         .merge(crate::admin_config::routes())
         .merge(crate::admin_customers::routes())
+        .merge(crate::admin_usage::routes())
         .with_state(state)
 }
 

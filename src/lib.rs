@@ -10,7 +10,8 @@
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, migrations.
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
-//! - [`admin_customers`]: customers' usage, suspension and credits (admin API).
+//! - [`admin_customers`]: customers' usage, suspension and credits (admin API);
+//!   [`admin_usage`]: usage reports from the ledger (JSON or CSV).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod admin_config;
 pub mod admin_customers;
+pub mod admin_usage;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -217,6 +217,68 @@ pub trait Ledger: Send + Sync + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, LedgerError>;
+    /// `usage_events` summed per group and meter over `[query.from, query.to)`, with the
+    /// optional customer/meter/route filters: ordered by key then meter, at most `limit` groups
+    /// after skipping `offset` (`limit` ≤ 0: all). [`UsageGroupBy::Total`] gives one row per meter.
+    async fn usage_report(
+        &self,
+        query: &UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<UsageGroup>, LedgerError>;
+}
+
+/// How [`Ledger::usage_report`] groups rows (each group is further split by meter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroupBy {
+    /// UTC calendar day, key `YYYY-MM-DD`.
+    Day,
+    /// Route name.
+    Route,
+    /// Customer id.
+    Customer,
+    /// No grouping: one row per meter, key empty.
+    Total,
+}
+
+/// The rows a usage report covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub customer: Option<String>,
+    pub meter: Option<String>,
+    pub route: Option<String>,
+    pub group_by: UsageGroupBy,
+}
+
+/// One group of a usage report: units summed and rows counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageGroup {
+    pub key: String,
+    pub meter: String,
+    pub units: i64,
+    pub requests: i64,
+}
+
+/// The `SELECT … GROUP BY` of a usage report, given the backend's day expression and its
+/// numbered placeholders for from, to, customer, meter, route, limit, offset (in that order).
+pub(crate) fn usage_report_sql(group_by: UsageGroupBy, day: &str, p: [&str; 7]) -> String {
+    let (key, group) = match group_by {
+        UsageGroupBy::Day => (day, "k, meter"),
+        UsageGroupBy::Route => ("route", "k, meter"),
+        UsageGroupBy::Customer => ("customer", "k, meter"),
+        UsageGroupBy::Total => ("''", "meter"),
+    };
+    let [from, to, customer, meter, route, limit, offset] = p;
+    format!(
+        "SELECT {key} AS k, meter, CAST(COALESCE(SUM(units), 0) AS BIGINT) AS units, COUNT(*) AS requests \
+         FROM usage_events WHERE ts >= {from} AND ts < {to} \
+         AND ({customer} IS NULL OR customer = {customer}) \
+         AND ({meter} IS NULL OR meter = {meter}) \
+         AND ({route} IS NULL OR route = {route}) \
+         GROUP BY {group} ORDER BY {group} LIMIT {limit} OFFSET {offset}"
+    )
 }
 
 /// One row of `config_versions`: a live-config document (JSON) and who stored it when.

@@ -445,6 +445,40 @@ impl super::Ledger for PgLedger {
             )
             .collect())
     }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            ["$1", "$2", "$3::text", "$4::text", "$5::text", "$6", "$7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(query.from)
+            .bind(query.to)
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT NULL is "no limit" on Postgres.
+            .bind((limit > 0).then_some(limit))
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
 }
 
 fn pg_config_version(

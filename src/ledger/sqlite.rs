@@ -443,6 +443,40 @@ impl super::Ledger for SqliteLedger {
             })
             .collect()
     }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "strftime('%Y-%m-%d', ts / 1000000, 'unixepoch')",
+            ["?1", "?2", "?3", "?4", "?5", "?6", "?7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(to_micros(query.from))
+            .bind(to_micros(query.to))
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT -1 is "no limit" on SQLite.
+            .bind(if limit > 0 { limit } else { -1 })
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
 }
 
 fn sqlite_config_version(
