@@ -13,6 +13,7 @@
 //! - [`admin_customers`]: customers' usage, suspension and credits (admin API);
 //!   [`admin_usage`]: usage reports from the ledger (JSON or CSV).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
+//! - [`selfservice`]: `GET /_tollgate/usage` on the proxy listener (the caller's own usage).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
 //! - [`stripe`]: the Stripe webhook: signature, idempotent event store, subscription → entitlement.
@@ -34,6 +35,7 @@ pub mod proxy;
 pub mod quota;
 pub mod respond;
 pub mod route;
+pub mod selfservice;
 pub mod server;
 pub mod state;
 pub mod stripe;

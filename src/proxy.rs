@@ -304,6 +304,16 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // Self-service usage (`GET /_tollgate/usage`): free, answered here, never forwarded.
+        match crate::selfservice::handle(&self.shared, &snap, session, &ctx.request_id).await? {
+            crate::selfservice::Outcome::NotMine => {}
+            crate::selfservice::Outcome::Served => {
+                ctx.decision = Decision::Unmetered;
+                return Ok(true);
+            }
+            crate::selfservice::Outcome::Denied(d) => return self.deny(session, ctx, d).await,
+        }
+
         // 1. route
         let req = session.req_header();
         ctx.route = snap.router.find(&req.method, req.uri.path());
