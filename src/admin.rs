@@ -50,6 +50,7 @@ pub fn app(state: AdminState) -> Router {
         .merge(crate::admin_config::routes())
         .merge(crate::admin_customers::routes())
         .merge(crate::admin_usage::routes())
+        .merge(crate::alerts::routes())
         .with_state(state)
 }
 

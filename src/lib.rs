@@ -14,6 +14,7 @@
 //!   [`admin_usage`]: usage reports from the ledger (JSON or CSV).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
 //! - [`selfservice`]: `GET /_tollgate/usage` on the proxy listener (the caller's own usage).
+//! - [`alerts`]: threshold alerts: crossing detection, signed webhook delivery, delivery log.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
 //! - [`stripe`]: the Stripe webhook: signature, idempotent event store, subscription → entitlement.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod admin_config;
 pub mod admin_customers;
 pub mod admin_usage;
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;

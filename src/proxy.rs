@@ -230,6 +230,9 @@ impl Proxy {
         let now_s = now.timestamp();
         match verdict {
             Verdict::Granted { used } => {
+                if let Some(alerts) = &self.shared.alerts {
+                    alerts.on_charge(plan, customer, &route.meter, period, route.cost, used);
+                }
                 ctx.reserved = Some(Reserved {
                     period,
                     units: route.cost,
