@@ -316,10 +316,12 @@ async fn list_customers(
         Some(_) => return bad_query(format!("limit must be an integer from 1 to {MAX_PAGE}")),
     };
     let after = q.get("after").cloned().unwrap_or_default();
-    let all = match s.ledger.all_customers().await {
+    let mut all = match s.ledger.all_customers().await {
         Ok(a) => a,
         Err(e) => return view_error("", ViewError::Ledger(e)),
     };
+    // Byte order, the order `after` compares in (a database collation may order differently).
+    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut page = Vec::new();
     let mut next = None;
     for (id, ent) in all.iter().filter(|(id, _)| id.as_str() > after.as_str()) {
