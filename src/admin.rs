@@ -48,6 +48,7 @@ pub fn app(state: AdminState) -> Router {
         )
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
         .merge(crate::admin_config::routes())
+        .merge(crate::stripe::admin::routes())
         .merge(crate::admin_customers::routes())
         .merge(crate::admin_usage::routes())
         .merge(crate::alerts::routes())

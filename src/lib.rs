@@ -17,7 +17,8 @@
 //! - [`alerts`]: threshold alerts: crossing detection, signed webhook delivery, delivery log.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
-//! - [`stripe`]: the Stripe webhook: signature, idempotent event store, subscription → entitlement.
+//! - [`stripe`]: Stripe: webhooks (signature, idempotent event store, subscription → entitlement),
+//!   usage → meter events reporter, reconciler, portal and link admin routes.
 //! - [`sync`]: entitlement changes broadcast to every instance (Redis pub/sub).
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;

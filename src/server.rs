@@ -214,6 +214,11 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             .context("listening for SIGHUP")?;
         control.spawn(live.clone().reload_on_sighup(path, hup, hup_stop.clone()));
     }
+    let stripe_stop = Arc::new(Notify::new());
+    if let Some(stripe) = &stripe {
+        crate::stripe::spawn_background(&control, stripe, stripe_stop.clone())
+            .context("starting the Stripe reporter and reconciler")?;
+    }
     let admin_state_store = admin_store.clone();
     let admin_state = AdminState {
         shared: shared.clone(),
@@ -296,6 +301,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     live_stop.notify_one();
     hup_stop.notify_one();
     counters_stop.notify_one();
+    stripe_stop.notify_waiters();
     alerts_stop.notify_one();
     let stats = control.block_on(async {
         let stats = flush_task.await;

@@ -90,6 +90,14 @@ pub struct StripeSettings {
     pub customer_metadata_key: String,
     /// Stripe price id → plan name (every plan checked to exist).
     pub prices: BTreeMap<String, String>,
+    /// Usage reporter: period between runs (and the first retry delay after a failure).
+    pub report_interval: Duration,
+    /// Usage reporter: one meter event per customer, meter and window of this length.
+    pub report_window: Duration,
+    /// Usage reporter: rows younger than this are left for a later run.
+    pub report_delay: Duration,
+    /// Reconciler period; zero: only at start and via `POST /admin/stripe/sync`.
+    pub sync_interval: Duration,
 }
 
 /// `[alerts]`: the threshold-alert webhook. Only the secret's env var *name* lives here.
@@ -916,7 +924,40 @@ impl Validator {
         if key.trim().is_empty() {
             self.err("stripe.customer_metadata_key", "must not be empty");
         }
+        let report_interval = self.duration(
+            "stripe.report_interval",
+            s.report_interval.as_deref(),
+            Duration::from_secs(60),
+        );
+        if report_interval.is_zero() {
+            self.err("stripe.report_interval", "must be > 0");
+        }
+        let report_window = self.duration(
+            "stripe.report_window",
+            s.report_window.as_deref(),
+            Duration::from_secs(60),
+        );
+        if report_window.as_secs() == 0 || report_window.subsec_nanos() != 0 {
+            self.err(
+                "stripe.report_window",
+                "must be a whole number of seconds > 0",
+            );
+        }
+        let report_delay = self.duration(
+            "stripe.report_delay",
+            s.report_delay.as_deref(),
+            Duration::from_secs(30),
+        );
+        let sync_interval = self.duration(
+            "stripe.sync_interval",
+            s.sync_interval.as_deref(),
+            Duration::from_secs(900),
+        );
         StripeSettings {
+            report_interval,
+            report_window,
+            report_delay,
+            sync_interval,
             webhook_secrets_env: s
                 .webhook_secrets_env
                 .clone()

@@ -107,6 +107,14 @@ pub struct RawStripe {
     pub customer_metadata_key: Option<String>,
     /// Stripe price id → plan name.
     pub prices: BTreeMap<String, String>,
+    /// How often usage is sent to Stripe (a duration: `60s`).
+    pub report_interval: Option<String>,
+    /// Usage of one customer and meter within this window is one meter event.
+    pub report_window: Option<String>,
+    /// Usage younger than this waits (rows still arriving from other instances' flushers).
+    pub report_delay: Option<String>,
+    /// How often the reconciler lists subscriptions from Stripe; `0s`: only at start and on demand.
+    pub sync_interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -99,6 +99,12 @@ pub enum LedgerError {
         op: &'static str,
         after: std::time::Duration,
     },
+    /// The Stripe customer is already linked to another tollgate customer.
+    #[error("Stripe customer {stripe_customer:?} is already linked to {customer:?}")]
+    LinkConflict {
+        stripe_customer: String,
+        customer: String,
+    },
     /// A stored row holds something tollgate cannot read back (hand-edited or from a newer
     /// version).
     #[error("ledger row in {table} is unreadable: {detail}")]
@@ -217,6 +223,54 @@ pub trait Ledger: Send + Sync + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, LedgerError>;
+    /// Links `customer` to the Stripe customer `stripe_customer` (`source` says who did it).
+    /// Returns the Stripe customer it was linked to before, if any. A Stripe customer linked to
+    /// another tollgate customer is an error (`LinkConflict`): an operator must unlink it first.
+    async fn link_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_customer: &str,
+        source: &str,
+    ) -> Result<Option<String>, LedgerError>;
+    /// Every (tollgate customer, Stripe customer) link, ordered by customer.
+    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError>;
+    /// In one transaction: takes up to `claim.max_rows` unreported, unclaimed usage rows of
+    /// linked customers on reported meters with `ts < claim.until` (oldest first), groups them
+    /// with [`group_reports`] and stores each group as a [`MeterReport`] whose identifier the rows
+    /// then carry (`report_id`). Safe against concurrent claimers (a row is claimed once).
+    async fn claim_usage_reports(
+        &self,
+        claim: &ReportClaim,
+    ) -> Result<Vec<MeterReport>, LedgerError>;
+    /// Reports still to send (state `pending`), oldest first.
+    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError>;
+    /// Ends a pending report: `Delivered` marks its rows reported (`reported_at`); `TooOld`
+    /// leaves them unreported. Returns the rows marked. A report no longer pending is left alone.
+    async fn finish_usage_report(
+        &self,
+        identifier: &str,
+        state: ReportState,
+    ) -> Result<u64, LedgerError>;
+    /// Counts a failed delivery attempt of a pending report and keeps the error for operators.
+    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError>;
+    /// Writes a Stripe-derived entitlement with the same rule as [`Ledger::finish_stripe_event`]
+    /// (only over older state; `suspended` and an unchanged status' `status_since` kept), without
+    /// an event (the reconciler). Returns whether the row was written.
+    async fn apply_stripe_state(
+        &self,
+        customer: &str,
+        e: &Entitlement,
+    ) -> Result<bool, LedgerError>;
+    /// Unreported usage rows on `meters` of customers with no Stripe link (they wait for one).
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError>;
+    /// One link, looked up from either side: `(customer, stripe customer)` of the link whose
+    /// tollgate customer is `customer`, or (when `customer` is `None`) whose Stripe customer is
+    /// `stripe_customer`.
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError>;
     /// `usage_events` summed per group and meter over `[query.from, query.to)`, with the
     /// optional customer/meter/route filters: ordered by key then meter, at most `limit` groups
     /// after skipping `offset` (`limit` ≤ 0: all). [`UsageGroupBy::Total`] gives one row per meter.
@@ -322,6 +376,138 @@ pub(crate) fn usage_report_sql(group_by: UsageGroupBy, day: &str, p: [&str; 7]) 
          AND ({route} IS NULL OR route = {route}) \
          GROUP BY {group} ORDER BY {group} LIMIT {limit} OFFSET {offset}"
     )
+}
+
+/// What [`Ledger::claim_usage_reports`] takes.
+#[derive(Debug, Clone)]
+pub struct ReportClaim {
+    /// Meter name → Stripe meter `event_name`; rows of other meters are not reported.
+    pub meters: std::collections::BTreeMap<String, String>,
+    /// Only rows older than this (the newest ones may still be joined by late rows).
+    pub until: DateTime<Utc>,
+    /// Aggregation window in seconds (UTC-aligned).
+    pub window_secs: i64,
+    /// Rows older than this are outside Stripe's timestamp window: claimed as `TooOld`.
+    pub too_old_before: DateTime<Utc>,
+    pub max_rows: i64,
+}
+
+/// A usage row as the reporter claims it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRow {
+    pub id: uuid::Uuid,
+    pub ts: DateTime<Utc>,
+    pub customer: String,
+    pub meter: String,
+    pub units: i64,
+    pub stripe_customer: String,
+}
+
+/// Where a [`MeterReport`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportState {
+    /// Not yet acknowledged by Stripe.
+    Pending,
+    /// Stripe answered 2xx, or "already exists" for its identifier (an earlier try landed).
+    Delivered,
+    /// Its units sum to 0 (every row refunded): nothing to send, rows marked reported.
+    Zero,
+    /// Older than Stripe accepts (35 days): flagged, never sent.
+    TooOld,
+}
+
+impl ReportState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportState::Pending => "pending",
+            ReportState::Delivered => "delivered",
+            ReportState::Zero => "zero",
+            ReportState::TooOld => "too_old",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ReportState> {
+        Some(match s {
+            "pending" => ReportState::Pending,
+            "delivered" => ReportState::Delivered,
+            "zero" => ReportState::Zero,
+            "too_old" => ReportState::TooOld,
+            _ => return None,
+        })
+    }
+}
+
+/// One Billing meter event: a customer's usage of one meter in one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterReport {
+    /// The meter event's `identifier`: `tg_` + the simple form of the oldest row's UUIDv7. Each
+    /// row belongs to one report, so it is unique, and the same on every retry.
+    pub identifier: String,
+    pub customer: String,
+    pub stripe_customer: String,
+    pub meter: String,
+    pub event_name: String,
+    /// The meter event's `timestamp`: the oldest row's time, whole seconds.
+    pub ts: DateTime<Utc>,
+    /// Sum of the rows' units (integers only).
+    pub value: i64,
+    pub rows: i64,
+    pub state: ReportState,
+    /// The rows' ids (filled by the claim only; empty when read back).
+    pub row_ids: Vec<uuid::Uuid>,
+}
+
+/// Groups claimed rows into reports: one per (customer, meter, UTC window of `window_secs`,
+/// too old or not). Rows of meters missing from `meters` are dropped. Pure: both backends use it.
+pub fn group_reports(
+    rows: &[ReportRow],
+    meters: &std::collections::BTreeMap<String, String>,
+    window_secs: i64,
+    too_old_before: DateTime<Utc>,
+) -> Vec<MeterReport> {
+    use std::collections::BTreeMap;
+    let window = window_secs.max(1);
+    let mut groups: BTreeMap<(&str, &str, i64, bool), Vec<&ReportRow>> = BTreeMap::new();
+    for r in rows {
+        if !meters.contains_key(&r.meter) {
+            continue;
+        }
+        let w = r.ts.timestamp().div_euclid(window);
+        let old = r.ts < too_old_before;
+        groups
+            .entry((r.customer.as_str(), r.meter.as_str(), w, old))
+            .or_default()
+            .push(r);
+    }
+    let mut out: Vec<MeterReport> = groups
+        .into_iter()
+        .filter_map(|((customer, meter, _, old), mut rows)| {
+            rows.sort_by_key(|r| (r.ts, r.id));
+            let first = rows.first()?;
+            let value: i64 = rows.iter().map(|r| r.units).sum();
+            let state = if old {
+                ReportState::TooOld
+            } else if value == 0 {
+                ReportState::Zero
+            } else {
+                ReportState::Pending
+            };
+            Some(MeterReport {
+                identifier: format!("tg_{}", first.id.simple()),
+                customer: customer.to_string(),
+                stripe_customer: first.stripe_customer.clone(),
+                meter: meter.to_string(),
+                event_name: meters.get(meter)?.clone(),
+                ts: DateTime::from_timestamp(first.ts.timestamp(), 0)?,
+                value,
+                rows: rows.len() as i64,
+                state,
+                row_ids: rows.iter().map(|r| r.id).collect(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (a.ts, &a.identifier).cmp(&(b.ts, &b.identifier)));
+    out
 }
 
 /// One row of `config_versions`: a live-config document (JSON) and who stored it when.
@@ -901,6 +1087,159 @@ mod tests {
             }
         }
         assert_eq!(processed, 1);
+    }
+
+    async fn check_usage_reports(ledger: Arc<dyn Ledger>) {
+        // Links: new, same again (no change), a conflicting Stripe customer refused.
+        assert_eq!(
+            ledger
+                .link_stripe_customer("acme", "cus_a", "test")
+                .await
+                .expect("link"),
+            None
+        );
+        assert_eq!(
+            ledger
+                .link_stripe_customer("acme", "cus_a", "test")
+                .await
+                .expect("relink"),
+            Some("cus_a".into())
+        );
+        let err = ledger
+            .link_stripe_customer("globex", "cus_a", "test")
+            .await
+            .expect_err("conflict");
+        assert!(matches!(err, LedgerError::LinkConflict { .. }), "{err}");
+        assert_eq!(
+            ledger.stripe_links().await.expect("links"),
+            vec![("acme".to_string(), "cus_a".to_string())]
+        );
+        let link = Some(("acme".to_string(), "cus_a".to_string()));
+        assert_eq!(
+            ledger
+                .stripe_link(Some("acme"), None)
+                .await
+                .expect("by customer"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(None, Some("cus_a"))
+                .await
+                .expect("by cus"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(Some("globex"), None)
+                .await
+                .expect("none"),
+            None
+        );
+        assert_eq!(
+            ledger.stripe_link(None, Some("cus_x")).await.expect("none"),
+            None
+        );
+
+        // 100 rows of acme (linked) and 9 of globex (not linked), in one 60 s window from t0.
+        let evs = events(100, "acme", "api_calls");
+        ledger.insert_usage(&evs).await.expect("insert");
+        ledger
+            .insert_usage(&events(9, "globex", "api_calls"))
+            .await
+            .expect("insert globex");
+        let claim = ReportClaim {
+            meters: [("api_calls".to_string(), "ev_api".to_string())]
+                .into_iter()
+                .collect(),
+            until: t0() + Duration::days(1),
+            window_secs: 3600,
+            too_old_before: t0() - Duration::days(1),
+            max_rows: 60,
+        };
+        // max_rows bounds a claim; the rest is claimed by the next one, as its own report.
+        let first = ledger.claim_usage_reports(&claim).await.expect("claim");
+        let second = ledger.claim_usage_reports(&claim).await.expect("claim 2");
+        assert!(ledger
+            .claim_usage_reports(&claim)
+            .await
+            .expect("claim 3")
+            .is_empty());
+        assert_eq!((first.len(), second.len()), (1, 1));
+        assert_eq!(first[0].rows + second[0].rows, 100);
+        assert_eq!(first[0].value + second[0].value, units_of(100));
+        assert_eq!(first[0].identifier, format!("tg_{}", evs[0].id.simple()));
+        assert_eq!(first[0].stripe_customer, "cus_a");
+        assert_eq!(first[0].event_name, "ev_api");
+        // globex's 9 rows wait for a link; other meters do not count.
+        let meters = vec!["api_calls".to_string()];
+        assert_eq!(
+            ledger.unlinked_usage_rows(&meters).await.expect("unlinked"),
+            9
+        );
+        assert_eq!(
+            ledger
+                .unlinked_usage_rows(&["tokens".to_string()])
+                .await
+                .expect("unlinked tokens"),
+            0
+        );
+
+        let pending = ledger.pending_usage_reports(10).await.expect("pending");
+        assert_eq!(
+            pending
+                .iter()
+                .map(|r| r.identifier.clone())
+                .collect::<Vec<_>>(),
+            vec![first[0].identifier.clone(), second[0].identifier.clone()]
+        );
+        assert_eq!(pending[0].value, first[0].value);
+        assert_eq!(pending[0].ts, first[0].ts);
+        ledger
+            .usage_report_failed(&first[0].identifier, "500: boom")
+            .await
+            .expect("failed");
+        assert_eq!(
+            ledger
+                .finish_usage_report(&first[0].identifier, ReportState::Delivered)
+                .await
+                .expect("finish"),
+            first[0].rows as u64
+        );
+        // Finishing again (a concurrent reporter) marks nothing.
+        assert_eq!(
+            ledger
+                .finish_usage_report(&first[0].identifier, ReportState::Delivered)
+                .await
+                .expect("again"),
+            0
+        );
+        assert_eq!(
+            ledger
+                .finish_usage_report(&second[0].identifier, ReportState::TooOld)
+                .await
+                .expect("too old"),
+            0
+        );
+        assert!(ledger
+            .pending_usage_reports(10)
+            .await
+            .expect("none")
+            .is_empty());
+    }
+
+    /// Postgres: usage is claimed into reports once, bounded per claim, finished once.
+    #[tokio::test]
+    async fn pg_usage_reports() {
+        let s = PgSchema::new();
+        check_usage_reports(s.open().await).await;
+    }
+
+    /// SQLite: usage is claimed into reports once, bounded per claim, finished once.
+    #[tokio::test]
+    async fn sqlite_usage_reports() {
+        let dir = TempDir::new();
+        check_usage_reports(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// Postgres: Stripe events are stored once, claimed once, and never apply older state.

@@ -12,7 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::{
-    LedgerError, StripeEventRecord, StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
+    LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
+    StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
 };
 use crate::entitle::{Entitlement, Status};
 
@@ -446,6 +447,310 @@ impl super::Ledger for PgLedger {
             .collect())
     }
 
+    async fn link_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_customer: &str,
+        source: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let op = "link_stripe_customer";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT customer FROM stripe_customers WHERE stripe_customer_id = $1 FOR UPDATE",
+        )
+        .bind(stripe_customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if let Some(owner) = owner.filter(|o| o != customer) {
+            return Err(LedgerError::LinkConflict {
+                stripe_customer: stripe_customer.to_string(),
+                customer: owner,
+            });
+        }
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT stripe_customer_id FROM stripe_customers WHERE customer = $1 FOR UPDATE",
+        )
+        .bind(customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if before.as_deref() != Some(stripe_customer) {
+            sqlx::query(
+                "INSERT INTO stripe_customers (customer, stripe_customer_id, source) \
+                 VALUES ($1, $2, $3) ON CONFLICT (customer) DO UPDATE SET \
+                   stripe_customer_id = EXCLUDED.stripe_customer_id, source = EXCLUDED.source, \
+                   linked_at = now()",
+            )
+            .bind(customer)
+            .bind(stripe_customer)
+            .bind(source)
+            .execute(&mut *tx)
+            .await
+            .map_err(|cause| match &cause {
+                // Linked elsewhere by a concurrent writer between our check and the insert.
+                sqlx::Error::Database(e) if e.code().as_deref() == Some("23505") => {
+                    LedgerError::LinkConflict {
+                        stripe_customer: stripe_customer.to_string(),
+                        customer: "another customer".into(),
+                    }
+                }
+                _ => LedgerError::Query { op, cause },
+            })?;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(before)
+    }
+
+    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers ORDER BY customer COLLATE \"C\"",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_links"))
+    }
+
+    async fn claim_usage_reports(
+        &self,
+        claim: &ReportClaim,
+    ) -> Result<Vec<MeterReport>, LedgerError> {
+        let op = "claim_usage_reports";
+        let meters: Vec<&str> = claim.meters.keys().map(String::as_str).collect();
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        // SKIP LOCKED: another instance claiming at the same moment takes other rows.
+        let rows = sqlx::query(
+            "SELECT u.id, u.ts, u.customer, u.meter, u.units, l.stripe_customer_id \
+             FROM usage_events u JOIN stripe_customers l ON l.customer = u.customer \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL AND u.ts < $1 \
+               AND u.meter = ANY($2) \
+             ORDER BY u.ts LIMIT $3 FOR UPDATE OF u SKIP LOCKED",
+        )
+        .bind(claim.until)
+        .bind(&meters)
+        .bind(claim.max_rows)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        let rows = rows
+            .iter()
+            .map(|r| {
+                Ok(ReportRow {
+                    id: r.try_get("id")?,
+                    ts: r.try_get("ts")?,
+                    customer: r.try_get("customer")?,
+                    meter: r.try_get("meter")?,
+                    units: r.try_get("units")?,
+                    stripe_customer: r.try_get("stripe_customer_id")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(LedgerError::query(op))?;
+        let reports = super::group_reports(
+            &rows,
+            &claim.meters,
+            claim.window_secs,
+            claim.too_old_before,
+        );
+        // Two statements whatever the number of reports (columns as arrays through UNNEST):
+        // a claim of many small reports must not hold its row locks for thousands of round trips.
+        let mut cols = ReportColumns::default();
+        for r in &reports {
+            cols.identifier.push(r.identifier.as_str());
+            cols.customer.push(r.customer.as_str());
+            cols.stripe_customer.push(r.stripe_customer.as_str());
+            cols.meter.push(r.meter.as_str());
+            cols.event_name.push(r.event_name.as_str());
+            cols.ts.push(r.ts);
+            cols.value.push(r.value);
+            cols.rows.push(r.rows);
+            cols.state.push(r.state.as_str());
+            // A zero report is done as claimed: its rows count as reported.
+            let reported = r.state == ReportState::Zero;
+            for id in &r.row_ids {
+                cols.row_id.push(*id);
+                cols.row_report.push(r.identifier.as_str());
+                cols.row_reported.push(reported);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO stripe_meter_reports (identifier, customer, stripe_customer_id, \
+               meter, event_name, ts, value, row_count, state, finished_at) \
+             SELECT i, c, sc, m, e, t, v, n, st, CASE WHEN st = 'pending' THEN NULL ELSE now() END \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+               $6::timestamptz[], $7::int8[], $8::int8[], $9::text[]) AS x(i, c, sc, m, e, t, v, n, st)",
+        )
+        .bind(&cols.identifier)
+        .bind(&cols.customer)
+        .bind(&cols.stripe_customer)
+        .bind(&cols.meter)
+        .bind(&cols.event_name)
+        .bind(&cols.ts)
+        .bind(&cols.value)
+        .bind(&cols.rows)
+        .bind(&cols.state)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "UPDATE usage_events u SET report_id = x.r, \
+               reported_at = CASE WHEN x.done THEN now() ELSE NULL END \
+             FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) AS x(id, r, done) WHERE u.id = x.id",
+        )
+        .bind(&cols.row_id)
+        .bind(&cols.row_report)
+        .bind(&cols.row_reported)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(reports)
+    }
+
+    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
+               row_count, state FROM stripe_meter_reports WHERE state = 'pending' \
+             ORDER BY ts, identifier LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("pending_usage_reports"))?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r
+                    .try_get("state")
+                    .map_err(LedgerError::query("pending_usage_reports"))?;
+                let read = || -> Result<MeterReport, sqlx::Error> {
+                    Ok(MeterReport {
+                        identifier: r.try_get("identifier")?,
+                        customer: r.try_get("customer")?,
+                        stripe_customer: r.try_get("stripe_customer_id")?,
+                        meter: r.try_get("meter")?,
+                        event_name: r.try_get("event_name")?,
+                        ts: r.try_get("ts")?,
+                        value: r.try_get("value")?,
+                        rows: r.try_get("row_count")?,
+                        state: ReportState::Pending,
+                        row_ids: Vec::new(),
+                    })
+                };
+                let mut report = read().map_err(LedgerError::query("pending_usage_reports"))?;
+                report.state = ReportState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
+                    table: "stripe_meter_reports",
+                    detail: format!("unknown state {state:?}"),
+                })?;
+                Ok(report)
+            })
+            .collect()
+    }
+
+    async fn finish_usage_report(
+        &self,
+        identifier: &str,
+        state: ReportState,
+    ) -> Result<u64, LedgerError> {
+        let op = "finish_usage_report";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let done = sqlx::query(
+            "UPDATE stripe_meter_reports SET state = $2, finished_at = now(), \
+               attempts = attempts + 1 \
+             WHERE identifier = $1 AND state = 'pending'",
+        )
+        .bind(identifier)
+        .bind(state.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        let mut marked = 0;
+        if done.rows_affected() == 1 && state == ReportState::Delivered {
+            marked = sqlx::query(
+                "UPDATE usage_events SET reported_at = now() \
+                 WHERE report_id = $1 AND reported_at IS NULL",
+            )
+            .bind(identifier)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(marked)
+    }
+
+    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE stripe_meter_reports SET attempts = attempts + 1, last_error = $2 \
+             WHERE identifier = $1 AND state = 'pending'",
+        )
+        .bind(identifier)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_report_failed"))?;
+        Ok(())
+    }
+
+    async fn apply_stripe_state(
+        &self,
+        customer: &str,
+        e: &Entitlement,
+    ) -> Result<bool, LedgerError> {
+        let done = sqlx::query(
+            "INSERT INTO customers \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, false, $7) \
+             ON CONFLICT (id) DO UPDATE SET \
+               plan = EXCLUDED.plan, status = EXCLUDED.status, \
+               status_since = CASE WHEN customers.status = EXCLUDED.status \
+                 THEN customers.status_since ELSE EXCLUDED.status_since END, \
+               period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
+               updated_at = EXCLUDED.updated_at \
+             WHERE customers.updated_at <= EXCLUDED.updated_at",
+        )
+        .bind(customer)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since)
+        .bind(e.period_start)
+        .bind(e.period_end)
+        .bind(e.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("apply_stripe_state"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events u \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL AND u.meter = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM stripe_customers l WHERE l.customer = u.customer)",
+        )
+        .bind(meters)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("unlinked_usage_rows"))
+    }
+
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers \
+             WHERE ($1::text IS NOT NULL AND customer = $1) \
+                OR ($1::text IS NULL AND stripe_customer_id = $2)",
+        )
+        .bind(customer)
+        .bind(stripe_customer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_link"))
+    }
+
     async fn usage_report(
         &self,
         query: &super::UsageQuery,
@@ -565,6 +870,23 @@ fn pg_config_version(
         author,
         document,
     }
+}
+
+/// [`MeterReport`]s as columns, for one UNNEST insert (and their rows, for one UPDATE).
+#[derive(Default)]
+struct ReportColumns<'a> {
+    identifier: Vec<&'a str>,
+    customer: Vec<&'a str>,
+    stripe_customer: Vec<&'a str>,
+    meter: Vec<&'a str>,
+    event_name: Vec<&'a str>,
+    ts: Vec<DateTime<Utc>>,
+    value: Vec<i64>,
+    rows: Vec<i64>,
+    state: Vec<&'a str>,
+    row_id: Vec<uuid::Uuid>,
+    row_report: Vec<&'a str>,
+    row_reported: Vec<bool>,
 }
 
 fn customer_from_row(row: &PgRow) -> Result<(String, Entitlement), LedgerError> {

@@ -17,7 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    LedgerError, StripeEventRecord, StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
+    LedgerError, MeterReport, ReportClaim, ReportRow, ReportState, StripeEventRecord,
+    StripeEventState, StripeFinish, UsageEvent, INSERT_CHUNK,
 };
 use crate::entitle::{Entitlement, Status};
 
@@ -442,6 +443,317 @@ impl super::Ledger for SqliteLedger {
                 })
             })
             .collect()
+    }
+
+    async fn link_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_customer: &str,
+        source: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let op = "link_stripe_customer";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT customer FROM stripe_customers WHERE stripe_customer_id = ?",
+        )
+        .bind(stripe_customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if let Some(owner) = owner.filter(|o| o != customer) {
+            return Err(LedgerError::LinkConflict {
+                stripe_customer: stripe_customer.to_string(),
+                customer: owner,
+            });
+        }
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT stripe_customer_id FROM stripe_customers WHERE customer = ?",
+        )
+        .bind(customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if before.as_deref() != Some(stripe_customer) {
+            sqlx::query(
+                "INSERT INTO stripe_customers (customer, stripe_customer_id, source, linked_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (customer) DO UPDATE SET \
+                   stripe_customer_id = excluded.stripe_customer_id, source = excluded.source, \
+                   linked_at = excluded.linked_at",
+            )
+            .bind(customer)
+            .bind(stripe_customer)
+            .bind(source)
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(before)
+    }
+
+    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers ORDER BY customer",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_links"))
+    }
+
+    async fn claim_usage_reports(
+        &self,
+        claim: &ReportClaim,
+    ) -> Result<Vec<MeterReport>, LedgerError> {
+        let op = "claim_usage_reports";
+        let meters =
+            serde_json::to_string(&claim.meters.keys().collect::<Vec<_>>()).map_err(|e| {
+                LedgerError::Corrupt {
+                    table: "usage_events",
+                    detail: e.to_string(),
+                }
+            })?;
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let rows = sqlx::query(
+            "SELECT u.id, u.ts, u.customer, u.meter, u.units, l.stripe_customer_id \
+             FROM usage_events u JOIN stripe_customers l ON l.customer = u.customer \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL AND u.ts < ?1 \
+               AND u.meter IN (SELECT value FROM json_each(?2)) \
+             ORDER BY u.ts LIMIT ?3",
+        )
+        .bind(to_micros(claim.until))
+        .bind(meters)
+        .bind(claim.max_rows)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let read = || -> Result<(uuid::Uuid, i64, String, String, i64, String), sqlx::Error> {
+                Ok((
+                    r.try_get("id")?,
+                    r.try_get("ts")?,
+                    r.try_get("customer")?,
+                    r.try_get("meter")?,
+                    r.try_get("units")?,
+                    r.try_get("stripe_customer_id")?,
+                ))
+            };
+            let (id, ts, customer, meter, units, stripe_customer) =
+                read().map_err(LedgerError::query(op))?;
+            let ts = from_micros(ts).ok_or_else(|| LedgerError::Corrupt {
+                table: "usage_events",
+                detail: format!("time {ts} out of range"),
+            })?;
+            claimed.push(ReportRow {
+                id,
+                ts,
+                customer,
+                meter,
+                units,
+                stripe_customer,
+            });
+        }
+        let reports = super::group_reports(
+            &claimed,
+            &claim.meters,
+            claim.window_secs,
+            claim.too_old_before,
+        );
+        let now = to_micros(Utc::now());
+        for r in &reports {
+            let finished = (r.state != ReportState::Pending).then_some(now);
+            sqlx::query(
+                "INSERT INTO stripe_meter_reports (identifier, customer, stripe_customer_id, \
+                   meter, event_name, ts, value, row_count, state, created_at, finished_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&r.identifier)
+            .bind(&r.customer)
+            .bind(&r.stripe_customer)
+            .bind(&r.meter)
+            .bind(&r.event_name)
+            .bind(to_micros(r.ts))
+            .bind(r.value)
+            .bind(r.rows)
+            .bind(r.state.as_str())
+            .bind(now)
+            .bind(finished)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+            // A zero report is done as claimed: its rows count as reported.
+            let reported = (r.state == ReportState::Zero).then_some(now);
+            // One writer (SQLite): per-row updates inside the transaction are cheap.
+            for id in &r.row_ids {
+                sqlx::query("UPDATE usage_events SET report_id = ?, reported_at = ? WHERE id = ?")
+                    .bind(&r.identifier)
+                    .bind(reported)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(LedgerError::query(op))?;
+            }
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(reports)
+    }
+
+    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError> {
+        let op = "pending_usage_reports";
+        let rows = sqlx::query(
+            "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
+               row_count, state FROM stripe_meter_reports WHERE state = 'pending' \
+             ORDER BY ts, identifier LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                let read = || -> Result<(MeterReport, i64, String), sqlx::Error> {
+                    Ok((
+                        MeterReport {
+                            identifier: r.try_get("identifier")?,
+                            customer: r.try_get("customer")?,
+                            stripe_customer: r.try_get("stripe_customer_id")?,
+                            meter: r.try_get("meter")?,
+                            event_name: r.try_get("event_name")?,
+                            ts: DateTime::<Utc>::UNIX_EPOCH,
+                            value: r.try_get("value")?,
+                            rows: r.try_get("row_count")?,
+                            state: ReportState::Pending,
+                            row_ids: Vec::new(),
+                        },
+                        r.try_get("ts")?,
+                        r.try_get("state")?,
+                    ))
+                };
+                let (mut report, ts, state) = read().map_err(LedgerError::query(op))?;
+                report.ts = from_micros(ts).ok_or_else(|| LedgerError::Corrupt {
+                    table: "stripe_meter_reports",
+                    detail: format!("time {ts} out of range"),
+                })?;
+                report.state = ReportState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
+                    table: "stripe_meter_reports",
+                    detail: format!("unknown state {state:?}"),
+                })?;
+                Ok(report)
+            })
+            .collect()
+    }
+
+    async fn finish_usage_report(
+        &self,
+        identifier: &str,
+        state: ReportState,
+    ) -> Result<u64, LedgerError> {
+        let op = "finish_usage_report";
+        let now = to_micros(Utc::now());
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let done = sqlx::query(
+            "UPDATE stripe_meter_reports SET state = ?2, finished_at = ?3, \
+               attempts = attempts + 1 \
+             WHERE identifier = ?1 AND state = 'pending'",
+        )
+        .bind(identifier)
+        .bind(state.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        let mut marked = 0;
+        if done.rows_affected() == 1 && state == ReportState::Delivered {
+            marked = sqlx::query(
+                "UPDATE usage_events SET reported_at = ?2 \
+                 WHERE report_id = ?1 AND reported_at IS NULL",
+            )
+            .bind(identifier)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(marked)
+    }
+
+    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE stripe_meter_reports SET attempts = attempts + 1, last_error = ?2 \
+             WHERE identifier = ?1 AND state = 'pending'",
+        )
+        .bind(identifier)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_report_failed"))?;
+        Ok(())
+    }
+
+    async fn apply_stripe_state(
+        &self,
+        customer: &str,
+        e: &Entitlement,
+    ) -> Result<bool, LedgerError> {
+        let done = sqlx::query(
+            "INSERT INTO customers \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7) \
+             ON CONFLICT (id) DO UPDATE SET \
+               plan = excluded.plan, status = excluded.status, \
+               status_since = CASE WHEN customers.status = excluded.status \
+                 THEN customers.status_since ELSE excluded.status_since END, \
+               period_start = excluded.period_start, period_end = excluded.period_end, \
+               updated_at = excluded.updated_at \
+             WHERE customers.updated_at <= excluded.updated_at",
+        )
+        .bind(customer)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since.map(to_micros))
+        .bind(e.period_start.map(to_micros))
+        .bind(e.period_end.map(to_micros))
+        .bind(to_micros(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("apply_stripe_state"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
+        let meters = serde_json::to_string(meters).map_err(|e| LedgerError::Corrupt {
+            table: "usage_events",
+            detail: e.to_string(),
+        })?;
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events u \
+             WHERE u.reported_at IS NULL AND u.report_id IS NULL \
+               AND u.meter IN (SELECT value FROM json_each(?)) \
+               AND NOT EXISTS (SELECT 1 FROM stripe_customers l WHERE l.customer = u.customer)",
+        )
+        .bind(meters)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("unlinked_usage_rows"))
+    }
+
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers \
+             WHERE (?1 IS NOT NULL AND customer = ?1) OR (?1 IS NULL AND stripe_customer_id = ?2)",
+        )
+        .bind(customer)
+        .bind(stripe_customer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_link"))
     }
 
     async fn usage_report(

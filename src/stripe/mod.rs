@@ -10,8 +10,14 @@
 //! Must not touch: the request path, quota counters, the admin token (a webhook's only
 //! credential is its signature).
 //!
-//! Not yet here (later slices): customer-level metadata and admin links as the customer
-//! mapping, invoice events, the reconciler, usage reporting, the billing portal.
+//! Layout: this file holds the webhook logic (subscription, invoice, `customer.deleted`,
+//! `checkout.session.completed`) and the customer links; [`webhook`] its HTTP side; [`api`] the
+//! Stripe API client; [`report`] usage → Billing meter events; [`reconcile`] the subscription
+//! pull; [`admin`] the `/admin/stripe/*` and `/admin/customers/{id}/{stripe,portal-session}`
+//! routes. [`spawn_background`] starts the reporter and the reconciler.
+//!
+//! Not yet here: `cancel_at_period_end` and trial end in the entitlement, re-fetching a
+//! subscription from the API for same-second events.
 
 use crate::entitle::{Entitlement, Status};
 use crate::ledger::{Ledger, LedgerError, StripeEventRecord, StripeEventState, StripeFinish};
@@ -20,6 +26,10 @@ use chrono::{DateTime, Utc};
 use std::fmt;
 use std::sync::Arc;
 
+pub mod admin;
+pub mod api;
+pub mod reconcile;
+pub mod report;
 pub mod webhook;
 
 /// Largest webhook body accepted (Stripe's events are a few KiB).
@@ -228,6 +238,102 @@ pub fn entitlement_for(
     })
 }
 
+/// The Stripe customer id an object names in `customer` (an id, or an expanded object).
+pub fn stripe_customer_of(obj: &serde_json::Value) -> Option<String> {
+    let c = obj.get("customer")?;
+    c.as_str()
+        .or_else(|| c.get("id").and_then(|i| i.as_str()))
+        .map(str::trim)
+        .filter(|c| c.starts_with("cus_"))
+        .map(String::from)
+}
+
+/// Links `customer` to `stripe_customer` and audits a change; says whether it changed. A
+/// conflict (the Stripe customer belongs to another tollgate customer) is logged and left for an
+/// operator, not an error.
+pub async fn link(
+    ledger: &dyn Ledger,
+    customer: &str,
+    stripe_customer: &str,
+    source: &str,
+    actor: &str,
+) -> Result<bool, StripeError> {
+    match ledger
+        .link_stripe_customer(customer, stripe_customer, source)
+        .await
+    {
+        Ok(before) if before.as_deref() == Some(stripe_customer) => Ok(false),
+        Ok(before) => {
+            tracing::info!(%customer, %stripe_customer, ?before, %source, "Stripe customer linked");
+            ledger
+                .insert_audit(
+                    actor,
+                    &crate::ledger::AuditRecord {
+                        action: "stripe.link".into(),
+                        target: customer.into(),
+                        before: before
+                            .map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
+                        after: Some(
+                            serde_json::json!({ "stripe_customer": stripe_customer }).to_string(),
+                        ),
+                    },
+                )
+                .await?;
+            Ok(true)
+        }
+        Err(LedgerError::LinkConflict {
+            customer: owner, ..
+        }) => {
+            tracing::warn!(%customer, %stripe_customer, %owner, "Stripe customer already linked to another customer; link not changed");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The Stripe API side, present when the secret key is set: the client (portal sessions, links)
+/// and the reconciler (`POST /admin/stripe/sync`).
+pub struct Control {
+    pub api: api::StripeApi,
+    pub reconciler: Arc<reconcile::Reconciler>,
+}
+
+/// Starts the Stripe background tasks on `runtime` (usage reporter, reconciler), each stopping
+/// when `stop` is notified, and makes [`Control`] available to the admin API. Without the secret
+/// key they do not run (logged): webhooks still work.
+pub fn spawn_background(
+    runtime: &tokio::runtime::Runtime,
+    stripe: &Arc<StripeWebhook>,
+    stop: Arc<tokio::sync::Notify>,
+) -> Result<(), prometheus::Error> {
+    let settings = &stripe.settings;
+    let api = match api::StripeApi::from_settings(settings) {
+        Ok(api) => api,
+        Err(e) => {
+            tracing::warn!(error = %e, "Stripe API calls are off: no usage reporting, no reconciler, no portal");
+            return Ok(());
+        }
+    };
+    let reporter = report::Reporter::new(
+        stripe.ledger.clone(),
+        api.clone(),
+        stripe.shared.clone(),
+        settings,
+        &stripe.shared.metrics.registry,
+    )?;
+    runtime.spawn(reporter.run(stop.clone()));
+    let reconciler = Arc::new(reconcile::Reconciler::new(
+        stripe.ledger.clone(),
+        api.clone(),
+        settings.clone(),
+        stripe.shared.clone(),
+        stripe.sync.clone(),
+    ));
+    runtime.spawn(reconciler.clone().run(stop));
+    let _ = stripe.control.set(Control { api, reconciler });
+    Ok(())
+}
+
 /// What the webhook endpoint needs, built once at start when `[stripe]` is configured.
 pub struct StripeWebhook {
     pub settings: crate::config::StripeSettings,
@@ -235,6 +341,8 @@ pub struct StripeWebhook {
     pub ledger: Arc<dyn Ledger>,
     pub shared: Arc<Shared>,
     pub sync: Option<Arc<crate::sync::EntitlementSync>>,
+    /// Set by [`spawn_background`] when the API key is configured.
+    pub control: std::sync::OnceLock<Control>,
     webhooks: prometheus::IntCounterVec,
 }
 
@@ -249,6 +357,8 @@ const NAMED_TYPES: &[&str] = &[
     "invoice.payment_failed",
     "invoice.paid",
     "invoice.payment_succeeded",
+    "customer.deleted",
+    "checkout.session.completed",
 ];
 
 /// Outcome of one delivery (the metric's `outcome` label and the 2xx body).
@@ -308,6 +418,7 @@ impl StripeWebhook {
             ledger,
             shared,
             sync,
+            control: std::sync::OnceLock::new(),
             webhooks,
         })
     }
@@ -365,10 +476,18 @@ impl StripeWebhook {
             self.count(&env.event_type, Outcome::Duplicate.as_str());
             return Ok(Outcome::Duplicate);
         }
-        let apply = match env.event_type.strip_prefix("invoice.") {
-            Some(kind) => self.payment_change(&env, kind).await?,
-            None => self.plan_change(&env),
+        let apply = match env.event_type.as_str() {
+            t if t.starts_with("invoice.") => self.payment_change(&env, &t[8..]).await?,
+            "customer.deleted" => self.customer_deleted(&env).await?,
+            "checkout.session.completed" => {
+                self.checkout_completed(&env).await?;
+                None
+            }
+            _ => self.plan_change(&env),
         };
+        if env.event_type.starts_with("customer.subscription.") {
+            self.link_from_subscription(&env).await?;
+        }
         let finish = self
             .ledger
             .finish_stripe_event(&env.id, apply.as_ref().map(|(c, e)| (c.as_str(), e)))
@@ -472,6 +591,83 @@ impl StripeWebhook {
             ..current
         };
         Ok(Some((customer, ent)))
+    }
+
+    /// `customer.deleted`: Stripe cancels every subscription of a deleted customer, so the
+    /// linked tollgate customer is canceled and back on no plan (the default plan, if the status
+    /// policy falls back to it), as of the event (order-safe like any Stripe write). The link is
+    /// kept: it names the customer in the audit and a re-created Stripe customer replaces it.
+    async fn customer_deleted(
+        &self,
+        env: &Envelope,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let Some(cus) = env.object.get("id").and_then(|i| i.as_str()) else {
+            return Ok(None);
+        };
+        let Some((customer, _)) = self.ledger.stripe_link(None, Some(cus)).await? else {
+            tracing::info!(event = %env.id, stripe_customer = %cus, "deleted Stripe customer is linked to no tollgate customer; ignored");
+            return Ok(None);
+        };
+        let ent = Entitlement {
+            plan: None,
+            status: Status::Canceled,
+            status_since: Some(env.created),
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: env.created,
+        };
+        Ok(Some((customer, ent)))
+    }
+
+    /// `checkout.session.completed`: links the session's Stripe customer to the tollgate
+    /// customer named by `client_reference_id`, or else by `metadata[customer_metadata_key]`.
+    async fn checkout_completed(&self, env: &Envelope) -> Result<(), StripeError> {
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("checkout.session") {
+            return Ok(());
+        }
+        let key = &self.settings.customer_metadata_key;
+        let customer = env
+            .object
+            .get("client_reference_id")
+            .and_then(|c| c.as_str())
+            .or_else(|| {
+                env.object
+                    .get("metadata")
+                    .and_then(|m| m.get(key))
+                    .and_then(|c| c.as_str())
+            })
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        match (customer, stripe_customer_of(&env.object)) {
+            (Some(customer), Some(cus)) => {
+                link(&*self.ledger, customer, &cus, "checkout", "stripe-webhook").await?;
+            }
+            _ => {
+                tracing::warn!(event = %env.id, "checkout session names no tollgate customer or no Stripe customer; not linked");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the subscription's Stripe customer as the tollgate customer's link (what usage
+    /// reporting needs). A Stripe customer already linked to someone else is left as it is.
+    async fn link_from_subscription(&self, env: &Envelope) -> Result<(), StripeError> {
+        let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
+        let (Some(customer), Some(stripe_customer)) =
+            (facts.customer, stripe_customer_of(&env.object))
+        else {
+            return Ok(());
+        };
+        link(
+            &*self.ledger,
+            &customer,
+            &stripe_customer,
+            "webhook",
+            "stripe-webhook",
+        )
+        .await?;
+        Ok(())
     }
 
     /// Ledger → this instance's cache → every other instance.

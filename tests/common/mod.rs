@@ -4,6 +4,8 @@
 //! prefix and a unique schema per test), so tests run in parallel without stepping on each other.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod stripe;
+
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;

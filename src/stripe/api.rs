@@ -1,0 +1,110 @@
+//! Calls to Stripe's API (async-stripe's client pointed at `stripe.api_base`): meter events,
+//! subscription listing, billing portal sessions. The secret key comes only from the env var
+//! named by `stripe.secret_key_env`.
+//!
+//! Requests are sent once (async-stripe's `RequestStrategy::Once`, no `Idempotency-Key`): callers
+//! decide about retries. DESIGN §7: an `Idempotency-Key` reused after a 500 may replay the 500;
+//! meter events are deduplicated by their `identifier` instead.
+
+use crate::ledger::MeterReport;
+use std::time::Duration;
+
+/// Per-attempt timeout of a Stripe call: a hang is a failure, retried later.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the API client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiSetupError {
+    #[error("Stripe secret key env var {0} is unset or empty")]
+    NoKey(String),
+    #[error("Stripe client: {0}")]
+    Client(#[from] stripe_api::StripeError),
+}
+
+/// A Stripe API client. Cheap to clone. `Debug` does not print the key.
+#[derive(Clone)]
+pub struct StripeApi {
+    client: stripe_api::Client,
+}
+
+impl std::fmt::Debug for StripeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StripeApi")
+    }
+}
+
+// === impl StripeApi ===
+
+impl StripeApi {
+    /// Reads the secret key from the configured env var and points the client at `api_base`.
+    pub fn from_settings(s: &crate::config::StripeSettings) -> Result<StripeApi, ApiSetupError> {
+        let key = std::env::var(&s.secret_key_env)
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiSetupError::NoKey(s.secret_key_env.clone()))?;
+        let client = stripe_api::ClientBuilder::new(key)
+            // The client appends `v1/…` to the base as given: it needs the trailing slash.
+            .url(format!("{}/", s.api_base))
+            .timeout(TIMEOUT)
+            .app_info("tollgate", Some(env!("CARGO_PKG_VERSION").into()), None)
+            .build()?;
+        Ok(StripeApi { client })
+    }
+
+    /// `POST /v1/billing/meter_events` for one report: `event_name`, `identifier`, `timestamp`,
+    /// `payload[stripe_customer_id]`, `payload[value]` (a whole number).
+    pub async fn meter_event(
+        &self,
+        r: &MeterReport,
+    ) -> Result<stripe_billing::BillingMeterEvent, stripe_api::StripeError> {
+        use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+        let payload: std::collections::HashMap<String, String> = [
+            ("stripe_customer_id".to_string(), r.stripe_customer.clone()),
+            ("value".to_string(), r.value.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        CreateBillingMeterEvent::new(r.event_name.clone(), payload)
+            .identifier(r.identifier.clone())
+            .timestamp(r.ts.timestamp())
+            .send(&self.client)
+            .await
+    }
+
+    /// One page of `GET /v1/subscriptions?status=all`, as raw JSON (read like a webhook's
+    /// object, whatever the API version).
+    pub async fn list_subscriptions(
+        &self,
+        limit: &str,
+        starting_after: Option<&str>,
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::{RequestBuilder, StripeMethod};
+        // A map: the query encoder takes structs and maps only.
+        let mut query = std::collections::BTreeMap::from([("status", "all"), ("limit", limit)]);
+        if let Some(a) = starting_after {
+            query.insert("starting_after", a);
+        }
+        let page: miniserde::json::Value = RequestBuilder::new(StripeMethod::Get, "/subscriptions")
+            .query(&query)
+            .customize()
+            .send(&self.client)
+            .await?;
+        serde_json::from_str(&miniserde::json::to_string(&page))
+            .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
+    }
+
+    /// `POST /v1/billing_portal/sessions` for a Stripe customer: the session's URL.
+    pub async fn portal_session(
+        &self,
+        stripe_customer: &str,
+        return_url: Option<&str>,
+    ) -> Result<String, stripe_api::StripeError> {
+        use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+        let mut req = CreateBillingPortalSession::new().customer(stripe_customer);
+        if let Some(u) = return_url {
+            req = req.return_url(u);
+        }
+        Ok(req.send(&self.client).await?.url)
+    }
+}

@@ -1,0 +1,356 @@
+//! Usage → Stripe through a running tollgate: ledger usage (made by real proxied requests, and
+//! rows written to the real ledger) reaches a Stripe stand-in as Billing meter events whose values
+//! sum exactly to the ledger's units, across 500s, 429s and a lost answer, on both backends.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::{Duration as Days, Utc};
+use common::stripe::{Fault, StripeStandIn, KEY_ENV};
+use common::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tollgate::config::Config;
+use tollgate::ledger::{Ledger, UsageEvent};
+
+const METER_EVENTS: &str = "/v1/billing/meter_events";
+
+fn config(upstream: std::net::SocketAddr, stripe: &StripeStandIn) -> String {
+    format!(
+        r#"{}
+[stripe]
+secret_key_env = "{KEY_ENV}"
+api_base = "{}"
+report_interval = "100ms"
+report_window = "60s"
+report_delay = "0s"
+sync_interval = "0s"
+"#,
+        base_config(upstream),
+        stripe.url()
+    )
+}
+
+/// Both meters are reported, under their own Stripe meter event names.
+fn meters(c: &mut Config) {
+    c.meters.get_mut("api_calls").unwrap().stripe_event_name = Some("tg_api_calls".into());
+    c.meters.get_mut("tokens").unwrap().stripe_event_name = Some("tg_tokens".into());
+}
+
+/// The test's own handle on the instance's ledger (the same database, its own pool).
+async fn ledger(tg: &Tollgate) -> std::sync::Arc<dyn Ledger> {
+    let schema = (tg.backend == Backend::Shared).then_some(tg.schema.as_str());
+    tollgate::ledger::open(&tg.database_url, schema)
+        .await
+        .unwrap()
+}
+
+fn row(customer: &str, meter: &str, units: i64, ago: Days) -> UsageEvent {
+    UsageEvent {
+        id: uuid::Uuid::now_v7(),
+        ts: Utc::now() - ago,
+        customer: customer.into(),
+        meter: meter.into(),
+        units,
+        route: "GET /signals".into(),
+        status: 200,
+        latency_us: 1000,
+        request_id: format!("req-{}", uuid::Uuid::now_v7().simple()),
+    }
+}
+
+/// One number from the ledger.
+async fn scalar(tg: &Tollgate, sql: &str) -> i64 {
+    match tg.backend {
+        Backend::Embedded => {
+            let pool = sqlx::SqlitePool::connect(&tg.database_url).await.unwrap();
+            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            r.0
+        }
+        Backend::Shared => {
+            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+            use std::str::FromStr;
+            let opts = PgConnectOptions::from_str(&tg.database_url)
+                .unwrap()
+                .options([("search_path", tg.schema.as_str())]);
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .unwrap();
+            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            r.0
+        }
+    }
+}
+
+/// Units of `customer` still unreported in the ledger.
+async fn unreported(tg: &Tollgate, customer: &str) -> i64 {
+    scalar(
+        tg,
+        &format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events \
+             WHERE customer = '{customer}' AND reported_at IS NULL"
+        ),
+    )
+    .await
+}
+
+/// Sum of applied meter-event values per (Stripe customer, event name).
+fn sums(stripe: &StripeStandIn) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for a in stripe.applied().values() {
+        *out.entry((a.customer.clone(), a.event_name.clone()))
+            .or_default() += a.value;
+    }
+    out
+}
+
+both!(
+    /// Must-show 3: usage rows → meter events summing exactly to the ledger's units, through a
+    /// 500, a 429 and an applied-but-lost answer (retried, answered "already exists", counted
+    /// once); rows marked reported only then; unlinked usage stays; >35-day usage is flagged.
+    reports_usage_exactly_once_across_failures,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        // The first three meter-event calls fail: a 500 (not applied), a 429, then one that
+        // Stripe applies but whose answer is lost (500).
+        stripe.fail_next(
+            METER_EVENTS,
+            &[
+                Fault::Status(500),
+                Fault::Status(429),
+                Fault::ApplyThenStatus(500),
+            ],
+        );
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, meters).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.link_stripe_customer("globex", "cus_globex", "test").await.unwrap();
+
+        // Usage through the real proxy: one refunded call (0 units), 5 calls of 1 unit (the free
+        // plan's whole quota), one of 7 tokens.
+        assert_eq!(tg.get("/fail", Some("acme")).await.status(), 500);
+        for _ in 0..5 {
+            assert_eq!(tg.get("/signals", Some("acme")).await.status(), 200);
+        }
+        assert_eq!(tg.get("/cost?n=7", Some("acme")).await.status(), 200);
+        assert_eq!(tg.wait_ledger("acme", 7).await, (7, 12));
+
+        // Older usage written to the ledger: several windows over the last days, a customer
+        // with no Stripe link, and one row older than Stripe's 35 days.
+        let mut rows = Vec::new();
+        for i in 0..30 {
+            rows.push(row("acme", "api_calls", 1 + i % 4, Days::minutes(7 * i + 10)));
+            rows.push(row("globex", "tokens", 100 * (i + 1), Days::hours(i + 1)));
+        }
+        rows.push(row("initech", "api_calls", 9, Days::hours(1)));
+        rows.push(row("globex", "api_calls", 11, Days::days(40)));
+        assert_eq!(l.insert_usage(&rows).await.unwrap(), rows.len() as u64);
+        let acme_units: i64 = 12 + (0..30).map(|i| 1 + i % 4).sum::<i64>();
+        let globex_tokens: i64 = (0..30).map(|i| 100 * (i + 1)).sum();
+
+        // Wait until every linked, reportable row is marked reported.
+        let mut done = false;
+        for _ in 0..200 {
+            if unreported(&tg, "acme").await == 0 && unreported(&tg, "globex").await == 1 {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(done, "rows still unreported; calls: {:?}", stripe.calls(METER_EVENTS));
+
+        // Exactly the ledger's units, per customer and meter, each identifier applied once.
+        let expected: BTreeMap<(String, String), i64> = [
+            (("cus_acme".to_string(), "tg_api_calls".to_string()), acme_units - 7),
+            (("cus_acme".to_string(), "tg_tokens".to_string()), 7),
+            (("cus_globex".to_string(), "tg_tokens".to_string()), globex_tokens),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(sums(&stripe), expected);
+
+        let calls = stripe.calls(METER_EVENTS);
+        let statuses: Vec<u16> = calls.iter().map(|c| c.status).collect();
+        assert_eq!(&statuses[..3], &[500, 429, 500], "{statuses:?}");
+        // The lost answer's event was retried with the same identifier and the same value, and
+        // Stripe said "already exists": delivered, not applied twice.
+        let lost = &calls[2];
+        let retry = calls[3..]
+            .iter()
+            .find(|c| c.param("identifier") == lost.param("identifier"))
+            .expect("the lost event is retried");
+        assert_eq!(retry.status, 400);
+        assert_eq!(retry.param("payload[value]"), lost.param("payload[value]"));
+        assert_eq!(retry.param("timestamp"), lost.param("timestamp"));
+        // The 500 and 429 events were retried with their identifiers too (nothing lost).
+        for failed in &calls[..2] {
+            let id = failed.param("identifier").unwrap();
+            assert!(stripe.applied().contains_key(id), "{id} never applied");
+        }
+        // Every value sent is a whole number; no zero-unit event is sent.
+        for c in &calls {
+            assert!(c.param("payload[value]").unwrap().parse::<i64>().unwrap() > 0);
+        }
+
+        // Unlinked usage is kept, unreported; the 40-day-old row is flagged, never sent.
+        assert_eq!(unreported(&tg, "initech").await, 1);
+        assert_eq!(
+            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE state = 'too_old'").await,
+            1
+        );
+        let metrics = tg
+            .client
+            .get(tg.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("tollgate_stripe_usage_too_old_rows_total 1"),
+            "{metrics}"
+        );
+        // initech's row waits for a link, and is counted.
+        assert!(
+            metrics.contains("tollgate_stripe_unlinked_usage_rows 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("tollgate_stripe_meter_events_total{outcome=\"already_exists\"} 1"),
+            "{metrics}"
+        );
+
+        // New usage later is reported by a later run, as new events (nothing re-sent); a
+        // denied call is no usage.
+        let before = stripe.applied().len();
+        assert_eq!(tg.get("/signals/history/X", Some("acme")).await.status(), 429);
+        l.insert_usage(&[row("acme", "api_calls", 5, Days::seconds(1))])
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if unreported(&tg, "acme").await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(unreported(&tg, "acme").await, 0);
+        assert_eq!(stripe.applied().len(), before + 1);
+        assert_eq!(
+            sums(&stripe)[&("cus_acme".to_string(), "tg_api_calls".to_string())],
+            acme_units - 7 + 5
+        );
+    }
+);
+
+both!(
+    /// A rejected event (a 400 other than "already exists") stays pending and does not block
+    /// other customers' usage; it is sent once Stripe accepts it.
+    rejected_event_stays_pending,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, meters).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.link_stripe_customer("globex", "cus_globex", "test").await.unwrap();
+        // Stripe refuses acme's event once (as for a customer it does not know); globex's, in
+        // the same run, is accepted.
+        stripe
+            .inner
+            .lock()
+            .unwrap()
+            .reject_customer
+            .insert("cus_acme".into(), 1);
+        l.insert_usage(&[
+            row("acme", "api_calls", 3, Days::minutes(10)),
+            row("globex", "api_calls", 4, Days::minutes(1)),
+        ])
+        .await
+        .unwrap();
+        for _ in 0..100 {
+            if unreported(&tg, "acme").await == 0 && unreported(&tg, "globex").await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!((unreported(&tg, "acme").await, unreported(&tg, "globex").await), (0, 0));
+        let calls = stripe.calls(METER_EVENTS);
+        let of = |cus: &str| -> Vec<(usize, u16, String)> {
+            calls
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.param("payload[stripe_customer_id]") == Some(cus))
+                .map(|(i, c)| (i, c.status, c.param("identifier").unwrap().to_string()))
+                .collect()
+        };
+        let (acme, globex) = (of("cus_acme"), of("cus_globex"));
+        assert_eq!(acme.iter().map(|c| c.1).collect::<Vec<_>>(), vec![400, 200]);
+        assert_eq!(acme[0].2, acme[1].2, "the refused event is resent as it was");
+        assert_eq!(globex.iter().map(|c| c.1).collect::<Vec<_>>(), vec![200]);
+        // globex did not wait for acme's refusal to be resolved.
+        assert!(globex[0].0 < acme[1].0, "{calls:?}");
+        let sums = sums(&stripe);
+        assert_eq!(sums[&("cus_acme".to_string(), "tg_api_calls".to_string())], 3);
+        assert_eq!(sums[&("cus_globex".to_string(), "tg_api_calls".to_string())], 4);
+    }
+);
+
+both!(
+    /// Meters are live config: giving a meter a `stripe_event_name` through the admin API starts
+    /// reporting its usage without a restart (and nothing is sent before).
+    live_meter_change_starts_reporting,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, |_| {}).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.insert_usage(&[row("acme", "api_calls", 5, Days::minutes(2))])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(stripe.calls(METER_EVENTS).is_empty());
+        assert_eq!(unreported(&tg, "acme").await, 1);
+
+        let current: serde_json::Value = tg
+            .client
+            .get(tg.admin_url("/admin/config"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut doc = current["document"].clone();
+        doc["meters"]["api_calls"]["stripe_event_name"] = serde_json::json!("ev_live");
+        let r = tg
+            .client
+            .put(tg.admin_url("/admin/config"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        for _ in 0..100 {
+            if unreported(&tg, "acme").await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(unreported(&tg, "acme").await, 0);
+        let want: BTreeMap<(String, String), i64> =
+            [(("cus_acme".to_string(), "ev_live".to_string()), 5)]
+                .into_iter()
+                .collect();
+        assert_eq!(sums(&stripe), want);
+    }
+);
