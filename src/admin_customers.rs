@@ -128,8 +128,11 @@ fn rfc3339(t: i64) -> Option<DateTime<Utc>> {
 #[derive(Debug, Serialize)]
 pub struct CustomerView {
     pub id: String,
-    /// The stored plan, else the plan the counters are under (the default plan).
+    /// The stored plan; `None` means the default plan (as in `PUT /admin/customers/{id}`).
     pub plan: Option<String>,
+    /// The plan whose quotas `usage` is measured against: the stored plan if the config knows
+    /// it, else the default plan.
+    pub quota_plan: Option<String>,
     /// The plan requests are served under now; `None` when they are refused (suspended,
     /// not in good standing).
     pub effective_plan: Option<String>,
@@ -199,9 +202,8 @@ async fn view_of(
     let effective = crate::entitle::resolve(config, ent, None, now).ok();
     Ok(CustomerView {
         id: id.to_string(),
-        plan: ent
-            .and_then(|e| e.plan.clone())
-            .or_else(|| plan.map(|p| p.name.clone())),
+        plan: ent.and_then(|e| e.plan.clone()),
+        quota_plan: plan.map(|p| p.name.clone()),
         effective_plan: effective.map(|p| p.name.clone()),
         status: ent.map_or(Status::Active, |e| e.status),
         status_since: ent.and_then(|e| e.status_since),

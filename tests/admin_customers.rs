@@ -108,7 +108,8 @@ both!(
         // Usage without an entitlement row: the default plan.
         calls(&tg, "bob", 2, 200).await;
         let v = get_json(&tg, "/admin/customers/bob").await;
-        assert_eq!((v["plan"].as_str(), v["stored"].as_bool()), (Some("free"), Some(false)));
+        assert_eq!((v["quota_plan"].as_str(), v["stored"].as_bool()), (Some("free"), Some(false)));
+        assert!(v["plan"].is_null(), "{v}");
         assert_eq!(meter(&v, "api_calls")["remaining"], 3);
 
         // Neither a row nor usage: 404 problem+json; no token: 401.
