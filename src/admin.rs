@@ -7,7 +7,7 @@
 
 use crate::entitle::{Entitlement, Status};
 use crate::ledger::Ledger;
-use crate::quota::{Period, QuotaStore};
+use crate::quota::QuotaStore;
 use crate::respond::PROBLEM_TYPE_PREFIX;
 use crate::state::Shared;
 use axum::extract::{Path, State};
@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::Arc;
 
 /// What the admin handlers need.
@@ -42,10 +42,16 @@ pub fn app(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/admin/customers/{id}", get(get_customer).put(put_customer))
+        .route(
+            "/admin/customers/{id}",
+            get(crate::admin_customers::get_customer).put(put_customer),
+        )
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
         .merge(crate::admin_config::routes())
         .merge(crate::stripe::admin::routes())
+        .merge(crate::admin_customers::routes())
+        .merge(crate::admin_usage::routes())
+        .merge(crate::alerts::routes())
         .with_state(state)
 }
 
@@ -137,81 +143,6 @@ pub struct CustomerPut {
     pub suspended: bool,
     /// When the status began (defaults to now when the status changes).
     pub status_since: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Serialize)]
-struct MeterUsage {
-    meter: String,
-    used: u64,
-    included: Option<u64>,
-    remaining: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-struct CustomerView {
-    id: String,
-    #[serde(flatten)]
-    entitlement: Entitlement,
-    effective_plan: Option<String>,
-    period_start: DateTime<Utc>,
-    period_end: DateTime<Utc>,
-    usage: Vec<MeterUsage>,
-}
-
-async fn get_customer(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return *r;
-    }
-    let ent = match s.ledger.get_customer(&id).await {
-        Ok(Some(e)) => e,
-        Ok(None) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "unknown-customer",
-                format!("no customer {id:?}"),
-            )
-        }
-        Err(e) => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ledger-unavailable",
-                e.to_string(),
-            )
-        }
-    };
-    let snap = s.shared.snapshot.load_full();
-    let now = Utc::now();
-    let plan = crate::entitle::resolve(&snap.config, Some(&ent), None, now).ok();
-    let period = Period::current(ent.period_start, ent.period_end, now);
-    let mut usage = Vec::new();
-    if let Some(plan) = plan {
-        for (meter, q) in &plan.quotas {
-            let used = s.store.used(&id, meter, period).await.unwrap_or(0);
-            let included = match q {
-                crate::config::Quota::Limited { included, .. } => Some(*included),
-                crate::config::Quota::Unlimited => None,
-            };
-            usage.push(MeterUsage {
-                meter: meter.clone(),
-                used,
-                included,
-                remaining: included.map(|i| i.saturating_sub(used)),
-            });
-        }
-    }
-    Json(CustomerView {
-        id,
-        effective_plan: plan.map(|p| p.name.clone()),
-        entitlement: ent,
-        period_start: DateTime::from_timestamp(period.start, 0).unwrap_or(now),
-        period_end: DateTime::from_timestamp(period.end, 0).unwrap_or(now),
-        usage,
-    })
-    .into_response()
 }
 
 async fn put_customer(

@@ -10,7 +10,11 @@
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, migrations.
 //! - [`admin`]: the admin listener (health, readiness, metrics, operator API).
+//! - [`admin_customers`]: customers' usage, suspension and credits (admin API);
+//!   [`admin_usage`]: usage reports from the ledger (JSON or CSV).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
+//! - [`selfservice`]: `GET /_tollgate/usage` on the proxy listener (the caller's own usage).
+//! - [`alerts`]: threshold alerts: crossing detection, signed webhook delivery, delivery log.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`upstream`]: upstream pools, round robin, health checks.
 //! - [`stripe`]: Stripe: webhooks (signature, idempotent event store, subscription → entitlement),
@@ -19,6 +23,9 @@
 //! - [`state`], [`metrics`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
 pub mod admin;
 pub mod admin_config;
+pub mod admin_customers;
+pub mod admin_usage;
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -31,6 +38,7 @@ pub mod proxy;
 pub mod quota;
 pub mod respond;
 pub mod route;
+pub mod selfservice;
 pub mod server;
 pub mod state;
 pub mod stripe;

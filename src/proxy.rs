@@ -265,6 +265,9 @@ impl Proxy {
             // An uncapped, unrated reservation is always granted.
             return Some(Denial::QuotaStoreUnavailable);
         };
+        if let Some(alerts) = &self.shared.alerts {
+            alerts.on_charge(plan, customer, &route.meter, period, route.cost, used);
+        }
         ctx.reserved = Some(Reserved {
             period,
             units: route.cost,
@@ -356,6 +359,16 @@ impl ProxyHttp for Proxy {
             return self
                 .deny(session, ctx, Denial::HeaderTooLarge { limit })
                 .await;
+        }
+
+        // Self-service usage (`GET /_tollgate/usage`): free, answered here, never forwarded.
+        match crate::selfservice::handle(&self.shared, &snap, session, &ctx.request_id).await? {
+            crate::selfservice::Outcome::NotMine => {}
+            crate::selfservice::Outcome::Served => {
+                ctx.decision = Decision::Unmetered;
+                return Ok(true);
+            }
+            crate::selfservice::Outcome::Denied(d) => return self.deny(session, ctx, d).await,
         }
 
         // 1. route

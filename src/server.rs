@@ -102,7 +102,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?
             .unwrap_or_else(|| fallback.clone());
 
-    let (shared, ledger, flusher, admin_listener) = control.block_on(async {
+    let (shared, ledger, flusher, admin_listener, alert_worker) = control.block_on(async {
         let ledger = ledger::open(&storage.database_url, storage.database_schema.as_deref())
             .await
             .with_context(|| format!("opening the ledger at {}", redact(&storage.database_url)))?;
@@ -128,6 +128,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
                 .await
                 .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?,
         };
+        let (alerts, alert_worker) = match alert_pipeline(&config, ledger.clone())? {
+            Some((a, w)) => (Some(a), Some(w)),
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             verifier: Arc::new(verifier),
@@ -136,9 +140,14 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             fallback,
             usage: sink,
             metrics,
+            alerts,
         });
-        anyhow::Ok((shared, ledger, flusher, listener))
+        anyhow::Ok((shared, ledger, flusher, listener, alert_worker))
     })?;
+    let alerts_stop = Arc::new(Notify::new());
+    if let Some(worker) = alert_worker {
+        control.spawn(worker.run(alerts_stop.clone()));
+    }
 
     let admin_addr = admin_listener.local_addr()?;
     let token = std::env::var(&config.admin.token_env)
@@ -293,6 +302,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     hup_stop.notify_one();
     counters_stop.notify_one();
     stripe_stop.notify_waiters();
+    alerts_stop.notify_one();
     let stats = control.block_on(async {
         let stats = flush_task.await;
         let _ = admin_task.await;
@@ -342,6 +352,25 @@ async fn maintain_counters(
             local.sweep(chrono::Utc::now().timestamp());
         }
     }
+}
+
+/// The threshold-alert queue and worker, when `[alerts]` is configured and its secret is set
+/// (without the secret nothing could be signed: alerts are off, loudly).
+fn alert_pipeline(
+    config: &crate::config::Config,
+    ledger: Arc<dyn crate::ledger::Ledger>,
+) -> anyhow::Result<Option<(crate::alerts::Alerts, crate::alerts::AlertWorker)>> {
+    let Some(settings) = &config.alerts else {
+        return Ok(None);
+    };
+    let secret = std::env::var(&settings.secret_env).unwrap_or_default();
+    if secret.is_empty() {
+        tracing::error!(env = %settings.secret_env, "alert secret not set: threshold alerts are off");
+        return Ok(None);
+    }
+    let pipeline = crate::alerts::pipeline(settings.clone(), secret.into_bytes(), ledger)
+        .context("building the alert webhook client")?;
+    Ok(Some(pipeline))
 }
 
 /// A database URL without its password, for messages.

@@ -65,4 +65,6 @@ pub struct Shared {
     pub fallback: Arc<MemoryStore>,
     pub usage: UsageSink,
     pub metrics: Arc<Metrics>,
+    /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
+    pub alerts: Option<crate::alerts::Alerts>,
 }

@@ -33,6 +33,8 @@ pub struct Config {
     pub default_plan: Option<String>,
     /// `None` when the file has no `[stripe]` section: webhooks and sync are off.
     pub stripe: Option<StripeSettings>,
+    /// `None` without an `[alerts]` section: threshold alerts are off.
+    pub alerts: Option<AlertSettings>,
     /// The raw document, kept to serve it back (admin API) and to version it.
     pub raw: RawConfig,
 }
@@ -96,6 +98,18 @@ pub struct StripeSettings {
     pub report_delay: Duration,
     /// Reconciler period; zero: only at start and via `POST /admin/stripe/sync`.
     pub sync_interval: Duration,
+}
+
+/// `[alerts]`: the threshold-alert webhook. Only the secret's env var *name* lives here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub webhook_url: String,
+    /// Env var holding the HMAC-SHA256 signing secret.
+    pub secret_env: String,
+    /// Deliveries tried at most this many times.
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled for each next one.
+    pub retry_backoff: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +193,8 @@ pub struct Plan {
     pub rank: i64,
     /// Shadow mode for every route this plan is used on (see [`Route::shadow`]).
     pub shadow: bool,
+    /// Percentages of `included` that send a threshold alert when crossed (ascending).
+    pub alerts: Vec<u32>,
 }
 
 /// One violated rule: the key path and what is wrong with it.
@@ -280,6 +296,9 @@ impl Config {
         if let Some(s) = &self.stripe {
             names.push(&s.webhook_secrets_env);
             names.push(&s.secret_key_env);
+        }
+        if let Some(a) = &self.alerts {
+            names.push(&a.secret_env);
         }
         names
             .into_iter()
@@ -534,6 +553,17 @@ impl Validator {
         };
         let auth = self.auth(&raw);
         let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans));
+        let alerts = raw.alerts.as_ref().map(|a| self.alerts(a));
+        if alerts.is_none() {
+            for (name, p) in &raw.plans {
+                if !p.alerts.is_empty() {
+                    self.err(
+                        format!("plans.{name}.alerts"),
+                        "needs an [alerts] section (webhook_url, secret_env)",
+                    );
+                }
+            }
+        }
 
         // Nothing to build a router from is not an error in itself, but a bad route is.
         Some(Config {
@@ -547,6 +577,7 @@ impl Validator {
             plans,
             default_plan,
             stripe,
+            alerts,
             raw,
         })
     }
@@ -650,6 +681,7 @@ impl Validator {
                     past_due_grace,
                     rank: p.rank.unwrap_or(0),
                     shadow: p.shadow.unwrap_or(false),
+                    alerts: self.alert_thresholds(&key, &p.alerts),
                 },
             );
         }
@@ -825,6 +857,52 @@ impl Validator {
             }
         }
         out
+    }
+
+    /// A plan's alert percentages: each 1–1000, no repeats; sorted ascending.
+    fn alert_thresholds(&mut self, key: &str, raw: &[i64]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, &t) in raw.iter().enumerate() {
+            if !(1..=1000).contains(&t) {
+                self.err(
+                    format!("{key}.alerts[{i}]"),
+                    format!("must be a percentage from 1 to 1000, got {t}"),
+                );
+            } else if out.contains(&(t as u32)) {
+                self.err(format!("{key}.alerts[{i}]"), format!("{t} is listed twice"));
+            } else {
+                out.push(t as u32);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn alerts(&mut self, a: &raw::RawAlerts) -> AlertSettings {
+        let url = a.webhook_url.clone().unwrap_or_default();
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            self.err(
+                "alerts.webhook_url",
+                format!("must start with https:// or http://, got {url:?}"),
+            );
+        }
+        let secret_env = a
+            .secret_env
+            .clone()
+            .unwrap_or_else(|| "TOLLGATE_ALERT_SECRET".into());
+        if secret_env.trim().is_empty() {
+            self.err("alerts.secret_env", "must not be empty");
+        }
+        let max_attempts = self
+            .positive("alerts.max_attempts".into(), a.max_attempts, 6)
+            .min(100) as u32;
+        let backoff = self.positive("alerts.retry_backoff_ms".into(), a.retry_backoff_ms, 1000);
+        AlertSettings {
+            webhook_url: url,
+            secret_env,
+            max_attempts,
+            retry_backoff: Duration::from_millis(backoff),
+        }
     }
 
     fn stripe(&mut self, s: &raw::RawStripe, plans: &BTreeMap<String, Plan>) -> StripeSettings {

@@ -21,6 +21,19 @@ pub struct RawConfig {
     pub plans: BTreeMap<String, RawPlan>,
     /// Absent: everything Stripe is off.
     pub stripe: Option<RawStripe>,
+    /// Threshold alert webhook (restart-only); absent: no alerts are sent.
+    pub alerts: Option<RawAlerts>,
+}
+
+/// `[alerts]`: where threshold alerts go and how they are signed (the secret's env var name).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawAlerts {
+    pub webhook_url: Option<String>,
+    pub secret_env: Option<String>,
+    pub max_attempts: Option<i64>,
+    /// Delay before the first retry, doubled for each next one.
+    pub retry_backoff_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -151,6 +164,9 @@ pub struct RawPlan {
     /// Higher wins when several plans apply (Stripe subscriptions with several prices).
     pub rank: Option<i64>,
     pub quotas: BTreeMap<String, RawQuota>,
+    /// Percentages of each limited meter's `included` that send one alert when crossed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

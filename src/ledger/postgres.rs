@@ -750,6 +750,115 @@ impl super::Ledger for PgLedger {
         .await
         .map_err(LedgerError::query("stripe_link"))
     }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            ["$1", "$2", "$3::text", "$4::text", "$5::text", "$6", "$7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(query.from)
+            .bind(query.to)
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT NULL is "no limit" on Postgres.
+            .bind((limit > 0).then_some(limit))
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
+
+    async fn claim_alert(&self, a: &super::AlertClaim) -> Result<Option<i64>, LedgerError> {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO alert_deliveries \
+             (customer, meter, period_start, threshold, plan, used, included) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (customer, meter, period_start, threshold) DO NOTHING RETURNING id",
+        )
+        .bind(&a.customer)
+        .bind(&a.meter)
+        .bind(a.period_start)
+        .bind(a.threshold as i32)
+        .bind(&a.plan)
+        .bind(a.used)
+        .bind(a.included)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("claim_alert"))
+    }
+
+    async fn record_alert_attempt(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: Option<&str>,
+        delivered: bool,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE alert_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
+             last_status = $2, last_error = $3, \
+             delivered_at = CASE WHEN $4 AND delivered_at IS NULL THEN now() ELSE delivered_at END \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status.map(i32::from))
+        .bind(error)
+        .bind(delivered)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("record_alert_attempt"))?;
+        Ok(())
+    }
+
+    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, customer, meter, period_start, threshold, plan, used, included, \
+             created_at, attempts, last_attempt_at, last_status, last_error, delivered_at \
+             FROM alert_deliveries ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("alert_deliveries"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| super::AlertDelivery {
+                id: r.get("id"),
+                alert: super::AlertClaim {
+                    customer: r.get("customer"),
+                    meter: r.get("meter"),
+                    period_start: r.get("period_start"),
+                    threshold: r.get::<i32, _>("threshold").max(0) as u32,
+                    plan: r.get("plan"),
+                    used: r.get("used"),
+                    included: r.get("included"),
+                },
+                created_at: r.get("created_at"),
+                attempts: i64::from(r.get::<i32, _>("attempts")),
+                last_attempt_at: r.get("last_attempt_at"),
+                last_status: r.get::<Option<i32>, _>("last_status").map(i64::from),
+                last_error: r.get("last_error"),
+                delivered_at: r.get("delivered_at"),
+            })
+            .collect())
+    }
 }
 
 fn pg_config_version(

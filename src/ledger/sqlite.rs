@@ -755,6 +755,126 @@ impl super::Ledger for SqliteLedger {
         .await
         .map_err(LedgerError::query("stripe_link"))
     }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "strftime('%Y-%m-%d', ts / 1000000, 'unixepoch')",
+            ["?1", "?2", "?3", "?4", "?5", "?6", "?7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(to_micros(query.from))
+            .bind(to_micros(query.to))
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT -1 is "no limit" on SQLite.
+            .bind(if limit > 0 { limit } else { -1 })
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
+
+    async fn claim_alert(&self, a: &super::AlertClaim) -> Result<Option<i64>, LedgerError> {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO alert_deliveries \
+             (customer, meter, period_start, threshold, plan, used, included) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (customer, meter, period_start, threshold) DO NOTHING RETURNING id",
+        )
+        .bind(&a.customer)
+        .bind(&a.meter)
+        .bind(to_micros(a.period_start))
+        .bind(i64::from(a.threshold))
+        .bind(&a.plan)
+        .bind(a.used)
+        .bind(a.included)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("claim_alert"))
+    }
+
+    async fn record_alert_attempt(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: Option<&str>,
+        delivered: bool,
+    ) -> Result<(), LedgerError> {
+        let now = to_micros(Utc::now());
+        sqlx::query(
+            "UPDATE alert_deliveries SET attempts = attempts + 1, last_attempt_at = ?2, \
+             last_status = ?3, last_error = ?4, \
+             delivered_at = CASE WHEN ?5 AND delivered_at IS NULL THEN ?2 ELSE delivered_at END \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(status.map(i64::from))
+        .bind(error)
+        .bind(delivered)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("record_alert_attempt"))?;
+        Ok(())
+    }
+
+    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, customer, meter, period_start, threshold, plan, used, included, \
+             created_at, attempts, last_attempt_at, last_status, last_error, delivered_at \
+             FROM alert_deliveries ORDER BY id DESC LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("alert_deliveries"))?;
+        let time = |us: Option<i64>| us.and_then(from_micros);
+        rows.into_iter()
+            .map(|r| {
+                let id: i64 = r.get("id");
+                let corrupt = |what: &str| LedgerError::Corrupt {
+                    table: "alert_deliveries",
+                    detail: format!("row {id} has {what} out of range"),
+                };
+                Ok(super::AlertDelivery {
+                    id,
+                    alert: super::AlertClaim {
+                        customer: r.get("customer"),
+                        meter: r.get("meter"),
+                        period_start: time(r.get("period_start"))
+                            .ok_or_else(|| corrupt("period_start"))?,
+                        threshold: r.get::<i64, _>("threshold").clamp(0, i64::from(u32::MAX))
+                            as u32,
+                        plan: r.get("plan"),
+                        used: r.get("used"),
+                        included: r.get("included"),
+                    },
+                    created_at: time(r.get("created_at")).ok_or_else(|| corrupt("created_at"))?,
+                    attempts: r.get("attempts"),
+                    last_attempt_at: time(r.get("last_attempt_at")),
+                    last_status: r.get("last_status"),
+                    last_error: r.get("last_error"),
+                    delivered_at: time(r.get("delivered_at")),
+                })
+            })
+            .collect()
+    }
 }
 
 fn sqlite_config_version(

@@ -1,0 +1,566 @@
+//! The customer admin API (issue 4), on the admin listener behind the admin bearer token:
+//!
+//! | call | does |
+//! | --- | --- |
+//! | `GET /admin/customers/{id}` | plan, status, period, suspension and per-meter usage this period |
+//! | `GET /admin/customers?over_limit=true&near_limit=0.8&limit=&after=` | customers near or over a limit |
+//! | `POST /admin/customers/{id}/suspend`, `/resume` | operator suspension (403 `suspended` on the proxy) |
+//! | `POST /admin/customers/{id}/credit` | `{meter, units, reason}`: gives units back for this period |
+//!
+//! Usage comes from the quota store (the real-time truth), for the customer's current period.
+//! Overage money is integer micros: overage units × the plan's `unit_price_micros`.
+//!
+//! A customer is *known* when the ledger has their entitlement row or the quota store has usage
+//! for them this period; reads and credits of anyone else answer 404 `unknown-customer`.
+//!
+//! Owns: these HTTP shapes and the usage summary (also served to customers themselves by
+//! `selfservice`). Entitlement writes go through the ledger, the in-process cache and the
+//! entitlement broadcast, exactly as `PUT /admin/customers/{id}` does.
+
+use crate::admin::{authorize, problem, AdminState};
+use crate::config::{Config, Plan, Quota};
+use crate::entitle::{Entitlement, Status};
+use crate::quota::{Period, QuotaStore};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+
+/// Default and largest page of `GET /admin/customers`.
+const PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+/// The customer routes, merged into the admin router.
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/admin/customers", get(list_customers))
+        .route("/admin/customers/{id}/suspend", post(suspend))
+        .route("/admin/customers/{id}/resume", post(resume))
+        .route("/admin/customers/{id}/credit", post(credit))
+}
+
+/// One meter's usage in the current period.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MeterUsage {
+    pub meter: String,
+    pub used: u64,
+    /// `None` for an unlimited meter (and then `remaining` too).
+    pub included: Option<u64>,
+    pub remaining: Option<u64>,
+    /// Units past `included` (billed when the plan allows overage).
+    pub overage_units: u64,
+    /// `overage_units × unit_price_micros`, saturating (integer micros, never floats).
+    pub overage_amount_micros: u64,
+    pub unit_price_micros: u64,
+}
+
+// === impl MeterUsage ===
+
+impl MeterUsage {
+    pub fn of(meter: &str, quota: &Quota, used: u64) -> MeterUsage {
+        let (included, price) = match quota {
+            Quota::Limited {
+                included,
+                unit_price_micros,
+                ..
+            } => (Some(*included), *unit_price_micros),
+            Quota::Unlimited => (None, 0),
+        };
+        let overage_units = included.map_or(0, |i| used.saturating_sub(i));
+        MeterUsage {
+            meter: meter.to_string(),
+            used,
+            included,
+            remaining: included.map(|i| i.saturating_sub(used)),
+            overage_units,
+            overage_amount_micros: overage_units.saturating_mul(price),
+            unit_price_micros: price,
+        }
+    }
+
+    /// Nothing left of a limited meter: `used ≥ included`.
+    fn over(&self) -> bool {
+        self.included.is_some_and(|i| self.used >= i)
+    }
+
+    /// `used ≥ included × bp / 10000`, in integers: `used × 10000 ≥ included × bp`.
+    fn near(&self, basis_points: u64) -> bool {
+        self.included.is_some_and(|i| {
+            u128::from(self.used) * 10_000 >= u128::from(i) * u128::from(basis_points)
+        })
+    }
+}
+
+/// The plan whose quotas apply to a customer's counters: their stored plan, else the default
+/// plan. Unlike `entitle::resolve` it ignores status and suspension (a suspended customer's
+/// usage is still worth reading).
+pub fn plan_of<'c>(config: &'c Config, ent: Option<&Entitlement>) -> Option<&'c Plan> {
+    ent.and_then(|e| e.plan.as_deref())
+        .and_then(|p| config.plans.get(p))
+        .or_else(|| config.default_plan())
+}
+
+/// Per-meter usage of `customer` under `plan` in `period`, read from `store`.
+pub async fn usage(
+    store: &dyn QuotaStore,
+    plan: &Plan,
+    customer: &str,
+    period: Period,
+) -> Result<Vec<MeterUsage>, crate::quota::QuotaError> {
+    let mut out = Vec::with_capacity(plan.quotas.len());
+    for (meter, q) in &plan.quotas {
+        let used = store.used(customer, meter, period).await?;
+        out.push(MeterUsage::of(meter, q, used));
+    }
+    Ok(out)
+}
+
+fn rfc3339(t: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t, 0)
+}
+
+/// `GET /admin/customers/{id}`.
+#[derive(Debug, Serialize)]
+pub struct CustomerView {
+    pub id: String,
+    /// The stored plan; `None` means the default plan (as in `PUT /admin/customers/{id}`).
+    pub plan: Option<String>,
+    /// The plan whose quotas `usage` is measured against: the stored plan if the config knows
+    /// it, else the default plan.
+    pub quota_plan: Option<String>,
+    /// The plan requests are served under now; `None` when they are refused (suspended,
+    /// not in good standing).
+    pub effective_plan: Option<String>,
+    pub status: Status,
+    pub status_since: Option<DateTime<Utc>>,
+    pub suspended: bool,
+    /// The ledger has an entitlement row for the customer.
+    pub stored: bool,
+    /// The current quota period `[start, end)`.
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
+    pub usage: Vec<MeterUsage>,
+}
+
+/// What went wrong building a view.
+enum ViewError {
+    Unknown,
+    Ledger(crate::ledger::LedgerError),
+    Store(crate::quota::QuotaError),
+}
+
+fn view_error(id: &str, e: ViewError) -> Response {
+    match e {
+        ViewError::Unknown => problem(
+            StatusCode::NOT_FOUND,
+            "unknown-customer",
+            format!("no customer {id:?}: no entitlement and no usage this period"),
+        ),
+        ViewError::Ledger(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger-unavailable",
+            e.to_string(),
+        ),
+        ViewError::Store(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "quota-store-unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// The view of one customer given their stored entitlement (if any); `Unknown` when there is
+/// neither an entitlement nor usage this period.
+async fn view_of(
+    s: &AdminState,
+    id: &str,
+    ent: Option<&Entitlement>,
+) -> Result<CustomerView, ViewError> {
+    let snap = s.shared.snapshot.load_full();
+    let config = &snap.config;
+    let now = Utc::now();
+    let period = Period::current(
+        ent.and_then(|e| e.period_start),
+        ent.and_then(|e| e.period_end),
+        now,
+    );
+    let plan = plan_of(config, ent);
+    let usage = match plan {
+        Some(p) => usage(s.store.as_ref(), p, id, period)
+            .await
+            .map_err(ViewError::Store)?,
+        None => Vec::new(),
+    };
+    if ent.is_none() && usage.iter().all(|m| m.used == 0) {
+        return Err(ViewError::Unknown);
+    }
+    let effective = crate::entitle::resolve(config, ent, None, now).ok();
+    Ok(CustomerView {
+        id: id.to_string(),
+        plan: ent.and_then(|e| e.plan.clone()),
+        quota_plan: plan.map(|p| p.name.clone()),
+        effective_plan: effective.map(|p| p.name.clone()),
+        status: ent.map_or(Status::Active, |e| e.status),
+        status_since: ent.and_then(|e| e.status_since),
+        suspended: ent.is_some_and(|e| e.suspended),
+        stored: ent.is_some(),
+        period_start: rfc3339(period.start),
+        period_end: rfc3339(period.end),
+        usage,
+    })
+}
+
+async fn stored(s: &AdminState, id: &str) -> Result<Option<Entitlement>, ViewError> {
+    s.ledger.get_customer(id).await.map_err(ViewError::Ledger)
+}
+
+/// `GET /admin/customers/{id}`.
+pub async fn get_customer(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let ent = match stored(&s, &id).await {
+        Ok(e) => e,
+        Err(e) => return view_error(&id, e),
+    };
+    match view_of(&s, &id, ent.as_ref()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => view_error(&id, e),
+    }
+}
+
+/// The filter of `GET /admin/customers`: a customer matches when any limited meter matches
+/// any given condition (no condition: everyone).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Filter {
+    over_limit: bool,
+    /// `near_limit` in basis points of `included` (0.8 → 8000).
+    near_limit: Option<u64>,
+}
+
+// === impl Filter ===
+
+impl Filter {
+    fn matches(&self, usage: &[MeterUsage]) -> bool {
+        if !self.over_limit && self.near_limit.is_none() {
+            return true;
+        }
+        usage
+            .iter()
+            .any(|m| (self.over_limit && m.over()) || self.near_limit.is_some_and(|bp| m.near(bp)))
+    }
+}
+
+/// A decimal fraction `0 ≤ x ≤ 1` with at most 4 decimals, in basis points, without floats.
+fn basis_points(s: &str) -> Option<u64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if frac.len() > 4 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let mut f: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    for _ in frac.len()..4 {
+        f *= 10;
+    }
+    let bp = int.checked_mul(10_000)?.checked_add(f)?;
+    (bp <= 10_000).then_some(bp)
+}
+
+fn bad_query(detail: String) -> Response {
+    problem(StatusCode::BAD_REQUEST, "invalid-query", detail)
+}
+
+/// `GET /admin/customers`: customers with an entitlement row, by id, paged with `after` (the
+/// last id of the previous page) and `limit`; `next` is the `after` of the next page.
+async fn list_customers(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let mut filter = Filter::default();
+    match q.get("over_limit").map(String::as_str) {
+        None | Some("false") => {}
+        Some("true") => filter.over_limit = true,
+        Some(o) => return bad_query(format!("over_limit must be true or false, got {o:?}")),
+    }
+    if let Some(n) = q.get("near_limit") {
+        match basis_points(n) {
+            Some(bp) => filter.near_limit = Some(bp),
+            None => {
+                return bad_query(format!(
+                    "near_limit must be a fraction from 0 to 1 with at most 4 decimals, got {n:?}"
+                ))
+            }
+        }
+    }
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => PAGE,
+        Some(Ok(l)) if (1..=MAX_PAGE).contains(&l) => l,
+        Some(_) => return bad_query(format!("limit must be an integer from 1 to {MAX_PAGE}")),
+    };
+    let after = q.get("after").cloned().unwrap_or_default();
+    let mut all = match s.ledger.all_customers().await {
+        Ok(a) => a,
+        Err(e) => return view_error("", ViewError::Ledger(e)),
+    };
+    // Byte order, the order `after` compares in (a database collation may order differently).
+    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut page = Vec::new();
+    let mut next = None;
+    for (id, ent) in all.iter().filter(|(id, _)| id.as_str() > after.as_str()) {
+        let v = match view_of(&s, id, Some(ent)).await {
+            Ok(v) => v,
+            Err(e) => return view_error(id, e),
+        };
+        if !filter.matches(&v.usage) {
+            continue;
+        }
+        if page.len() == limit {
+            next = page.last().map(|v: &CustomerView| v.id.clone());
+            break;
+        }
+        page.push(v);
+    }
+    Json(json!({ "customers": page, "next": next })).into_response()
+}
+
+/// Writes a changed entitlement like `PUT /admin/customers/{id}`: ledger, local cache, audit,
+/// broadcast to the other instances.
+async fn store_entitlement(
+    s: &AdminState,
+    headers: &HeaderMap,
+    id: &str,
+    action: &str,
+    previous: Option<&Entitlement>,
+    ent: &Entitlement,
+) -> Result<(), Response> {
+    s.ledger.put_customer(id, ent).await.map_err(|e| {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger-unavailable",
+            e.to_string(),
+        )
+    })?;
+    s.shared.entitlements.put(id, ent.clone());
+    let json = |e: &Entitlement| serde_json::to_string(e).ok();
+    crate::admin_config::record_audit(
+        s,
+        headers,
+        action,
+        format!("customers/{id}"),
+        previous.and_then(json),
+        json(ent),
+    )
+    .await;
+    if let Some(sync) = &s.sync {
+        if let Err(e) = sync.publish(id).await {
+            // The other instances still converge at their next full reload.
+            tracing::warn!(error = %e, customer = %id, "could not broadcast entitlement change");
+        }
+    }
+    Ok(())
+}
+
+/// `POST /admin/customers/{id}/suspend`: creates the entitlement row when there is none (an
+/// operator may block an id before it ever calls, e.g. a leaked token).
+async fn suspend(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    set_suspended(s, headers, id, true).await
+}
+
+/// `POST /admin/customers/{id}/resume`: 404 for a customer without an entitlement row.
+async fn resume(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    set_suspended(s, headers, id, false).await
+}
+
+async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended: bool) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let previous = match stored(&s, &id).await {
+        Ok(p) => p,
+        Err(e) => return view_error(&id, e),
+    };
+    let now = Utc::now();
+    let mut ent = match (&previous, suspended) {
+        (Some(p), _) => p.clone(),
+        (None, true) => Entitlement {
+            plan: None,
+            status: Status::Active,
+            status_since: Some(now),
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: now,
+        },
+        (None, false) => return view_error(&id, ViewError::Unknown),
+    };
+    ent.suspended = suspended;
+    // Strictly newer than what the caches hold, so the change wins everywhere.
+    ent.updated_at = now.max(ent.updated_at + chrono::Duration::microseconds(1));
+    let action = if suspended {
+        "customer.suspend"
+    } else {
+        "customer.resume"
+    };
+    if let Err(r) = store_entitlement(&s, &headers, &id, action, previous.as_ref(), &ent).await {
+        return r;
+    }
+    tracing::info!(customer = %id, suspended, "customer suspension set");
+    match view_of(&s, &id, Some(&ent)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => view_error(&id, e),
+    }
+}
+
+/// Body of `POST /admin/customers/{id}/credit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credit {
+    meter: String,
+    units: u64,
+    reason: String,
+}
+
+/// `POST /admin/customers/{id}/credit`: lowers the customer's counter for `meter` this period by
+/// `units` (never below 0, so a credit cannot bank units for later), audited with the counter
+/// before and after. The ledger keeps what was charged; the audit row explains the difference.
+async fn credit(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let c: Credit = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+    };
+    let mut errors = Vec::new();
+    if c.units == 0 || c.units > i64::MAX as u64 {
+        errors.push("units: must be an integer ≥ 1".to_string());
+    }
+    if c.reason.trim().is_empty() || c.reason.len() > 500 {
+        errors.push("reason: must be 1-500 characters".to_string());
+    }
+    let ent = match stored(&s, &id).await {
+        Ok(e) => e,
+        Err(e) => return view_error(&id, e),
+    };
+    let before = match view_of(&s, &id, ent.as_ref()).await {
+        Ok(v) => v,
+        Err(e) => return view_error(&id, e),
+    };
+    let Some(meter) = before.usage.iter().find(|m| m.meter == c.meter) else {
+        errors.push(format!(
+            "meter: {:?} is not a meter of the customer's plan",
+            c.meter
+        ));
+        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
+    };
+    if !errors.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
+    }
+    let period = Period::current(
+        ent.as_ref().and_then(|e| e.period_start),
+        ent.as_ref().and_then(|e| e.period_end),
+        Utc::now(),
+    );
+    let used_before = meter.used;
+    let used_after = match s
+        .store
+        .adjust(&id, &c.meter, period, -(c.units as i64))
+        .await
+    {
+        Ok(u) => u,
+        Err(e) => return view_error(&id, ViewError::Store(e)),
+    };
+    crate::admin_config::record_audit(
+        &s,
+        &headers,
+        "customer.credit",
+        format!("customers/{id}"),
+        Some(json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_before}).to_string()),
+        Some(json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_after, "units": c.units, "reason": c.reason}).to_string()),
+    )
+    .await;
+    tracing::info!(customer = %id, meter = %c.meter, units = c.units, used_before, used_after, reason = %c.reason, "credit granted");
+    Json(json!({
+        "customer": id,
+        "meter": c.meter,
+        "units": c.units,
+        "used_before": used_before,
+        "used_after": used_after,
+        "period_start": rfc3339(period.start),
+        "period_end": rfc3339(period.end),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fractions become basis points exactly; anything else is refused.
+    #[test]
+    fn near_limit_parses_without_floats() {
+        assert_eq!(basis_points("0.8"), Some(8000));
+        assert_eq!(basis_points(".95"), Some(9500));
+        assert_eq!(basis_points("1"), Some(10_000));
+        assert_eq!(basis_points("0.1234"), Some(1234));
+        assert_eq!(basis_points("0"), Some(0));
+        for bad in ["", ".", "1.5", "0.12345", "-0.5", "abc", "0.8e1", "2"] {
+            assert_eq!(basis_points(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Overage is units past `included` times the unit price, in integer micros.
+    #[test]
+    fn overage_in_micros() {
+        let q = Quota::Limited {
+            included: 1000,
+            overage: true,
+            unit_price_micros: 20_000,
+        };
+        let m = MeterUsage::of("api_calls", &q, 1003);
+        assert_eq!(
+            (m.remaining, m.overage_units, m.overage_amount_micros),
+            (Some(0), 3, 60_000)
+        );
+        assert!(m.over());
+        let m = MeterUsage::of("api_calls", &q, 800);
+        assert_eq!((m.remaining, m.overage_units), (Some(200), 0));
+        assert!(m.near(8000) && !m.near(8001) && !m.over());
+        let m = MeterUsage::of("tokens", &Quota::Unlimited, 5);
+        assert_eq!((m.included, m.remaining), (None, None));
+        assert!(!m.over() && !m.near(0));
+    }
+}

@@ -1,0 +1,119 @@
+//! Self-service usage on the proxy listener (issue 4): `GET /_tollgate/usage` with the caller's
+//! own JWT answers their plan, status, current period and per-meter usage as JSON.
+//!
+//! The customer is the token's, never a parameter, so nobody can read another customer's usage.
+//! The call is free: answered in `request_filter` before routing, it reserves nothing, charges
+//! nothing and writes no ledger row (`logging` sees no route). A bad token is 401 exactly as on
+//! any route. A suspended or lapsed customer still sees their usage (with `suspended` /
+//! `effective_plan: null`): reading what was used helps them more than a bare 403 would.
+//!
+//! Owns: this path and its JSON shape (the usage summary is `admin_customers`'s, so operator and
+//! customer see the same numbers). Must not touch: reservations, the usage pipeline.
+
+use crate::admin_customers::{plan_of, usage, MeterUsage};
+use crate::entitle::Status;
+use crate::quota::Period;
+use crate::respond::Denial;
+use crate::state::{Shared, Snapshot};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::Method;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde::Serialize;
+
+/// The self-service path (reserved: a route with this path is never reached with GET).
+pub const PATH: &str = "/_tollgate/usage";
+
+/// What [`handle`] did with a request.
+pub enum Outcome {
+    /// Not a self-service request: go on routing.
+    NotMine,
+    /// Answered (200 written).
+    Served,
+    /// Refused: the caller writes the denial as on any route.
+    Denied(Denial),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    customer: &'a str,
+    plan: Option<&'a str>,
+    effective_plan: Option<&'a str>,
+    status: Status,
+    suspended: bool,
+    period_start: Option<DateTime<Utc>>,
+    period_end: Option<DateTime<Utc>>,
+    usage: Vec<MeterUsage>,
+}
+
+/// Answers `GET /_tollgate/usage`; anything else is [`Outcome::NotMine`].
+pub async fn handle(
+    shared: &Shared,
+    snap: &Snapshot,
+    session: &mut Session,
+    request_id: &str,
+) -> pingora::Result<Outcome> {
+    let req = session.req_header();
+    if req.method != Method::GET || req.uri.path() != PATH {
+        return Ok(Outcome::NotMine);
+    }
+    let authorization = req.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+    let identity = match shared.verifier.verify(authorization).await {
+        Ok(id) => id,
+        Err(e) => {
+            return Ok(Outcome::Denied(Denial::InvalidToken {
+                description: e.description(),
+                missing: e.is_missing(),
+            }))
+        }
+    };
+    let config = &snap.config;
+    let ent = shared.entitlements.get(&identity.customer);
+    let now = Utc::now();
+    let period = ent.as_deref().map_or_else(
+        || Period::calendar_month(now),
+        |e| Period::current(e.period_start, e.period_end, now),
+    );
+    let plan = identity
+        .plan
+        .as_deref()
+        .and_then(|p| config.plans.get(p))
+        .or_else(|| plan_of(config, ent.as_deref()));
+    let meters = match plan {
+        Some(p) => match usage(shared.store.as_ref(), p, &identity.customer, period).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "self-service usage: quota store unavailable");
+                return Ok(Outcome::Denied(Denial::QuotaStoreUnavailable));
+            }
+        },
+        None => Vec::new(),
+    };
+    let effective = crate::entitle::resolve(config, ent.as_deref(), identity.plan.as_deref(), now)
+        .ok()
+        .map(|p| p.name.as_str());
+    let body = Body {
+        customer: &identity.customer,
+        plan: plan.map(|p| p.name.as_str()),
+        effective_plan: effective,
+        status: ent.as_deref().map_or(Status::Active, |e| e.status),
+        suspended: ent.as_deref().is_some_and(|e| e.suspended),
+        period_start: DateTime::from_timestamp(period.start, 0),
+        period_end: DateTime::from_timestamp(period.end, 0),
+        usage: meters,
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    let mut head = ResponseHeader::build(200, Some(4))?;
+    head.insert_header(CONTENT_TYPE, "application/json")?;
+    head.insert_header(CONTENT_LENGTH, json.len())?;
+    // Usage changes with every call: never serve it from a cache.
+    head.insert_header(CACHE_CONTROL, "no-store")?;
+    head.insert_header(crate::proxy::REQUEST_ID_HEADER, request_id)?;
+    session.write_response_header(Box::new(head), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(json)), true)
+        .await?;
+    Ok(Outcome::Served)
+}

@@ -1,0 +1,86 @@
+//! Self-service usage on the proxy listener (issue 4): `GET /_tollgate/usage` shows the caller
+//! their own plan, period and usage, costs nothing, and never shows another customer.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+async fn own_usage(tg: &Tollgate, customer: &str, query: &str) -> Value {
+    let r = tg
+        .get(&format!("/_tollgate/usage{query}"), Some(customer))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    r.json().await.unwrap()
+}
+
+fn api_calls(v: &Value) -> &Value {
+    v["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["meter"] == "api_calls")
+        .unwrap()
+}
+
+both!(
+    /// Two customers each see only their own numbers (whatever the query asks); reading is free:
+    /// no quota unit, no upstream call and no ledger row, even at the quota's end.
+    own_usage_only_and_free,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        assert_eq!(tg.put_customer("ada", json!({"plan": "pro"})).await.status(), 200);
+        for _ in 0..2 {
+            assert_eq!(tg.get("/signals", Some("ada")).await.status(), 200);
+        }
+        for _ in 0..5 {
+            assert_eq!(tg.get("/signals", Some("bob")).await.status(), 200);
+        }
+        assert_eq!(tg.get("/signals", Some("bob")).await.status(), 429);
+        let hits = up.hits();
+
+        let a = own_usage(&tg, "ada", "?customer=bob").await;
+        assert_eq!((a["customer"].as_str(), a["plan"].as_str()), (Some("ada"), Some("pro")));
+        assert_eq!((&api_calls(&a)["used"], &api_calls(&a)["included"]), (&json!(2), &json!(1000)));
+        let month = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+        let end = chrono::DateTime::parse_from_rfc3339(a["period_end"].as_str().unwrap()).unwrap();
+        assert_eq!(end.timestamp(), month.end);
+
+        for _ in 0..3 {
+            let v = own_usage(&tg, "bob", "").await;
+            assert_eq!((v["customer"].as_str(), v["plan"].as_str()), (Some("bob"), Some("free")));
+            assert_eq!((&api_calls(&v)["used"], &api_calls(&v)["remaining"]), (&json!(5), &json!(0)));
+        }
+        assert_eq!(up.hits(), hits, "self-service reached the upstream");
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("bob", "api_calls").await, Some(5));
+            assert_eq!(tg.redis_used("ada", "api_calls").await, Some(2));
+        }
+        // One more real call of ada's: once its row is in, the ledger holds exactly the real calls.
+        assert_eq!(tg.get("/signals", Some("ada")).await.status(), 200);
+        assert_eq!(tg.wait_ledger("ada", 3).await, (3, 3));
+        assert_eq!(tg.wait_ledger("bob", 5).await, (5, 5));
+        assert_eq!(api_calls(&own_usage(&tg, "ada", "").await)["used"], 3);
+    }
+);
+
+both!(
+    /// Without a valid token it is 401 `invalid-token`, as on any route.
+    needs_a_valid_token,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        let (status, ty, _) = problem(tg.get("/_tollgate/usage", None).await).await;
+        assert_eq!((status, ty.as_str()), (401, "urn:tollgate:problem:invalid-token"));
+        let mut forged = claims("ada");
+        forged["aud"] = json!("other");
+        let r = tg.get_with_token("/_tollgate/usage", &sign(&forged)).await;
+        assert!(r.headers().contains_key("www-authenticate"));
+        assert_eq!(problem(r).await.0, 401);
+        assert_eq!(up.hits(), 0);
+    }
+);
