@@ -105,6 +105,8 @@ pub struct Reporter {
     events: prometheus::IntCounterVec,
     too_old_rows: prometheus::IntCounter,
     unlinked_rows: prometheus::IntGauge,
+    /// Reporter lag, the Prometheus way: `time() - tollgate_stripe_reporter_last_success_…`.
+    last_success: prometheus::IntGauge,
 }
 
 // === impl Reporter ===
@@ -133,6 +135,12 @@ impl Reporter {
             "tollgate_stripe_unlinked_usage_rows",
             "Unreported usage rows of customers with no Stripe link (reported once linked)",
         )?;
+        let last_success = prometheus::IntGauge::new(
+            "tollgate_stripe_reporter_last_success_timestamp_seconds",
+            "Unix time of the reporter's last run that met no transient Stripe or ledger failure \
+             (reporter lag = time() - this)",
+        )?;
+        registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(too_old_rows.clone()))?;
         registry.register(Box::new(unlinked_rows.clone()))?;
@@ -146,6 +154,7 @@ impl Reporter {
             events,
             too_old_rows,
             unlinked_rows,
+            last_success,
         })
     }
 
@@ -166,6 +175,9 @@ impl Reporter {
                 Ok(stats) => {
                     if stats.claimed + stats.delivered + stats.duplicates > 0 {
                         tracing::info!(?stats, "usage reported to Stripe");
+                    }
+                    if stats.transient.is_none() {
+                        self.last_success.set(Utc::now().timestamp());
                     }
                     stats.transient.is_some()
                 }
