@@ -99,12 +99,14 @@ pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), B
 async fn readyz(State(s): State<AdminState>) -> Response {
     let store = s.store.ping().await;
     let ledger = s.ledger.ping().await;
+    // Version 0 is the file as parsed, before the ledger numbered it (liveconfig): not loaded yet.
+    let version = s.shared.snapshot.load().version;
     let body = serde_json::json!({
         "quota_store": store.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
         "ledger": ledger.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-        "config_version": s.shared.snapshot.load().version,
+        "config_version": version,
     });
-    let status = if store.is_ok() && ledger.is_ok() {
+    let status = if store.is_ok() && ledger.is_ok() && version > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -421,3 +421,18 @@ both!(
         assert_eq!(tg.ledger_usage("late").await, (1, 1));
     }
 );
+
+both!(
+    /// A running instance is ready: quota store and ledger answer and the config is loaded
+    /// (numbered by the ledger: version ≥ 1). `/healthz` needs no token.
+    readyz_reports_store_ledger_and_config,
+    |b| {
+        let (tg, _up) = setup(b).await;
+        assert_eq!(tg.client.get(tg.admin_url("/healthz")).send().await.unwrap().status(), 200);
+        let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!((body["quota_store"].as_str(), body["ledger"].as_str()), (Some("ok"), Some("ok")));
+        assert!(body["config_version"].as_u64().unwrap() >= 1, "{body}");
+    }
+);
