@@ -20,7 +20,9 @@ const FULL_RELOAD: Duration = Duration::from_secs(60);
 pub struct EntitlementSync {
     client: redis::Client,
     channel: String,
-    publisher: OnceCell<redis::aio::MultiplexedConnection>,
+    /// Reconnects after Redis restarts (a plain multiplexed connection stays dead, and every
+    /// later change would reach other instances only through the 60 s full reload).
+    publisher: OnceCell<redis::aio::ConnectionManager>,
 }
 
 // === impl EntitlementSync ===
@@ -34,18 +36,20 @@ impl EntitlementSync {
         })
     }
 
-    /// Tells every instance that `customer` changed in the ledger.
+    /// Tells every instance that `customer` changed in the ledger. One retry: the call that
+    /// finds the connection broken fails and makes the manager reconnect.
     pub async fn publish(&self, customer: &str) -> redis::RedisResult<()> {
         let conn = self
             .publisher
-            .get_or_try_init(|| self.client.get_multiplexed_async_connection())
+            .get_or_try_init(|| self.client.get_connection_manager())
             .await?;
         let mut conn = conn.clone();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(customer)
-            .query_async(&mut conn)
-            .await?;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.channel).arg(customer);
+        let first: redis::RedisResult<i64> = publish.query_async(&mut conn).await;
+        if first.is_err() {
+            let _: i64 = publish.query_async(&mut conn).await?;
+        }
         Ok(())
     }
 
