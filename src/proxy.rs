@@ -67,6 +67,9 @@ pub struct Ctx {
     upstream_failed: bool,
     /// Exact cost reported by the upstream, when the route asks for it and the value is valid.
     actual_cost: Option<u64>,
+    /// Wall-clock time the charge was decided at: the quota period was chosen by it, and the
+    /// ledger row carries it, so both agree on the period even for a call that ends in the next.
+    arrived: Option<chrono::DateTime<chrono::Utc>>,
     /// The denial shadow mode waived (the last one, when several applied).
     shadowed: Option<Decision>,
 }
@@ -81,7 +84,7 @@ impl Ctx {
     fn record_usage(&mut self, route: &Route, units: u64, status: u16) {
         let event = UsageEvent {
             id: uuid::Uuid::now_v7(),
-            ts: chrono::Utc::now(),
+            ts: self.arrived.unwrap_or_else(chrono::Utc::now),
             customer: self.customer.take().unwrap_or_default(),
             meter: route.meter.clone(),
             units: units as i64,
@@ -156,6 +159,7 @@ impl Proxy {
         // 3. entitle
         let ent = self.shared.entitlements.get(&identity.customer);
         let now = chrono::Utc::now();
+        ctx.arrived = Some(now);
         let plan =
             match entitle::resolve(&snap.config, ent.as_deref(), identity.plan.as_deref(), now) {
                 Ok(p) => p,
@@ -337,6 +341,7 @@ impl ProxyHttp for Proxy {
             upstream_status: None,
             upstream_failed: false,
             actual_cost: None,
+            arrived: None,
             shadowed: None,
         }
     }

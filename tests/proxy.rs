@@ -436,3 +436,25 @@ both!(
         assert!(body["config_version"].as_u64().unwrap() >= 1, "{body}");
     }
 );
+
+/// A ledger row carries the time the call was charged (its quota period's clock), not the time
+/// it finished: a slow call must not land in the next period's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_row_is_stamped_when_the_call_was_charged() {
+    let (tg, _up) = setup(Backend::Shared).await;
+    let sent = chrono::Utc::now();
+    assert_eq!(tg.get("/slow", Some("stamp")).await.status(), 200); // the upstream takes 5 s
+    tg.wait_ledger("stamp", 1).await;
+    let pool = tg.pg().await;
+    let (ts,): (chrono::DateTime<chrono::Utc>,) =
+        sqlx::query_as("SELECT ts FROM usage_events WHERE customer = 'stamp'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    let after_send = (ts - sent).num_milliseconds();
+    assert!(
+        (0..1000).contains(&after_send),
+        "row stamped {after_send} ms after the call was sent"
+    );
+}

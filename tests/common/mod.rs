@@ -448,7 +448,7 @@ impl Tollgate {
         }
     }
 
-    async fn pg(&self) -> sqlx::PgPool {
+    pub async fn pg(&self) -> sqlx::PgPool {
         use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
         use std::str::FromStr;
         let opts = PgConnectOptions::from_str(&self.database_url)
