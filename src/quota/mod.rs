@@ -2,7 +2,7 @@
 //!
 //! Owns: billing periods, the atomic "check every limit and charge" operation, refunds and
 //! adjustments. Two implementations behind [`QuotaStore`]: [`redis::RedisStore`] (production,
-//! shared by many instances, one Lua round trip per request) and [`memory::MemoryStore`]
+//! shared by many instances, one Lua call per batch of waiting requests) and [`memory::MemoryStore`]
 //! (embedded default and the fail-open fallback).
 //! Must not touch: plans or entitlements (callers pass plain numbers), HTTP, the ledger.
 
@@ -93,6 +93,9 @@ pub enum QuotaError {
     Redis(#[from] ::redis::RedisError),
     #[error("quota store answered something unexpected: {0}")]
     Protocol(String),
+    /// A batched call failed; every request in the batch gets the message.
+    #[error("quota store: {0}")]
+    Batch(String),
 }
 
 /// Real-time counters. Implementations must make `reserve` atomic: N concurrent reservations

@@ -1,7 +1,12 @@
 //! Redis quota store: counters shared by every tollgate instance.
 //!
-//! One `EVALSHA` per request (`reserve.lua`) checks the customer's rate (GCRA on Redis's clock, so
-//! instances agree) and the meter's cap, and charges only if both pass. Keys look like
+//! `reserve.lua` checks a customer's rate (GCRA on Redis's clock, so instances agree) and the
+//! meter's cap, and charges only if both pass. On a single server, reservations are batched: one
+//! task per store sends whatever requests are waiting as one `EVALSHA` and, while it waits for the
+//! answer, the next batch gathers. The script decides the requests one after the other, each as
+//! if alone, so batching changes nothing about exactness; it divides Redis's per-script cost and
+//! the syscalls by the batch size (the latency a request can wait is one batch's round trip). On
+//! a cluster a batch would span slots, so each request is its own call. Keys look like
 //! `{prefix}:{customer}:q:{meter}:{period_start}` and `{prefix}:{customer}:r`: the `{customer}`
 //! hash tag keeps a customer's keys in one slot (Redis Cluster). Counters expire a day after
 //! their period ends. Every call has a deadline (`redis_timeout`): a hang is an outage, and the
@@ -18,7 +23,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisResult, Script, ScriptInvocation};
 use std::sync::LazyLock;
 use std::time::Duration;
-use tokio::sync::OnceCell;
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("adjust.lua")));
@@ -26,9 +31,21 @@ static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("adj
 /// Counters outlive their period by a day so late refunds and reports still find them.
 const EXPIRY_SLACK_SECS: i64 = 86_400;
 
+/// Most reservations in one `EVALSHA` (bounds one call's time inside Redis).
+const BATCH_MAX: usize = 64;
+
+/// One reservation waiting for the batcher: two keys, five arguments (see `reserve.lua`).
+struct Job {
+    keys: [String; 2],
+    args: [i64; 5],
+    reply: oneshot::Sender<Result<(i64, i64), QuotaError>>,
+}
+
 pub struct RedisStore {
     target: Target,
     conn: OnceCell<Conn>,
+    /// Single server only: the batcher's queue, started on first use.
+    batcher: OnceCell<mpsc::Sender<Job>>,
     prefix: String,
     timeout: Duration,
 }
@@ -92,6 +109,7 @@ impl RedisStore {
         Ok(RedisStore {
             target,
             conn: OnceCell::new(),
+            batcher: OnceCell::new(),
             prefix: prefix.to_string(),
             timeout,
         })
@@ -180,15 +198,61 @@ impl QuotaStore for RedisStore {
             _ => (0, 0),
         };
         let cap: i64 = c.cap.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
-        let mut inv = RESERVE.prepare_invoke();
-        inv.key(self.quota_key(c.customer, c.meter, c.period))
-            .key(self.rate_key(c.customer))
-            .arg(c.cost)
-            .arg(cap)
-            .arg(c.period.end + EXPIRY_SLACK_SECS)
-            .arg(interval_us)
-            .arg(tolerance_us);
-        let (code, value): (i64, i64) = self.with_deadline(conn.invoke(&inv)).await?;
+        let keys = [
+            self.quota_key(c.customer, c.meter, c.period),
+            self.rate_key(c.customer),
+        ];
+        let args = [
+            c.cost.min(i64::MAX as u64) as i64,
+            cap,
+            c.period.end + EXPIRY_SLACK_SECS,
+            interval_us as i64,
+            tolerance_us.min(i64::MAX as u64) as i64,
+        ];
+        let (code, value) = match &conn {
+            Conn::Single(_) => {
+                let queue = self
+                    .batcher
+                    .get_or_init(|| async {
+                        let (tx, rx) = mpsc::channel(4096);
+                        tokio::spawn(batch_reservations(conn.clone(), rx, self.timeout));
+                        tx
+                    })
+                    .await;
+                let (reply, answer) = oneshot::channel();
+                // The request's own deadline covers the wait for the batch before it, too.
+                let queued = async {
+                    queue
+                        .send(Job { keys, args, reply })
+                        .await
+                        .map_err(|_| QuotaError::Batch("the batcher stopped".into()))?;
+                    answer.await.map_err(|_| {
+                        QuotaError::Batch("the batcher dropped a reservation".into())
+                    })?
+                };
+                match tokio::time::timeout(self.timeout, queued).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(QuotaError::Timeout),
+                }
+            }
+            Conn::Cluster(_) => {
+                let mut inv = RESERVE.prepare_invoke();
+                inv.key(&keys[0]).key(&keys[1]);
+                for a in args {
+                    inv.arg(a);
+                }
+                let v: Vec<i64> = self.with_deadline(conn.invoke(&inv)).await?;
+                match v.as_slice() {
+                    [code, value] => (*code, *value),
+                    other => {
+                        return Err(QuotaError::Protocol(format!(
+                            "reserve returned {} values for one request",
+                            other.len()
+                        )))
+                    }
+                }
+            }
+        };
         let value = value.max(0) as u64;
         match code {
             0 => Ok(Verdict::Granted { used: value }),
@@ -231,6 +295,52 @@ impl QuotaStore for RedisStore {
         let mut conn = self.conn().await?;
         let _: String = self.with_deadline(conn.query(&redis::cmd("PING"))).await?;
         Ok(())
+    }
+}
+
+/// The batcher: sends whatever reservations are waiting (up to [`BATCH_MAX`]) as one `EVALSHA`,
+/// under the store's deadline, and hands each request its answer. Ends when the store is dropped.
+async fn batch_reservations(mut conn: Conn, mut rx: mpsc::Receiver<Job>, timeout: Duration) {
+    let mut batch: Vec<Job> = Vec::with_capacity(BATCH_MAX);
+    while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        let mut inv = RESERVE.prepare_invoke();
+        for job in &batch {
+            inv.key(&job.keys[0]).key(&job.keys[1]);
+        }
+        for job in &batch {
+            for a in job.args {
+                inv.arg(a);
+            }
+        }
+        let answer: Result<Vec<i64>, QuotaError> =
+            match tokio::time::timeout(timeout, conn.invoke::<Vec<i64>>(&inv)).await {
+                Ok(Ok(v)) if v.len() == 2 * batch.len() => Ok(v),
+                Ok(Ok(v)) => Err(QuotaError::Protocol(format!(
+                    "reserve returned {} values for {} requests",
+                    v.len(),
+                    batch.len()
+                ))),
+                Ok(Err(e)) => Err(QuotaError::Redis(e)),
+                Err(_) => Err(QuotaError::Timeout),
+            };
+        match answer {
+            Ok(v) => {
+                for (job, pair) in batch.drain(..).zip(v.chunks_exact(2)) {
+                    let _ = job.reply.send(Ok((pair[0], pair[1])));
+                }
+            }
+            Err(e) => {
+                let shared = e.to_string();
+                let timed_out = matches!(e, QuotaError::Timeout);
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(if timed_out {
+                        QuotaError::Timeout
+                    } else {
+                        QuotaError::Batch(shared.clone())
+                    }));
+                }
+            }
+        }
     }
 }
 
@@ -324,6 +434,41 @@ mod tests {
             other => panic!("expected rate limit, got {other:?}"),
         }
         assert_eq!(s.used("r", "api", P).await.expect("u"), 6);
+    }
+
+    /// One batch decides its requests in order, each as if alone: with 1 unit left, the first
+    /// of three same-customer requests is granted and the others are over quota; a rate-limited
+    /// request in the batch is free; other customers in the batch are unaffected.
+    #[tokio::test]
+    async fn redis_batch_decides_in_order() {
+        let s = store();
+        s.adjust("b", "api", P, 4).await.expect("seed");
+        let exp = P.end + EXPIRY_SLACK_SECS;
+        let mut inv = RESERVE.prepare_invoke();
+        let reqs: [(&str, i64, i64, i64, i64); 4] = [
+            ("b", 1, 5, 0, 0),                    // 4 + 1 = 5: granted
+            ("b", 1, 5, 0, 0),                    // 6 > 5: over quota
+            ("c", 2, -1, 60_000_000, 60_000_000), // first call: burst 1 admits it
+            ("c", 2, -1, 60_000_000, 60_000_000), // one a minute: limited, free
+        ];
+        for (customer, ..) in reqs {
+            inv.key(s.quota_key(customer, "api", P))
+                .key(s.rate_key(customer));
+        }
+        for (_, cost, cap, interval, tolerance) in reqs {
+            inv.arg(cost).arg(cap).arg(exp).arg(interval).arg(tolerance);
+        }
+        let mut conn = s.conn().await.expect("conn");
+        let v: Vec<i64> = conn.invoke(&inv).await.expect("batch");
+        assert_eq!(&v[..6], &[0, 5, 1, 5, 0, 2]);
+        assert_eq!(v[6], 2, "rate limited");
+        assert!(
+            v[7] > 59_000_000,
+            "retry after about a minute, got {} us",
+            v[7]
+        );
+        assert_eq!(s.used("b", "api", P).await.expect("u"), 5);
+        assert_eq!(s.used("c", "api", P).await.expect("u"), 2);
     }
 
     /// Refunds never take a counter below zero; braces in ids cannot escape the hash tag.
