@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use utoipa::ToSchema;
 
 /// What the admin handlers need.
 #[derive(Clone)]
@@ -39,7 +40,7 @@ pub struct AdminState {
 /// The admin router (separate from `serve` so tests can call it directly).
 pub fn app(state: AdminState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
@@ -47,6 +48,7 @@ pub fn app(state: AdminState) -> Router {
             get(crate::admin_customers::get_customer).put(put_customer),
         )
         .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
+        .route("/admin/openapi.json", get(crate::openapi::serve))
         .merge(crate::admin_config::routes())
         .merge(crate::stripe::admin::routes())
         .merge(crate::admin_customers::routes())
@@ -55,18 +57,34 @@ pub fn app(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// An admin-listener error body: RFC 9457 problem details, sent as `application/problem+json`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// `urn:tollgate:problem:{kind}`, e.g. `urn:tollgate:problem:unknown-customer`.
+    #[serde(rename = "type")]
+    #[schema(example = "urn:tollgate:problem:invalid-body")]
+    pub kind: String,
+    /// The status code's reason phrase.
+    #[schema(example = "Bad Request")]
+    pub title: String,
+    pub status: u16,
+    /// What was wrong, for a human.
+    pub detail: String,
+}
+
 /// An admin-listener error as problem+json (also used by the Stripe webhook).
 pub(crate) fn problem(status: StatusCode, suffix: &str, detail: impl Into<String>) -> Response {
-    let body = serde_json::json!({
-        "type": format!("{PROBLEM_TYPE_PREFIX}{suffix}"),
-        "title": status.canonical_reason().unwrap_or(""),
-        "status": status.as_u16(),
-        "detail": detail.into(),
-    });
+    let body = Problem {
+        kind: format!("{PROBLEM_TYPE_PREFIX}{suffix}"),
+        title: status.canonical_reason().unwrap_or("").to_string(),
+        status: status.as_u16(),
+        detail: detail.into(),
+    };
     (
         status,
         [(header::CONTENT_TYPE, "application/problem+json")],
-        body.to_string(),
+        // Serializing four plain fields cannot fail.
+        serde_json::to_string(&body).unwrap_or_default(),
     )
         .into_response()
 }
@@ -96,16 +114,52 @@ pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), B
     }
 }
 
+/// Process up (no dependency is checked).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "always `ok`", body = String, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Answer of `GET /readyz`: each dependency's state (`ok` or the error) and the config version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ok`, or why the quota store (Redis or embedded) did not answer.
+    pub quota_store: String,
+    /// `ok`, or why the ledger (Postgres or SQLite) did not answer.
+    pub ledger: String,
+    /// The live config version in force.
+    pub config_version: u64,
+}
+
+/// Ready to serve: the quota store and the ledger answer (config is loaded before this listens).
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "ready", body = Readiness),
+        (status = 503, description = "the quota store or the ledger is unreachable, or the config is not loaded yet", body = Readiness),
+    ),
+)]
 async fn readyz(State(s): State<AdminState>) -> Response {
     let store = s.store.ping().await;
     let ledger = s.ledger.ping().await;
     // Version 0 is the file as parsed, before the ledger numbered it (liveconfig): not loaded yet.
     let version = s.shared.snapshot.load().version;
-    let body = serde_json::json!({
-        "quota_store": store.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-        "ledger": ledger.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-        "config_version": version,
-    });
+    let body = Readiness {
+        quota_store: store
+            .as_ref()
+            .map_or_else(|e| e.to_string(), |_| "ok".into()),
+        ledger: ledger
+            .as_ref()
+            .map_or_else(|e| e.to_string(), |_| "ok".into()),
+        config_version: version,
+    };
     let status = if store.is_ok() && ledger.is_ok() && version > 0 {
         StatusCode::OK
     } else {
@@ -114,6 +168,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Prometheus metrics (text exposition format 0.0.4); the families are listed in the README.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses((status = 200, description = "every metric family", body = String, content_type = "text/plain; version=0.0.4")),
+)]
 async fn metrics(State(s): State<AdminState>) -> Response {
     s.shared
         .metrics
@@ -133,20 +194,39 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 /// Body of `PUT /admin/customers/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerPut {
+    /// A plan of the config; absent or null: the default plan.
     pub plan: Option<String>,
+    /// Subscription status (Stripe's spelling); absent: `active`.
     #[serde(default)]
+    #[schema(value_type = Option<Status>)]
     pub status: Option<String>,
+    /// Billing period start; give both ends or neither (then the calendar month, UTC).
     pub period_start: Option<DateTime<Utc>>,
     pub period_end: Option<DateTime<Utc>>,
+    /// Operator suspension: the proxy answers 403 `suspended`.
     #[serde(default)]
     pub suspended: bool,
     /// When the status began (defaults to now when the status changes).
     pub status_since: Option<DateTime<Utc>>,
 }
 
+/// Sets a customer's entitlement (plan, status, period, suspension); audited and broadcast to
+/// every instance.
+#[utoipa::path(
+    put,
+    path = "/admin/customers/{id}",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id (the JWT's customer claim)")),
+    request_body = CustomerPut,
+    responses(
+        (status = 200, description = "the stored entitlement", body = Entitlement),
+        (status = 400, description = "not JSON, an unknown field, an unknown plan or status, or a bad period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn put_customer(
     State(s): State<AdminState>,
     headers: HeaderMap,

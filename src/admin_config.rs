@@ -21,8 +21,8 @@
 //! `PUT /admin/customers/{id}`, audit through it). Versioning, validation and apply are
 //! `liveconfig`'s.
 
-use crate::admin::{authorize, problem, AdminState};
-use crate::config::live::{LiveDoc, Section};
+use crate::admin::{authorize, problem, AdminState, Problem};
+use crate::config::live::{Change, LiveDoc, Section};
 use crate::ledger::ConfigVersion;
 use crate::liveconfig::{LiveError, Proposal, Write};
 use crate::respond::PROBLEM_TYPE_PREFIX;
@@ -32,8 +32,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 /// Header naming who makes a change.
 pub const ACTOR_HEADER: &str = "x-tollgate-actor";
@@ -170,26 +173,53 @@ pub(crate) async fn record_audit(
     }
 }
 
+/// One error of a refused config document, exactly as `check-config` reports it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyedError {
+    /// The key path, e.g. `routes[2].cost`.
+    pub key: String,
+    pub message: String,
+}
+
+/// The 400 `invalid-config` problem: a [`Problem`] that lists every error of the document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvalidConfig {
+    /// `urn:tollgate:problem:invalid-config`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub errors: Vec<KeyedError>,
+}
+
 /// The one mapping from live-config errors to responses.
 fn refused(e: LiveError) -> Response {
     match e {
         LiveError::Invalid(errors) => {
-            let list: Vec<Value> = errors
+            let errors: Vec<KeyedError> = errors
                 .0
                 .iter()
-                .map(|e| json!({"key": e.key, "message": e.message}))
+                .map(|e| KeyedError {
+                    key: e.key.clone(),
+                    message: e.message.clone(),
+                })
                 .collect();
-            let body = json!({
-                "type": format!("{PROBLEM_TYPE_PREFIX}invalid-config"),
-                "title": "Bad Request",
-                "status": 400,
-                "detail": format!("the config has {} error(s); nothing was changed", list.len()),
-                "errors": list,
-            });
+            let body = InvalidConfig {
+                kind: format!("{PROBLEM_TYPE_PREFIX}invalid-config"),
+                title: "Bad Request".into(),
+                status: 400,
+                detail: format!(
+                    "the config has {} error(s); nothing was changed",
+                    errors.len()
+                ),
+                errors,
+            };
             (
                 StatusCode::BAD_REQUEST,
                 [(header::CONTENT_TYPE, "application/problem+json")],
-                body.to_string(),
+                // Plain strings and numbers: serializing cannot fail.
+                serde_json::to_string(&body).unwrap_or_default(),
             )
                 .into_response()
         }
@@ -234,17 +264,33 @@ fn no_version(v: &str) -> Response {
 }
 
 /// The answer to a change (or a dry run of one).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangeAnswer {
+    /// True when nothing was stored (`?dry_run=true`); then the last three fields are absent.
+    pub dry_run: bool,
+    /// The version the change was computed against.
+    pub base_version: u64,
+    /// What changes, leaf by leaf (`routes.{name}.cost`, …).
+    pub changes: Vec<Change>,
+    /// The new version (absent on a dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    /// `admin` or `admin:{X-Tollgate-Actor}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+}
+
 fn changed(p: &Proposal, stored: Option<&ConfigVersion>) -> Response {
-    let mut body = json!({
-        "dry_run": stored.is_none(),
-        "base_version": p.base_version,
-        "changes": p.changes,
-    });
-    if let Some(v) = stored {
-        body["version"] = v.version.into();
-        body["created_at"] = json!(v.created_at);
-        body["author"] = v.author.clone().into();
-    }
+    let body = ChangeAnswer {
+        dry_run: stored.is_none(),
+        base_version: p.base_version,
+        changes: p.changes.clone(),
+        version: stored.map(|v| v.version),
+        created_at: stored.map(|v| v.created_at),
+        author: stored.map(|v| v.author.clone()),
+    };
     (StatusCode::OK, Json(body)).into_response()
 }
 
@@ -257,22 +303,75 @@ macro_rules! try_resp {
     };
 }
 
+/// Answer of `GET /admin/config`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigView {
+    /// The version in force (also sent as `ETag`).
+    pub version: u64,
+    /// The live document: the config file's routes, plans, meters and upstreams, as JSON in the
+    /// TOML's structure (what `PUT /admin/config` takes).
+    pub document: Value,
+    /// When and by whom the version was stored (absent when the ledger has no row for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+}
+
+/// The config version in force and its live document.
+#[utoipa::path(
+    get,
+    path = "/admin/config",
+    tag = "config",
+    responses(
+        (status = 200, description = "the version in force", body = ConfigView,
+            headers(("ETag" = String, description = "the version, quoted: send it back as `If-Match`"))),
+    ),
+)]
 async fn get_config(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     try_resp!(authorize(&s, &headers));
     let snap = s.live.current();
-    let mut body = json!({
-        "version": snap.version,
-        "document": snap.config.live().to_value(),
-    });
-    if let Ok(Some(v)) = s.live.ledger().config_version(snap.version as i64).await {
-        body["created_at"] = json!(v.created_at);
-        body["author"] = v.author.into();
-    }
+    let stored = s
+        .live
+        .ledger()
+        .config_version(snap.version as i64)
+        .await
+        .ok()
+        .flatten();
+    let body = ConfigView {
+        version: snap.version,
+        document: snap.config.live().to_value(),
+        created_at: stored.as_ref().map(|v| v.created_at),
+        author: stored.map(|v| v.author),
+    };
     // For `If-Match` on the next change: GET, edit, PUT without clobbering someone else's.
     let etag = format!("\"{}\"", snap.version);
     ([(header::ETAG, etag)], Json(body)).into_response()
 }
 
+/// Replaces the live document (validated like `check-config`, stored as a new version, applied
+/// atomically and broadcast to every instance).
+#[utoipa::path(
+    put,
+    path = "/admin/config",
+    tag = "config",
+    params(
+        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
+        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
+        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+    ),
+    request_body(
+        description = "the whole live document, as `GET /admin/config` shows it, or the TOML file's text",
+        content((Value = "application/json"), (String = "application/toml")),
+    ),
+    responses(
+        (status = 200, description = "what changed, and the new version unless a dry run", body = ChangeAnswer),
+        (status = 400, description = "a bad query, actor or If-Match header", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid-config`: the resulting document breaks a `check-config` rule; every error is listed and nothing is changed", body = InvalidConfig, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match names a version no longer in force", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn put_config(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -340,6 +439,28 @@ async fn patch_entry(
     }
 }
 
+/// Merges fields into one route (JSON merge patch, RFC 7396); validated, versioned and applied
+/// like `PUT /admin/config`.
+#[utoipa::path(
+    patch,
+    path = "/admin/routes/{name}",
+    tag = "config",
+    params(
+        ("name" = String, Path, description = "the route's name, or its `match` (URL-encoded, e.g. `GET%20%2Fsignals`)"),
+        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
+        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
+        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+    ),
+    request_body(content = Value, description = "a JSON object of the fields to change (null removes one)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "what changed, and the new version unless a dry run", body = ChangeAnswer),
+        (status = 400, description = "a bad query, actor or If-Match header", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid-config`: the resulting document breaks a `check-config` rule; every error is listed and nothing is changed", body = InvalidConfig, content_type = "application/problem+json"),
+        (status = 404, description = "no such route", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match names a version no longer in force", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn patch_route(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -350,6 +471,28 @@ async fn patch_route(
     patch_entry(s, headers, q, Section::Routes, name, body).await
 }
 
+/// Merges fields into one plan (JSON merge patch, RFC 7396); validated, versioned and applied
+/// like `PUT /admin/config`.
+#[utoipa::path(
+    patch,
+    path = "/admin/plans/{name}",
+    tag = "config",
+    params(
+        ("name" = String, Path, description = "the plan's name"),
+        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
+        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
+        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+    ),
+    request_body(content = Value, description = "a JSON object of the fields to change (null removes one)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "what changed, and the new version unless a dry run", body = ChangeAnswer),
+        (status = 400, description = "a bad query, actor or If-Match header", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid-config`: the resulting document breaks a `check-config` rule; every error is listed and nothing is changed", body = InvalidConfig, content_type = "application/problem+json"),
+        (status = 404, description = "no such plan", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match names a version no longer in force", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn patch_plan(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -360,6 +503,26 @@ async fn patch_plan(
     patch_entry(s, headers, q, Section::Plans, name, body).await
 }
 
+/// Makes a stored version's document current again, as a new version.
+#[utoipa::path(
+    post,
+    path = "/admin/config/rollback/{version}",
+    tag = "config",
+    params(
+        ("version" = i64, Path, description = "the stored version to bring back"),
+        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
+        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
+        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+    ),
+    responses(
+        (status = 200, description = "what changed, and the new version unless a dry run", body = ChangeAnswer),
+        (status = 400, description = "a bad query, actor or If-Match header", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid-config`: the resulting document breaks a `check-config` rule; every error is listed and nothing is changed", body = InvalidConfig, content_type = "application/problem+json"),
+        (status = 404, description = "no such config version", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match names a version no longer in force", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn rollback(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -382,6 +545,40 @@ async fn rollback(
     }
 }
 
+/// One stored config version, without its document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionSummary {
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub author: String,
+}
+
+/// Answer of `GET /admin/config/versions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionList {
+    /// The version in force on this instance.
+    pub current: u64,
+    /// Newest first.
+    pub versions: Vec<VersionSummary>,
+    /// `before` of the next page; null on the last.
+    pub next_before: Option<i64>,
+}
+
+/// The config version history, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/config/versions",
+    tag = "config",
+    params(
+        ("limit" = Option<i64>, Query, description = "page size, 1-500 (default 50)"),
+        ("before" = Option<i64>, Query, description = "the `next_before` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "one page of versions", body = VersionList),
+        (status = 400, description = "a bad `limit` or `before`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn list_versions(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -394,21 +591,47 @@ async fn list_versions(
             let next = (rows.len() as i64 == limit)
                 .then(|| rows.last().map(|r| r.version))
                 .flatten();
-            let versions: Vec<Value> = rows
+            let versions = rows
                 .into_iter()
-                .map(|v| json!({"version": v.version, "created_at": v.created_at, "author": v.author}))
+                .map(|v| VersionSummary {
+                    version: v.version,
+                    created_at: v.created_at,
+                    author: v.author,
+                })
                 .collect();
-            Json(json!({
-                "current": s.live.version(),
-                "versions": versions,
-                "next_before": next,
-            }))
+            Json(VersionList {
+                current: s.live.version(),
+                versions,
+                next_before: next,
+            })
             .into_response()
         }
         Err(e) => refused(e.into()),
     }
 }
 
+/// Answer of `GET /admin/config/versions/{version}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionDoc {
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub author: String,
+    /// The live document of that version (as in `GET /admin/config`).
+    pub document: Value,
+}
+
+/// One stored config version with its document.
+#[utoipa::path(
+    get,
+    path = "/admin/config/versions/{version}",
+    tag = "config",
+    params(("version" = i64, Path, description = "a stored version")),
+    responses(
+        (status = 200, description = "the version and its document", body = VersionDoc),
+        (status = 404, description = "no such config version", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn get_version(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -419,18 +642,59 @@ async fn get_version(
         return no_version(&version);
     };
     match s.live.ledger().config_version(version).await {
-        Ok(Some(v)) => Json(json!({
-            "version": v.version,
-            "created_at": v.created_at,
-            "author": v.author,
-            "document": serde_json::from_str::<Value>(&v.document).unwrap_or(Value::String(v.document)),
-        }))
+        Ok(Some(v)) => Json(VersionDoc {
+            version: v.version,
+            created_at: v.created_at,
+            author: v.author,
+            document: serde_json::from_str::<Value>(&v.document)
+                .unwrap_or(Value::String(v.document)),
+        })
         .into_response(),
         Ok(None) => refused(LiveError::UnknownVersion(version)),
         Err(e) => refused(e.into()),
     }
 }
 
+/// One admin mutation in `audit_log`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditItem {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// `admin` or `admin:{X-Tollgate-Actor}` (or `stripe`, `sighup`, … for non-API changes).
+    pub actor: String,
+    /// `config.put`, `config.patch`, `customer.suspend`, `customer.credit`, …
+    pub action: String,
+    /// What changed: `config`, `routes/{name}`, `customers/{id}`, …
+    pub target: String,
+    /// The state before and after (JSON when stored as JSON, else the stored text).
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+/// Answer of `GET /admin/audit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<AuditItem>,
+    /// `before` of the next page; null on the last.
+    pub next_before: Option<i64>,
+}
+
+/// The audit log of admin mutations, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/audit",
+    tag = "config",
+    params(
+        ("limit" = Option<i64>, Query, description = "page size, 1-500 (default 50)"),
+        ("before" = Option<i64>, Query, description = "the `next_before` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "one page of entries", body = AuditPage),
+        (status = 400, description = "a bad `limit` or `before`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn audit(State(s): State<AdminState>, headers: HeaderMap, Query(q): Params) -> Response {
     try_resp!(authorize(&s, &headers));
     let (before, limit) = try_resp!(page(&q));
@@ -442,21 +706,23 @@ async fn audit(State(s): State<AdminState>, headers: HeaderMap, Query(q): Params
             let as_json = |t: Option<String>| {
                 t.map(|t| serde_json::from_str::<Value>(&t).unwrap_or(Value::String(t)))
             };
-            let entries: Vec<Value> = rows
+            let entries = rows
                 .into_iter()
-                .map(|e| {
-                    json!({
-                        "id": e.id,
-                        "at": e.at,
-                        "actor": e.actor,
-                        "action": e.action,
-                        "target": e.target,
-                        "before": as_json(e.before),
-                        "after": as_json(e.after),
-                    })
+                .map(|e| AuditItem {
+                    id: e.id,
+                    at: e.at,
+                    actor: e.actor,
+                    action: e.action,
+                    target: e.target,
+                    before: as_json(e.before),
+                    after: as_json(e.after),
                 })
                 .collect();
-            Json(json!({"entries": entries, "next_before": next})).into_response()
+            Json(AuditPage {
+                entries,
+                next_before: next,
+            })
+            .into_response()
         }
         Err(e) => refused(e.into()),
     }

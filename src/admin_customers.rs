@@ -17,7 +17,7 @@
 //! `selfservice`). Entitlement writes go through the ledger, the in-process cache and the
 //! entitlement broadcast, exactly as `PUT /admin/customers/{id}` does.
 
-use crate::admin::{authorize, problem, AdminState};
+use crate::admin::{authorize, problem, AdminState, Problem};
 use crate::config::{Config, Plan, Quota};
 use crate::entitle::{Entitlement, Status};
 use crate::quota::{Period, QuotaStore};
@@ -30,6 +30,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 /// Default and largest page of `GET /admin/customers`.
 const PAGE: usize = 50;
@@ -45,7 +46,7 @@ pub fn routes() -> Router<AdminState> {
 }
 
 /// One meter's usage in the current period.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct MeterUsage {
     pub meter: String,
     pub used: u64,
@@ -125,7 +126,7 @@ fn rfc3339(t: i64) -> Option<DateTime<Utc>> {
 }
 
 /// `GET /admin/customers/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CustomerView {
     pub id: String,
     /// The stored plan; `None` means the default plan (as in `PUT /admin/customers/{id}`).
@@ -220,6 +221,17 @@ async fn stored(s: &AdminState, id: &str) -> Result<Option<Entitlement>, ViewErr
 }
 
 /// `GET /admin/customers/{id}`.
+#[utoipa::path(
+    get,
+    path = "/admin/customers/{id}",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id")),
+    responses(
+        (status = 200, description = "plan, status, period and per-meter usage this period", body = CustomerView),
+        (status = 404, description = "`unknown-customer`: no entitlement and no usage this period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn get_customer(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -286,8 +298,32 @@ fn bad_query(detail: String) -> Response {
     problem(StatusCode::BAD_REQUEST, "invalid-query", detail)
 }
 
+/// Answer of `GET /admin/customers`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomerPage {
+    pub customers: Vec<CustomerView>,
+    /// `after` of the next page; null on the last.
+    pub next: Option<String>,
+}
+
 /// `GET /admin/customers`: customers with an entitlement row, by id, paged with `after` (the
 /// last id of the previous page) and `limit`; `next` is the `after` of the next page.
+#[utoipa::path(
+    get,
+    path = "/admin/customers",
+    tag = "customers",
+    params(
+        ("over_limit" = Option<bool>, Query, description = "only customers with a limited meter used up"),
+        ("near_limit" = Option<String>, Query, description = "only customers with a limited meter at or past this fraction of `included` (0-1, at most 4 decimals, e.g. `0.8`)"),
+        ("limit" = Option<usize>, Query, description = "page size, 1-500 (default 50)"),
+        ("after" = Option<String>, Query, description = "the `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "one page of customers, by id", body = CustomerPage),
+        (status = 400, description = "a bad `over_limit`, `near_limit` or `limit`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn list_customers(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -340,7 +376,11 @@ async fn list_customers(
         }
         page.push(v);
     }
-    Json(json!({ "customers": page, "next": next })).into_response()
+    Json(CustomerPage {
+        customers: page,
+        next,
+    })
+    .into_response()
 }
 
 /// Writes a changed entitlement like `PUT /admin/customers/{id}`: ledger, local cache, audit,
@@ -382,6 +422,16 @@ async fn store_entitlement(
 
 /// `POST /admin/customers/{id}/suspend`: creates the entitlement row when there is none (an
 /// operator may block an id before it ever calls, e.g. a leaked token).
+#[utoipa::path(
+    post,
+    path = "/admin/customers/{id}/suspend",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id")),
+    responses(
+        (status = 200, description = "suspended: the proxy answers 403 `suspended`", body = CustomerView),
+        (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn suspend(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -391,6 +441,17 @@ async fn suspend(
 }
 
 /// `POST /admin/customers/{id}/resume`: 404 for a customer without an entitlement row.
+#[utoipa::path(
+    post,
+    path = "/admin/customers/{id}/resume",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id")),
+    responses(
+        (status = 200, description = "no longer suspended", body = CustomerView),
+        (status = 404, description = "`unknown-customer`: no entitlement row", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn resume(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -440,17 +501,47 @@ async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended:
 }
 
 /// Body of `POST /admin/customers/{id}/credit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Credit {
+pub struct Credit {
+    /// A meter of the customer's plan.
     meter: String,
+    /// Units to give back this period (≥ 1; the counter never goes below 0).
+    #[schema(minimum = 1)]
     units: u64,
+    /// Why (1-500 characters), kept in the audit log.
     reason: String,
+}
+
+/// Answer of `POST /admin/customers/{id}/credit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreditAnswer {
+    pub customer: String,
+    pub meter: String,
+    pub units: u64,
+    /// The meter's counter this period, before and after the credit.
+    pub used_before: u64,
+    pub used_after: u64,
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
 }
 
 /// `POST /admin/customers/{id}/credit`: lowers the customer's counter for `meter` this period by
 /// `units` (never below 0, so a credit cannot bank units for later), audited with the counter
 /// before and after. The ledger keeps what was charged; the audit row explains the difference.
+#[utoipa::path(
+    post,
+    path = "/admin/customers/{id}/credit",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id")),
+    request_body = Credit,
+    responses(
+        (status = 200, description = "the counter before and after", body = CreditAnswer),
+        (status = 400, description = "not JSON, an unknown field, a meter not in the plan, zero units or a bad reason", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`unknown-customer`: no entitlement and no usage this period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn credit(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -513,15 +604,15 @@ async fn credit(
     )
     .await;
     tracing::info!(customer = %id, meter = %c.meter, units = c.units, used_before, used_after, reason = %c.reason, "credit granted");
-    Json(json!({
-        "customer": id,
-        "meter": c.meter,
-        "units": c.units,
-        "used_before": used_before,
-        "used_after": used_after,
-        "period_start": rfc3339(period.start),
-        "period_end": rfc3339(period.end),
-    }))
+    Json(CreditAnswer {
+        customer: id,
+        meter: c.meter,
+        units: c.units,
+        used_before,
+        used_after,
+        period_start: rfc3339(period.start),
+        period_end: rfc3339(period.end),
+    })
     .into_response()
 }
 

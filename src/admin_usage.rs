@@ -16,7 +16,7 @@
 //!
 //! Owns: this HTTP shape. The SQL is the ledger's (`Ledger::usage_report`).
 
-use crate::admin::{authorize, problem, AdminState};
+use crate::admin::{authorize, problem, AdminState, Problem};
 use crate::ledger::{UsageGroup, UsageGroupBy, UsageQuery};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,8 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 const PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
@@ -191,6 +192,79 @@ fn csv(group_by: UsageGroupBy, rows: &[UsageGroup]) -> String {
     out
 }
 
+/// One group of a usage report: exactly one of `day`, `route`, `customer` is present (the
+/// `group_by`), then the meter and its sums.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageRow {
+    /// The UTC day, `YYYY-MM-DD` (`group_by=day`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    /// The route name (`group_by=route`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The customer id (`group_by=customer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    pub meter: String,
+    pub units: i64,
+    pub requests: i64,
+}
+
+/// One meter's sums over the whole filtered range (every page).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageTotal {
+    pub meter: String,
+    pub units: i64,
+    pub requests: i64,
+}
+
+/// Answer of `GET /admin/usage` as JSON.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReport {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// `day`, `route` or `customer`.
+    pub group_by: String,
+    /// The filters applied (null: none).
+    pub customer: Option<String>,
+    pub meter: Option<String>,
+    pub route: Option<String>,
+    /// This page's groups, in key order.
+    pub rows: Vec<UsageRow>,
+    /// Per meter, over the whole range; equal to the sum of the matching ledger rows.
+    pub totals: Vec<UsageTotal>,
+    pub limit: i64,
+    pub offset: i64,
+    /// `offset` of the next page; null on the last.
+    pub next_offset: Option<i64>,
+}
+
+/// Usage report from the ledger, grouped by day, route or customer and split by meter; JSON, or
+/// CSV with `Accept: text/csv`.
+#[utoipa::path(
+    get,
+    path = "/admin/usage",
+    tag = "usage",
+    params(
+        ("customer" = Option<String>, Query, description = "only this customer (404 when unknown)"),
+        ("meter" = Option<String>, Query, description = "only this meter"),
+        ("route" = Option<String>, Query, description = "only this route"),
+        ("from" = Option<String>, Query, description = "start, inclusive: RFC 3339 or `YYYY-MM-DD` (midnight UTC); default `to` minus 30 days"),
+        ("to" = Option<String>, Query, description = "end, exclusive: RFC 3339 or `YYYY-MM-DD`; default now; at most 400 days after `from`"),
+        ("group_by" = Option<String>, Query, description = "`day` (default), `route` or `customer`"),
+        ("limit" = Option<i64>, Query, description = "groups per page, 1-1000 (default 100)"),
+        ("offset" = Option<i64>, Query, description = "groups to skip (the `next_offset` of the previous page)"),
+        ("Accept" = Option<String>, Header, description = "`text/csv` for CSV"),
+    ),
+    responses(
+        (status = 200, description = "the report: JSON, or the page's rows as RFC 4180 CSV (`X-Next-Offset` when more follow)",
+            content((UsageReport = "application/json"), (String = "text/csv")),
+            headers(("X-Next-Offset" = Option<i64>, description = "CSV only: the `offset` of the next page"))),
+        (status = 400, description = "`invalid-query` (bad parameter) or `invalid-range` (inverted, empty or over 400 days)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`unknown-customer`: no entitlement and no usage, ever", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn usage(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -243,35 +317,42 @@ async fn usage(
         Ok(t) => t,
         Err(e) => return unavailable(e),
     };
-    let key = group_name(query.group_by);
-    let rows: Vec<Value> = rows
+    let group_by = query.group_by;
+    let rows = rows
         .into_iter()
         .map(|r| {
-            let mut m = Map::new();
-            m.insert(key.into(), r.key.into());
-            m.insert("meter".into(), r.meter.into());
-            m.insert("units".into(), r.units.into());
-            m.insert("requests".into(), r.requests.into());
-            Value::Object(m)
+            let key = |g: UsageGroupBy| (group_by == g).then(|| r.key.clone());
+            UsageRow {
+                day: key(UsageGroupBy::Day),
+                route: key(UsageGroupBy::Route),
+                customer: key(UsageGroupBy::Customer),
+                meter: r.meter,
+                units: r.units,
+                requests: r.requests,
+            }
         })
         .collect();
-    let totals: Vec<Value> = totals
+    let totals = totals
         .into_iter()
-        .map(|t| json!({"meter": t.meter, "units": t.units, "requests": t.requests}))
+        .map(|t| UsageTotal {
+            meter: t.meter,
+            units: t.units,
+            requests: t.requests,
+        })
         .collect();
-    Json(json!({
-        "from": query.from,
-        "to": query.to,
-        "group_by": key,
-        "customer": query.customer,
-        "meter": query.meter,
-        "route": query.route,
-        "rows": rows,
-        "totals": totals,
-        "limit": limit,
-        "offset": offset,
-        "next_offset": next_offset,
-    }))
+    Json(UsageReport {
+        from: query.from,
+        to: query.to,
+        group_by: group_name(group_by).to_string(),
+        customer: query.customer,
+        meter: query.meter,
+        route: query.route,
+        rows,
+        totals,
+        limit,
+        offset,
+        next_offset,
+    })
     .into_response()
 }
 

@@ -294,6 +294,25 @@ pub fn routes() -> axum::Router<crate::admin::AdminState> {
     axum::Router::new().route("/admin/alerts", axum::routing::get(delivery_log))
 }
 
+/// Answer of `GET /admin/alerts`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeliveryLog {
+    /// Newest first.
+    pub deliveries: Vec<crate::ledger::AlertDelivery>,
+}
+
+/// The threshold-alert delivery log, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/alerts",
+    tag = "alerts",
+    params(("limit" = Option<i64>, Query, description = "rows, 1-500 (default 50)")),
+    responses(
+        (status = 200, description = "the newest deliveries", body = DeliveryLog),
+        (status = 400, description = "a bad `limit`", body = crate::admin::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = crate::admin::Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn delivery_log(
     axum::extract::State(s): axum::extract::State<crate::admin::AdminState>,
     headers: axum::http::HeaderMap,
@@ -316,7 +335,7 @@ async fn delivery_log(
         }
     };
     match s.ledger.alert_deliveries(limit).await {
-        Ok(rows) => axum::Json(serde_json::json!({ "deliveries": rows })).into_response(),
+        Ok(rows) => axum::Json(DeliveryLog { deliveries: rows }).into_response(),
         Err(e) => crate::admin::problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "ledger-unavailable",

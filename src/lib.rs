@@ -13,6 +13,7 @@
 //! - [`admin_customers`]: customers' usage, suspension and credits (admin API);
 //!   [`admin_usage`]: usage reports from the ledger (JSON or CSV).
 //! - [`admin_config`]: the live-config admin API; [`liveconfig`]: versioning, apply, broadcast.
+//! - [`openapi`]: the admin API's OpenAPI document (`/admin/openapi.json`), from the handlers.
 //! - [`selfservice`]: `GET /_tollgate/usage` on the proxy listener (the caller's own usage).
 //! - [`alerts`]: threshold alerts: crossing detection, signed webhook delivery, delivery log.
 //! - [`config`]: the TOML file and the validated model; every error with its key.
@@ -34,6 +35,7 @@ pub mod entitle;
 pub mod ledger;
 pub mod liveconfig;
 pub mod metrics;
+pub mod openapi;
 pub mod proxy;
 pub mod quota;
 pub mod respond;

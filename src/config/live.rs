@@ -199,7 +199,8 @@ fn strip_nulls(v: &mut Value) {
 
 /// One difference between two documents: the key path, and the value before and after (absent
 /// when the entry was added or removed).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = ConfigChange)]
 pub struct Change {
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]

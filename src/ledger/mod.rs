@@ -298,7 +298,7 @@ pub trait Ledger: Send + Sync + 'static {
 }
 
 /// A threshold crossing to claim in `alert_deliveries`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AlertClaim {
     pub customer: String,
     pub meter: String,
@@ -312,7 +312,7 @@ pub struct AlertClaim {
 }
 
 /// One row of the alert delivery log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AlertDelivery {
     pub id: i64,
     #[serde(flatten)]

@@ -3,16 +3,17 @@
 //! `PUT /admin/customers/{id}/stripe` (link a tollgate customer to a Stripe customer) and
 //! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer).
 
-use super::reconcile::SyncError;
+use super::reconcile::{SyncError, SyncReport};
 use super::Control;
-use crate::admin::{authorize, problem, AdminState};
+use crate::admin::{authorize, problem, AdminState, Problem};
 use crate::ledger::LedgerError;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The routes, merged into the admin router.
 pub fn routes() -> Router<AdminState> {
@@ -48,6 +49,18 @@ fn stripe_problem(detail: String) -> Response {
     problem(StatusCode::BAD_GATEWAY, "stripe-unavailable", detail)
 }
 
+/// Runs the Stripe reconciler now (one run at a time) and answers what it changed.
+#[utoipa::path(
+    post,
+    path = "/admin/stripe/sync",
+    tag = "stripe",
+    responses(
+        (status = 200, description = "what the run found and changed", body = SyncReport),
+        (status = 404, description = "`stripe-not-configured`: no `[stripe]` section or no secret key", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "`stripe-unavailable`: the Stripe API failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn sync(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
@@ -64,12 +77,38 @@ async fn sync(State(s): State<AdminState>, headers: HeaderMap) -> Response {
 }
 
 /// Body of `PUT /admin/customers/{id}/stripe`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LinkBody {
+pub struct LinkBody {
+    /// A Stripe customer id, `cus_…`.
+    #[schema(example = "cus_NffrFeUfNV2Hib")]
     stripe_customer: String,
 }
 
+/// Answer of `PUT /admin/customers/{id}/stripe`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LinkAnswer {
+    pub customer: String,
+    pub stripe_customer: String,
+    /// The Stripe customer linked before, if any.
+    pub previous: Option<String>,
+}
+
+/// Links a tollgate customer to a Stripe customer (audited).
+#[utoipa::path(
+    put,
+    path = "/admin/customers/{id}/stripe",
+    tag = "stripe",
+    params(("id" = String, Path, description = "the tollgate customer id")),
+    request_body = LinkBody,
+    responses(
+        (status = 200, description = "linked", body = LinkAnswer),
+        (status = 400, description = "not JSON, an unknown field, or not a `cus_…` id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`stripe-not-configured`: no `[stripe]` section", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`stripe-customer-linked`: that Stripe customer is linked to another customer", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn link(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -115,8 +154,12 @@ async fn link(
                 .await;
             }
             tracing::info!(customer = %id, stripe_customer = %cus, ?before, "Stripe customer linked by admin");
-            Json(serde_json::json!({ "customer": id, "stripe_customer": cus, "previous": before }))
-                .into_response()
+            Json(LinkAnswer {
+                customer: id,
+                stripe_customer: cus.to_string(),
+                previous: before,
+            })
+            .into_response()
         }
         Err(LedgerError::LinkConflict { customer, .. }) => problem(
             StatusCode::CONFLICT,
@@ -128,12 +171,37 @@ async fn link(
 }
 
 /// Body of `POST /admin/customers/{id}/portal-session` (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PortalBody {
+pub struct PortalBody {
+    /// Where the portal's "return" link leads (Stripe's default when absent).
     return_url: Option<String>,
 }
 
+/// Answer of `POST /admin/customers/{id}/portal-session`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortalAnswer {
+    pub customer: String,
+    pub stripe_customer: String,
+    /// The billing portal session's URL (short-lived; hand it to the customer).
+    pub url: String,
+}
+
+/// Creates a Stripe billing portal session for a linked customer.
+#[utoipa::path(
+    post,
+    path = "/admin/customers/{id}/portal-session",
+    tag = "stripe",
+    params(("id" = String, Path, description = "the tollgate customer id")),
+    request_body(content = Option<PortalBody>, description = "optional; an empty body is allowed", content_type = "application/json"),
+    responses(
+        (status = 200, description = "the portal URL", body = PortalAnswer),
+        (status = 400, description = "not JSON or an unknown field", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`stripe-not-configured`, or `unknown-customer`: not linked to a Stripe customer", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "`stripe-unavailable`: the Stripe API failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn portal_session(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -167,8 +235,12 @@ async fn portal_session(
         );
     };
     match c.api.portal_session(&cus, b.return_url.as_deref()).await {
-        Ok(url) => Json(serde_json::json!({ "customer": id, "stripe_customer": cus, "url": url }))
-            .into_response(),
+        Ok(url) => Json(PortalAnswer {
+            customer: id,
+            stripe_customer: cus,
+            url,
+        })
+        .into_response(),
         Err(e) => stripe_problem(e.to_string()),
     }
 }

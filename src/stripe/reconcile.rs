@@ -49,7 +49,8 @@ impl From<StripeError> for SyncError {
 }
 
 /// One repaired customer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = SyncChange)]
 pub struct Change {
     pub customer: String,
     pub subscription: String,
@@ -58,7 +59,7 @@ pub struct Change {
 }
 
 /// What a run found and did (the answer of `POST /admin/stripe/sync`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct SyncReport {
     pub pages: usize,
     /// Failed page requests that were retried.

@@ -2,14 +2,40 @@
 //! from [`StripeError`] / [`Outcome`] to status codes and problem+json.
 
 use super::{StripeError, MAX_BODY};
-use crate::admin::{problem, AdminState};
+use crate::admin::{problem, AdminState, Problem};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Answer to a webhook Stripe may stop retrying.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAnswer {
+    /// Always true.
+    pub received: bool,
+    /// `applied`, `stale` (stored state was newer), `ignored` or `duplicate`.
+    #[schema(example = "applied")]
+    pub outcome: &'static str,
+}
 
 /// `POST /webhooks/stripe` (admin listener; no admin token: the signature is the credential).
+#[utoipa::path(
+    post,
+    path = "/webhooks/stripe",
+    tag = "stripe",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's `t=…,v1=…` signature of the raw body")),
+    request_body(content = serde_json::Value, description = "a Stripe event, exactly as Stripe sent it", content_type = "application/json"),
+    responses(
+        (status = 200, description = "processed (or a duplicate, or an event tollgate ignores)", body = WebhookAnswer),
+        (status = 400, description = "`invalid-signature` (missing, malformed, wrong or stale) or `invalid-body`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`stripe-not-configured`: no `[stripe]` section", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`body-too-large`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "not processed (no webhook secret, or the ledger is unavailable): Stripe retries", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn receive(State(s): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
     let Some(stripe) = s.stripe.clone() else {
         return problem(
@@ -30,7 +56,10 @@ pub async fn receive(State(s): State<AdminState>, headers: HeaderMap, body: Body
     match stripe.handle(payload, signature).await {
         Ok(outcome) => (
             StatusCode::OK,
-            Json(serde_json::json!({ "received": true, "outcome": outcome.as_str() })),
+            Json(WebhookAnswer {
+                received: true,
+                outcome: outcome.as_str(),
+            }),
         )
             .into_response(),
         Err(e) => refuse(e),
