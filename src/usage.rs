@@ -358,7 +358,12 @@ impl Flusher {
         // Whatever a previous run (or crash) left.
         self.replay_or_back_off(&mut health).await;
 
-        let mut tick = tokio::time::interval(self.flush_every);
+        // The first tick one interval from now: `interval`'s immediate first tick would flush
+        // whatever the first requests queued at an arbitrary moment after start.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.flush_every,
+            self.flush_every,
+        );
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
