@@ -239,8 +239,10 @@ both!(
         let sends = (0..10).map(|_| post(&tg, body.clone(), Some(&sig)));
         let mut outcomes = Vec::new();
         for r in futures_util::future::join_all(sends).await {
-            assert_eq!(r.status(), 200);
-            outcomes.push(r.json::<Value>().await.unwrap()["outcome"].as_str().unwrap().to_string());
+            let status = r.status();
+            let answer: Value = r.json().await.unwrap();
+            assert_eq!(status, 200, "{answer}");
+            outcomes.push(answer["outcome"].as_str().unwrap().to_string());
         }
         assert_eq!(outcomes.iter().filter(|o| *o == "applied").count(), 1, "{outcomes:?}");
         assert_eq!(outcomes.iter().filter(|o| *o == "duplicate").count(), 9, "{outcomes:?}");

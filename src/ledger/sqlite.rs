@@ -42,6 +42,22 @@ pub struct SqliteLedger {
 // === impl SqliteLedger ===
 
 impl SqliteLedger {
+    /// Starts a write transaction with `BEGIN IMMEDIATE`, which takes SQLite's write lock at
+    /// once (waiting out another writer for up to `BUSY_TIMEOUT`). A deferred `BEGIN` that reads
+    /// before it writes has to upgrade its read snapshot, and if another connection committed in
+    /// between SQLite refuses the upgrade at once with SQLITE_BUSY_SNAPSHOT (517), whatever the
+    /// busy timeout: 10 concurrent deliveries of one webhook, each linking the same customer,
+    /// got a 503 that way now and then.
+    async fn write_tx(
+        &self,
+        op: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Sqlite>, LedgerError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(LedgerError::query(op))
+    }
+
     /// Opens `sqlite:PATH` (also `sqlite://PATH`), creating the file and its parent directories
     /// if missing. WAL journal, `synchronous = NORMAL` (durable across process crashes; the last
     /// commits may be lost on power failure, which the usage spool does not cover either).
@@ -100,11 +116,7 @@ impl super::Ledger for SqliteLedger {
             return Ok(0);
         }
         // One transaction: one fsync for the whole batch, and all-or-nothing.
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(LedgerError::query("insert_usage"))?;
+        let mut tx = self.write_tx("insert_usage").await?;
         let mut inserted = 0;
         for chunk in events.chunks(INSERT_CHUNK) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -222,7 +234,7 @@ impl super::Ledger for SqliteLedger {
         apply: Option<(&str, &Entitlement)>,
     ) -> Result<StripeFinish, LedgerError> {
         let op = "finish_stripe_event";
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let mut tx = self.write_tx(op).await?;
         // The claim comes first so this transaction takes SQLite's write lock at once (waiting
         // out a concurrent writer under busy_timeout) instead of upgrading a read snapshot,
         // which could fail with SQLITE_BUSY; the next delivery then sees processed_at set.
@@ -304,7 +316,7 @@ impl super::Ledger for SqliteLedger {
     ) -> Result<super::ConfigVersion, LedgerError> {
         let op = "insert_config_version";
         let now = to_micros(Utc::now());
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let mut tx = self.write_tx(op).await?;
         let version: i64 = sqlx::query_scalar(
             "INSERT INTO config_versions (created_at, author, document) VALUES (?1, ?2, ?3) \
              RETURNING version",
@@ -452,7 +464,7 @@ impl super::Ledger for SqliteLedger {
         source: &str,
     ) -> Result<Option<String>, LedgerError> {
         let op = "link_stripe_customer";
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let mut tx = self.write_tx(op).await?;
         let owner: Option<String> = sqlx::query_scalar(
             "SELECT customer FROM stripe_customers WHERE stripe_customer_id = ?",
         )
@@ -513,7 +525,7 @@ impl super::Ledger for SqliteLedger {
                     detail: e.to_string(),
                 }
             })?;
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let mut tx = self.write_tx(op).await?;
         let rows = sqlx::query(
             "SELECT u.id, u.ts, u.customer, u.meter, u.units, l.stripe_customer_id \
              FROM usage_events u JOIN stripe_customers l ON l.customer = u.customer \
@@ -651,7 +663,7 @@ impl super::Ledger for SqliteLedger {
     ) -> Result<u64, LedgerError> {
         let op = "finish_usage_report";
         let now = to_micros(Utc::now());
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let mut tx = self.write_tx(op).await?;
         let done = sqlx::query(
             "UPDATE stripe_meter_reports SET state = ?2, finished_at = ?3, \
                attempts = attempts + 1 \
