@@ -211,6 +211,11 @@ pub struct CustomerPut {
     pub suspended: bool,
     /// When the status began (defaults to now when the status changes).
     pub status_since: Option<DateTime<Utc>>,
+    /// The subscription ends at `period_end` (informational, as from Stripe).
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// End of the trial (informational, as from Stripe).
+    pub trial_end: Option<DateTime<Utc>>,
 }
 
 /// Sets a customer's entitlement (plan, status, period, suspension); audited and broadcast to
@@ -280,6 +285,8 @@ async fn put_customer(
         period_end: put.period_end,
         suspended: put.suspended,
         updated_at: now,
+        cancel_at_period_end: put.cancel_at_period_end,
+        trial_end: put.trial_end,
     };
     if let Err(e) = s.ledger.put_customer(&id, &ent).await {
         return problem(

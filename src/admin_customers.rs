@@ -145,6 +145,10 @@ pub struct CustomerView {
     /// The current quota period `[start, end)`.
     pub period_start: Option<DateTime<Utc>>,
     pub period_end: Option<DateTime<Utc>>,
+    /// The subscription ends at the billing period's end (Stripe's `cancel_at_period_end`).
+    pub cancel_at_period_end: bool,
+    /// End of the subscription's trial, if it had one (Stripe's `trial_end`).
+    pub trial_end: Option<DateTime<Utc>>,
     pub usage: Vec<MeterUsage>,
 }
 
@@ -208,6 +212,8 @@ async fn view_of(
         effective_plan: effective.map(|p| p.name.clone()),
         status: ent.map_or(Status::Active, |e| e.status),
         status_since: ent.and_then(|e| e.status_since),
+        cancel_at_period_end: ent.is_some_and(|e| e.cancel_at_period_end),
+        trial_end: ent.and_then(|e| e.trial_end),
         suspended: ent.is_some_and(|e| e.suspended),
         stored: ent.is_some(),
         period_start: rfc3339(period.start),
@@ -479,6 +485,8 @@ async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended:
             period_end: None,
             suspended: false,
             updated_at: now,
+            cancel_at_period_end: false,
+            trial_end: None,
         },
         (None, false) => return view_error(&id, ViewError::Unknown),
     };

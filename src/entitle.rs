@@ -69,6 +69,14 @@ pub struct Entitlement {
     pub suspended: bool,
     /// Last write (ordering guard for later Stripe sync).
     pub updated_at: DateTime<Utc>,
+    /// The subscription ends at `period_end` (Stripe's `cancel_at_period_end`). Served as usual
+    /// until then: Stripe sends `customer.subscription.deleted` when it ends.
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// End of the trial (Stripe's `trial_end`), past or future; `None` when there was none.
+    /// Informational like the above: the status decides, and Stripe moves it at the trial's end.
+    #[serde(default)]
+    pub trial_end: Option<DateTime<Utc>>,
 }
 
 use crate::config::{Config, Plan};
@@ -187,6 +195,8 @@ mod tests {
             period_end: None,
             suspended: false,
             updated_at: now,
+            cancel_at_period_end: false,
+            trial_end: None,
         }
     }
 

@@ -45,6 +45,9 @@ struct Body<'a> {
     suspended: bool,
     period_start: Option<DateTime<Utc>>,
     period_end: Option<DateTime<Utc>>,
+    /// The subscription ends at `period_end`.
+    cancel_at_period_end: bool,
+    trial_end: Option<DateTime<Utc>>,
     usage: Vec<MeterUsage>,
 }
 
@@ -102,6 +105,8 @@ pub async fn handle(
         suspended: ent.as_deref().is_some_and(|e| e.suspended),
         period_start: DateTime::from_timestamp(period.start, 0),
         period_end: DateTime::from_timestamp(period.end, 0),
+        cancel_at_period_end: ent.as_deref().is_some_and(|e| e.cancel_at_period_end),
+        trial_end: ent.as_deref().and_then(|e| e.trial_end),
         usage: meters,
     };
     let json = serde_json::to_vec(&body).unwrap_or_default();

@@ -370,7 +370,9 @@ async fn schemas_match_the_handlers() {
             "period_start",
             "period_end",
             "suspended",
-            "status_since"
+            "status_since",
+            "cancel_at_period_end",
+            "trial_end"
         ])
     );
     let problem_props: BTreeSet<&str> = schemas["Problem"]["properties"]

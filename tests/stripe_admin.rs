@@ -72,45 +72,6 @@ async fn link(tg: &Tollgate, customer: &str, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
-async fn customer(tg: &Tollgate, id: &str) -> Value {
-    tg.client
-        .get(tg.admin_url(&format!("/admin/customers/{id}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// One number from the ledger.
-async fn scalar(tg: &Tollgate, sql: &str) -> i64 {
-    match tg.backend {
-        Backend::Embedded => {
-            let pool = sqlx::SqlitePool::connect(&tg.database_url).await.unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-        Backend::Shared => {
-            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-            use std::str::FromStr;
-            let opts = PgConnectOptions::from_str(&tg.database_url)
-                .unwrap()
-                .options([("search_path", tg.schema.as_str())]);
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts)
-                .await
-                .unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-    }
-}
-
 both!(
     /// The reconciler follows `has_more`/`starting_after` over 2 pages, retries a 500, repairs
     /// the customers that differ (best subscription per customer; metadata or link), audits
@@ -177,14 +138,14 @@ both!(
         assert_eq!(calls[2].param("starting_after"), Some("sub_g_old"));
 
         // Ledger, audit log, and the very next proxied call.
-        assert_eq!(customer(&tg, "acme").await["plan"], "pro");
-        assert_eq!(customer(&tg, "initech").await["status"], "past_due");
+        assert_eq!(tg.admin_customer("acme").await["plan"], "pro");
+        assert_eq!(tg.admin_customer("initech").await["status"], "past_due");
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'stripe-sync' AND action = 'stripe.sync'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'stripe-sync' AND action = 'stripe.sync'").await,
             3
         );
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers").await,
             3
         );
         assert_eq!(tg.get("/export/pdf", Some("acme")).await.status(), 200);
@@ -198,7 +159,7 @@ both!(
         assert_eq!(again["changed"], json!([]), "{again}");
         assert_eq!(again["linked"], json!([]), "{again}");
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'stripe-sync' AND action = 'stripe.sync'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'stripe-sync' AND action = 'stripe.sync'").await,
             3
         );
 
@@ -234,7 +195,7 @@ both!(
         let body: Value = link(&tg, "acme", json!({"stripe_customer": "cus_B"})).await.json().await.unwrap();
         assert_eq!(body["previous"], "cus_A");
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'admin' AND action = 'stripe.link' AND target = 'acme'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE actor = 'admin' AND action = 'stripe.link' AND target = 'acme'").await,
             2
         );
 
@@ -285,14 +246,14 @@ both!(
             assert_eq!(deliver(&tg, &id, &kind, now + i as i64, sub.clone()).await, 200);
         }
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE customer = 'acme' AND stripe_customer_id = 'cus_web'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE customer = 'acme' AND stripe_customer_id = 'cus_web'").await,
             1
         );
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE action = 'stripe.link'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE action = 'stripe.link'").await,
             1
         );
-        assert_eq!(customer(&tg, "acme").await["plan"], "pro");
+        assert_eq!(tg.admin_customer("acme").await["plan"], "pro");
     }
 );
 
@@ -347,7 +308,7 @@ both!(
         });
         assert_eq!(deliver(&tg, "evt_chk2", "checkout.session.completed", now - 20, session2).await, 200);
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE (customer = 'globex' AND stripe_customer_id = 'cus_chk') OR (customer = 'hooli' AND stripe_customer_id = 'cus_meta')").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_customers WHERE (customer = 'globex' AND stripe_customer_id = 'cus_chk') OR (customer = 'hooli' AND stripe_customer_id = 'cus_meta')").await,
             2
         );
         let sub = subscription("sub_chk", "cus_chk", Some("globex"), &["price_pro"], "active", now - 20);
@@ -356,16 +317,79 @@ both!(
 
         let deleted = json!({"id": "cus_chk", "object": "customer", "deleted": true});
         assert_eq!(deliver(&tg, "evt_del", "customer.deleted", now, deleted).await, 200);
-        let c = customer(&tg, "globex").await;
+        let c = tg.admin_customer("globex").await;
         assert_eq!((c["status"].as_str(), c["plan"].as_str()), (Some("canceled"), None), "{c}");
         let (status, ty, _) = problem(tg.get("/signals", Some("globex")).await).await;
         assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
         // A late subscription.updated created before the deletion changes nothing.
         assert_eq!(deliver(&tg, "evt_late", "customer.subscription.updated", now - 5, sub).await, 200);
-        assert_eq!(customer(&tg, "globex").await["status"], "canceled");
+        assert_eq!(tg.admin_customer("globex").await["status"], "canceled");
         // A deleted Stripe customer nobody is linked to: acknowledged, nothing changes.
         let other = json!({"id": "cus_nobody", "object": "customer", "deleted": true});
         assert_eq!(deliver(&tg, "evt_del2", "customer.deleted", now, other).await, 200);
-        assert_eq!(scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM customers").await, 1);
+        assert_eq!(tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM customers").await, 1);
+    }
+);
+
+/// The value of one sample of the admin listener's `/metrics` (0 when absent).
+async fn metric(tg: &Tollgate, sample: &str) -> i64 {
+    let text = tg
+        .client
+        .get(tg.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+both!(
+    /// DESIGN §7: events of the same second cannot be ordered by `created`, so when one would
+    /// change state stored as of that very second, the subscription is re-fetched and what
+    /// Stripe says now is applied. A `deleted` then an `updated` of the same second (a late
+    /// retry of the update) leave the customer canceled: 402 on the next call. Events seconds
+    /// apart are ordered by `created` alone (no call). If the re-fetch fails, the last received
+    /// wins and the failure is counted.
+    same_second_events_follow_stripe,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        let t = chrono::Utc::now().timestamp() - 30;
+        let active = subscription("sub_ss", "cus_ss", Some("acme"), &["price_pro"], "active", t - 100);
+        let mut canceled = active.clone();
+        canceled["status"] = json!("canceled");
+        stripe.inner.lock().unwrap().subscriptions = vec![canceled.clone()];
+        const FETCH: &str = "/v1/subscriptions/sub_ss";
+
+        assert_eq!(deliver(&tg, "evt_ss_0", "customer.subscription.created", t - 1, active.clone()).await, 200);
+        assert_eq!(deliver(&tg, "evt_ss_1", "customer.subscription.deleted", t, canceled.clone()).await, 200);
+        assert_eq!(tg.admin_customer("acme").await["status"], "canceled");
+        assert!(stripe.calls(FETCH).is_empty(), "a second apart: no re-fetch");
+
+        assert_eq!(deliver(&tg, "evt_ss_2", "customer.subscription.updated", t, active.clone()).await, 200);
+        let calls = stripe.calls(FETCH);
+        assert_eq!(calls.iter().map(|c| c.status).collect::<Vec<_>>(), vec![200]);
+        let c = tg.admin_customer("acme").await;
+        assert_eq!(c["status"], "canceled", "{c}");
+        let (status, ty, _) = problem(tg.get("/signals", Some("acme")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+        assert_eq!(metric(&tg, "tollgate_stripe_refetches_total{outcome=\"applied\"}").await, 1);
+
+        // Stripe answers 500: the last received (active) wins, counted as failed.
+        let g_active = subscription("sub_g", "cus_g", Some("globex"), &["price_pro"], "active", t - 100);
+        let mut g_canceled = g_active.clone();
+        g_canceled["status"] = json!("canceled");
+        stripe.inner.lock().unwrap().subscriptions.push(g_canceled.clone());
+        stripe.fail_next("/v1/subscriptions/sub_g", &[Fault::Status(500)]);
+        assert_eq!(deliver(&tg, "evt_g_1", "customer.subscription.deleted", t, g_canceled).await, 200);
+        assert_eq!(deliver(&tg, "evt_g_2", "customer.subscription.updated", t, g_active).await, 200);
+        assert_eq!(stripe.calls("/v1/subscriptions/sub_g").len(), 1);
+        assert_eq!(tg.admin_customer("globex").await["status"], "active");
+        assert_eq!(tg.get("/signals", Some("globex")).await.status(), 200);
+        assert_eq!(metric(&tg, "tollgate_stripe_refetches_total{outcome=\"failed\"}").await, 1);
     }
 );

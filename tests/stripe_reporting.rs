@@ -60,42 +60,12 @@ fn row(customer: &str, meter: &str, units: i64, ago: Days) -> UsageEvent {
     }
 }
 
-/// One number from the ledger.
-async fn scalar(tg: &Tollgate, sql: &str) -> i64 {
-    match tg.backend {
-        Backend::Embedded => {
-            let pool = sqlx::SqlitePool::connect(&tg.database_url).await.unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-        Backend::Shared => {
-            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-            use std::str::FromStr;
-            let opts = PgConnectOptions::from_str(&tg.database_url)
-                .unwrap()
-                .options([("search_path", tg.schema.as_str())]);
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts)
-                .await
-                .unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-    }
-}
-
 /// Units of `customer` still unreported in the ledger.
 async fn unreported(tg: &Tollgate, customer: &str) -> i64 {
-    scalar(
-        tg,
-        &format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events \
+    tg.scalar(&format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM usage_events \
              WHERE customer = '{customer}' AND reported_at IS NULL"
-        ),
-    )
+    ))
     .await
 }
 
@@ -201,7 +171,7 @@ both!(
         // Unlinked usage is kept, unreported; the 40-day-old row is flagged, never sent.
         assert_eq!(unreported(&tg, "initech").await, 1);
         assert_eq!(
-            scalar(&tg, "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE state = 'too_old'").await,
+            tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE state = 'too_old'").await,
             1
         );
         let metrics = tg
@@ -246,6 +216,56 @@ both!(
             sums(&stripe)[&("cus_acme".to_string(), "tg_api_calls".to_string())],
             acme_units - 7 + 5
         );
+    }
+);
+
+both!(
+    /// A report Stripe keeps refusing is held back, its wait doubling from `report_interval`
+    /// (100 ms here): over 2 s it is tried a handful of times instead of at every run (about
+    /// 20), the ledger keeps its attempts and next try, and other customers' usage that arrives
+    /// meanwhile is reported at the next run.
+    refused_report_backs_off,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, meters).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.link_stripe_customer("globex", "cus_globex", "test").await.unwrap();
+        stripe
+            .inner
+            .lock()
+            .unwrap()
+            .reject_customer
+            .insert("cus_acme".into(), usize::MAX);
+        l.insert_usage(&[row("acme", "api_calls", 3, Days::minutes(10))]).await.unwrap();
+        let started = std::time::Instant::now();
+        let acme_calls = || {
+            stripe
+                .calls(METER_EVENTS)
+                .iter()
+                .filter(|c| c.param("payload[stripe_customer_id]") == Some("cus_acme"))
+                .count() as i64
+        };
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Newer usage of another customer goes out while acme's report waits.
+        l.insert_usage(&[row("globex", "api_calls", 4, Days::zero())]).await.unwrap();
+        for _ in 0..50 {
+            if unreported(&tg, "globex").await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(unreported(&tg, "globex").await, 0);
+        tokio::time::sleep(Duration::from_millis(2000).saturating_sub(started.elapsed())).await;
+        let tries = acme_calls();
+        assert!((2..=7).contains(&tries), "{tries} tries of a refused report in 2 s");
+        assert_eq!(unreported(&tg, "acme").await, 1);
+        let attempts = tg.scalar("SELECT CAST(attempts AS BIGINT) FROM stripe_meter_reports WHERE customer = 'acme'").await;
+        assert!(attempts == tries || attempts + 1 == tries, "{attempts} attempts recorded, {tries} tries");
+        let held_back = tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE customer = 'acme' AND next_attempt_at IS NOT NULL").await;
+        assert_eq!(held_back, 1);
+        assert_eq!(sums(&stripe).get(&("cus_acme".to_string(), "tg_api_calls".to_string())), None);
     }
 );
 

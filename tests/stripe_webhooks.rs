@@ -126,50 +126,11 @@ async fn deliver(tg: &Tollgate, body: &str) -> reqwest::Response {
     post(tg, body.to_string(), Some(&signature(body, WHSEC, now()))).await
 }
 
-/// One number from the ledger (`SELECT COUNT(*) …` and the like).
-async fn scalar(tg: &Tollgate, sql: &str) -> i64 {
-    match tg.backend {
-        Backend::Embedded => {
-            let pool = sqlx::SqlitePool::connect(&tg.database_url).await.unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-        Backend::Shared => {
-            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-            use std::str::FromStr;
-            let opts = PgConnectOptions::from_str(&tg.database_url)
-                .unwrap()
-                .options([("search_path", tg.schema.as_str())]);
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts)
-                .await
-                .unwrap();
-            let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            r.0
-        }
-    }
-}
-
 async fn rows(tg: &Tollgate) -> (i64, i64) {
     (
-        scalar(tg, "SELECT COUNT(*) FROM stripe_events").await,
-        scalar(tg, "SELECT COUNT(*) FROM customers").await,
+        tg.scalar("SELECT COUNT(*) FROM stripe_events").await,
+        tg.scalar("SELECT COUNT(*) FROM customers").await,
     )
-}
-
-async fn customer(tg: &Tollgate, id: &str) -> Value {
-    tg.client
-        .get(tg.admin_url(&format!("/admin/customers/{id}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// A refused delivery: status, problem type, and nothing written.
@@ -201,7 +162,7 @@ both!(
         assert_eq!(r.status(), 200);
         assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
         assert_eq!(tg.get("/export/pdf", Some("acme")).await.status(), 200);
-        let c = customer(&tg, "acme").await;
+        let c = tg.admin_customer("acme").await;
         assert_eq!(c["plan"], "pro");
         assert_eq!(c["status"], "active");
         assert!(c["period_end"].is_string(), "{c}");
@@ -225,7 +186,7 @@ both!(
         let (_up, tg) = start(b).await;
         let body = sub_event("evt_rank", "created", now(), "acme", &["price_tight", "price_unknown", "price_pro"], "active");
         assert_eq!(deliver(&tg, &body).await.status(), 200);
-        assert_eq!(customer(&tg, "acme").await["plan"], "pro");
+        assert_eq!(tg.admin_customer("acme").await["plan"], "pro");
     }
 );
 
@@ -247,7 +208,7 @@ both!(
         assert_eq!(outcomes.iter().filter(|o| *o == "applied").count(), 1, "{outcomes:?}");
         assert_eq!(outcomes.iter().filter(|o| *o == "duplicate").count(), 9, "{outcomes:?}");
         assert_eq!(rows(&tg).await, (1, 1));
-        assert_eq!(scalar(&tg, "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NOT NULL").await, 1);
+        assert_eq!(tg.scalar("SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NOT NULL").await, 1);
     }
 );
 
@@ -271,7 +232,7 @@ both!(
         for i in [3, 1, 0, 2] {
             assert_eq!(deliver(&tg, &evs[i]).await.status(), 200);
         }
-        let (a, z) = (customer(&in_order, "acme").await, customer(&tg, "acme").await);
+        let (a, z) = (in_order.admin_customer("acme").await, tg.admin_customer("acme").await);
         for k in ["plan", "status", "period_start", "period_end", "updated_at"] {
             assert_eq!(a[k], z[k], "{k}");
         }
@@ -313,7 +274,43 @@ both!(
         });
         let r = deliver(&tg, &ev.to_string()).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(customer(&tg, "legacy").await["plan"], "pro");
+        assert_eq!(tg.admin_customer("legacy").await["plan"], "pro");
+    }
+);
+
+both!(
+    /// `cancel_at_period_end` and `trial_end` are kept with the entitlement and shown by the
+    /// admin API, while the customer is served on the plan as before (Stripe ends the
+    /// subscription with a `deleted` event). A later event that clears them clears them, and an
+    /// older one arriving late does not bring them back.
+    subscription_terms_are_kept,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let t = now();
+        let trial_end = t + 7 * 86_400;
+        let event = |id: &str, created: i64, status: &str, cancel: bool, trial: Value| {
+            let mut ev: Value = serde_json::from_str(&sub_event(id, "updated", created, "acme", &["price_pro"], status)).unwrap();
+            ev["data"]["object"]["cancel_at_period_end"] = json!(cancel);
+            ev["data"]["object"]["trial_end"] = trial;
+            ev.to_string()
+        };
+        let ending = event("evt_terms_1", t - 10, "trialing", true, json!(trial_end));
+        assert_eq!(deliver(&tg, &ending).await.status(), 200);
+        let c = tg.admin_customer("acme").await;
+        let expected_trial_end = chrono::DateTime::from_timestamp(trial_end, 0).unwrap();
+        assert_eq!(c["cancel_at_period_end"], true, "{c}");
+        let got: chrono::DateTime<chrono::Utc> = serde_json::from_value(c["trial_end"].clone()).unwrap();
+        assert_eq!(got, expected_trial_end);
+        assert_eq!(c["effective_plan"], "pro");
+        assert_eq!(tg.get("/export/pdf", Some("acme")).await.status(), 200);
+
+        let kept = event("evt_terms_2", t, "active", false, Value::Null);
+        assert_eq!(deliver(&tg, &kept).await.status(), 200);
+        let late = event("evt_terms_0", t - 20, "trialing", true, json!(trial_end));
+        assert_eq!(deliver(&tg, &late).await.status(), 200);
+        let c = tg.admin_customer("acme").await;
+        assert_eq!((c["cancel_at_period_end"].clone(), c["trial_end"].clone()), (json!(false), Value::Null), "{c}");
+        assert_eq!(c["status"], "active");
     }
 );
 
@@ -431,7 +428,7 @@ both!(
         deliver(&tg, &sub_event("evt_pf_sub", "created", t - 10 * day, "acme", &["price_pro"], "active")).await;
         let r = deliver(&tg, &invoice_event("evt_pf_1", "payment_failed", t - day, "acme")).await;
         assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
-        assert_eq!(customer(&tg, "acme").await["status"], "past_due");
+        assert_eq!(tg.admin_customer("acme").await["status"], "past_due");
         assert_eq!(tg.get("/export/pdf", Some("acme")).await.status(), 200, "within the grace");
 
         // The same failure, seen as having happened five days ago: grace is over.
@@ -441,7 +438,7 @@ both!(
         assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
 
         deliver(&tg, &invoice_event("evt_pf_3", "paid", t, "globex")).await;
-        assert_eq!(customer(&tg, "globex").await["status"], "active");
+        assert_eq!(tg.admin_customer("globex").await["status"], "active");
         assert_eq!(tg.get("/export/pdf", Some("globex")).await.status(), 200);
     }
 );
@@ -456,11 +453,11 @@ both!(
         deliver(&tg, &sub_event("evt_li_sub", "updated", t, "acme", &["price_pro"], "active")).await;
         let r = deliver(&tg, &invoice_event("evt_li_1", "payment_failed", t - 60, "acme")).await;
         assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "stale");
-        assert_eq!(customer(&tg, "acme").await["status"], "active");
+        assert_eq!(tg.admin_customer("acme").await["status"], "active");
 
         deliver(&tg, &sub_event("evt_li_del", "deleted", t, "gone", &["price_pro"], "canceled")).await;
         let r = deliver(&tg, &invoice_event("evt_li_2", "payment_failed", t + 1, "gone")).await;
         assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "ignored");
-        assert_eq!(customer(&tg, "gone").await["status"], "canceled");
+        assert_eq!(tg.admin_customer("gone").await["status"], "canceled");
     }
 );

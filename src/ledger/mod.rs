@@ -242,8 +242,13 @@ pub trait Ledger: Send + Sync + 'static {
         &self,
         claim: &ReportClaim,
     ) -> Result<Vec<MeterReport>, LedgerError>;
-    /// Reports still to send (state `pending`), oldest first.
-    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError>;
+    /// Reports still to send (state `pending`) that are due at `now` (no backoff running: see
+    /// [`Ledger::usage_report_failed`]), oldest first.
+    async fn pending_usage_reports(
+        &self,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<MeterReport>, LedgerError>;
     /// Ends a pending report: `Delivered` marks its rows reported (`reported_at`); `TooOld`
     /// leaves them unreported. Returns the rows marked. A report no longer pending is left alone.
     async fn finish_usage_report(
@@ -251,8 +256,14 @@ pub trait Ledger: Send + Sync + 'static {
         identifier: &str,
         state: ReportState,
     ) -> Result<u64, LedgerError>;
-    /// Counts a failed delivery attempt of a pending report and keeps the error for operators.
-    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError>;
+    /// Counts a failed delivery attempt of a pending report, keeps the error for operators, and
+    /// holds the report back until `retry_at`.
+    async fn usage_report_failed(
+        &self,
+        identifier: &str,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), LedgerError>;
     /// Writes a Stripe-derived entitlement with the same rule as [`Ledger::finish_stripe_event`]
     /// (only over older state; `suspended` and an unchanged status' `status_since` kept), without
     /// an event (the reconciler). Returns whether the row was written.
@@ -455,6 +466,8 @@ pub struct MeterReport {
     pub state: ReportState,
     /// The rows' ids (filled by the claim only; empty when read back).
     pub row_ids: Vec<uuid::Uuid>,
+    /// Failed delivery attempts so far (0 when claimed).
+    pub attempts: i64,
 }
 
 /// Groups claimed rows into reports: one per (customer, meter, UTC window of `window_secs`,
@@ -503,6 +516,7 @@ pub fn group_reports(
                 rows: rows.len() as i64,
                 state,
                 row_ids: rows.iter().map(|r| r.id).collect(),
+                attempts: 0,
             })
         })
         .collect();
@@ -863,6 +877,8 @@ mod tests {
             period_end: Some(t0() + Duration::days(27) - Duration::microseconds(1)),
             suspended: true,
             updated_at: t0() + Duration::microseconds(999_999),
+            cancel_at_period_end: true,
+            trial_end: Some(t0() - Duration::days(1) + Duration::microseconds(7)),
         };
         let empty = Entitlement {
             plan: None,
@@ -872,6 +888,8 @@ mod tests {
             period_end: None,
             suspended: false,
             updated_at: t0(),
+            cancel_at_period_end: false,
+            trial_end: None,
         };
         ledger.put_customer("cus_b", &full).await.expect("put b");
         ledger.put_customer("cus_a", &empty).await.expect("put a");
@@ -890,6 +908,8 @@ mod tests {
             status: Status::Canceled,
             suspended: false,
             period_end: None,
+            cancel_at_period_end: false,
+            trial_end: None,
             ..full.clone()
         };
         ledger
@@ -966,6 +986,8 @@ mod tests {
             period_end: None,
             suspended: false,
             updated_at: at,
+            cancel_at_period_end: false,
+            trial_end: None,
         }
     }
 
@@ -1015,7 +1037,9 @@ mod tests {
             .record_stripe_event(&stripe_event("evt_2", t + Duration::seconds(10)))
             .await
             .expect("record 2");
-        let newer = sub("team", Status::Active, t + Duration::seconds(10));
+        let mut newer = sub("team", Status::Active, t + Duration::seconds(10));
+        newer.cancel_at_period_end = true;
+        newer.trial_end = Some(t - Duration::days(14));
         assert_eq!(
             ledger
                 .finish_stripe_event("evt_2", Some(("acme", &newer)))
@@ -1032,6 +1056,8 @@ mod tests {
         assert!(got.suspended, "suspension is the operator's, not Stripe's");
         assert_eq!(got.status_since, Some(t + Duration::microseconds(1)));
         assert_eq!(got.updated_at, t + Duration::seconds(10));
+        assert!(got.cancel_at_period_end);
+        assert_eq!(got.trial_end, Some(t - Duration::days(14)));
 
         // Older event, arriving late: marked processed, customer unchanged.
         ledger
@@ -1062,6 +1088,64 @@ mod tests {
         assert_eq!(
             ledger.finish_stripe_event("evt_x", None).await.expect("x"),
             StripeFinish::Processed { changed: false }
+        );
+    }
+
+    /// The reconciler's write follows the webhook's rule: only over older (or same-time) state,
+    /// the operator's suspension and an unchanged status' start kept, the terms written.
+    async fn check_apply_stripe_state(ledger: Arc<dyn Ledger>) {
+        let t = t0();
+        let mut operator = sub("pro", Status::Active, t);
+        operator.suspended = true;
+        ledger.put_customer("acme", &operator).await.expect("put");
+        let older = sub("free", Status::Canceled, t - Duration::seconds(1));
+        assert!(!ledger
+            .apply_stripe_state("acme", &older)
+            .await
+            .expect("older"));
+        let mut same_status = sub("team", Status::Active, t + Duration::seconds(3));
+        same_status.cancel_at_period_end = true;
+        same_status.trial_end = Some(t + Duration::days(7));
+        assert!(ledger
+            .apply_stripe_state("acme", &same_status)
+            .await
+            .expect("newer"));
+        let got = ledger
+            .get_customer("acme")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(
+            got,
+            Entitlement {
+                suspended: true,
+                status_since: Some(t),
+                ..same_status.clone()
+            }
+        );
+        // Same time again: written (the caller settled which state is right), status start kept.
+        let canceled = sub("team", Status::Canceled, t + Duration::seconds(3));
+        assert!(ledger
+            .apply_stripe_state("acme", &canceled)
+            .await
+            .expect("same time"));
+        let got = ledger
+            .get_customer("acme")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(
+            (got.status, got.cancel_at_period_end),
+            (Status::Canceled, false)
+        );
+        // A new customer gets a row, not suspended.
+        assert!(ledger
+            .apply_stripe_state("globex", &same_status)
+            .await
+            .expect("new"));
+        assert_eq!(
+            ledger.get_customer("globex").await.expect("get"),
+            Some(same_status)
         );
     }
 
@@ -1185,7 +1269,11 @@ mod tests {
             0
         );
 
-        let pending = ledger.pending_usage_reports(10).await.expect("pending");
+        let now = Utc::now();
+        let pending = ledger
+            .pending_usage_reports(10, now)
+            .await
+            .expect("pending");
         assert_eq!(
             pending
                 .iter()
@@ -1195,10 +1283,36 @@ mod tests {
         );
         assert_eq!(pending[0].value, first[0].value);
         assert_eq!(pending[0].ts, first[0].ts);
+        assert_eq!(pending[0].attempts, 0);
+        // A failed report is held back until its retry time, then due again with its count.
         ledger
-            .usage_report_failed(&first[0].identifier, "500: boom")
+            .usage_report_failed(
+                &first[0].identifier,
+                "500: boom",
+                now + Duration::seconds(60),
+            )
             .await
             .expect("failed");
+        let due = |at| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .pending_usage_reports(10, at)
+                    .await
+                    .expect("pending")
+                    .into_iter()
+                    .map(|r| (r.identifier, r.attempts))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(due(now).await, vec![(second[0].identifier.clone(), 0)]);
+        assert_eq!(
+            due(now + Duration::seconds(60)).await,
+            vec![
+                (first[0].identifier.clone(), 1),
+                (second[0].identifier.clone(), 0)
+            ]
+        );
         assert_eq!(
             ledger
                 .finish_usage_report(&first[0].identifier, ReportState::Delivered)
@@ -1222,7 +1336,7 @@ mod tests {
             0
         );
         assert!(ledger
-            .pending_usage_reports(10)
+            .pending_usage_reports(10, now + Duration::days(1))
             .await
             .expect("none")
             .is_empty());
@@ -1288,6 +1402,20 @@ mod tests {
     async fn sqlite_concurrent_links() {
         let dir = TempDir::new();
         check_concurrent_links(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// Postgres: the reconciler's write never replaces newer state and keeps the operator's.
+    #[tokio::test]
+    async fn pg_apply_stripe_state() {
+        let s = PgSchema::new();
+        check_apply_stripe_state(s.open().await).await;
+    }
+
+    /// SQLite: the reconciler's write never replaces newer state and keeps the operator's.
+    #[tokio::test]
+    async fn sqlite_apply_stripe_state() {
+        let dir = TempDir::new();
+        check_apply_stripe_state(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// Postgres: of 10 concurrent finishes of one event exactly one processes it.

@@ -27,8 +27,41 @@ const MAX_CONNECTIONS: u32 = 8;
 /// `/readyz` and the flusher notice an outage quickly instead of queueing for sqlx's 30 s.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const CUSTOMER_COLUMNS: &str =
-    "id, plan, status, status_since, period_start, period_end, suspended, updated_at";
+const CUSTOMER_COLUMNS: &str = "id, plan, status, status_since, period_start, period_end, \
+     suspended, updated_at, cancel_at_period_end, trial_end";
+
+/// The Stripe write rule ([`Ledger::finish_stripe_event`](super::Ledger::finish_stripe_event)),
+/// in one place for the webhook and the reconciler: only over older state (`updated_at`), the
+/// operator's `suspended` kept, `status_since` kept while the status does not change. Bound by
+/// [`bind_stripe_upsert`].
+const STRIPE_UPSERT: &str = "INSERT INTO customers \
+       (id, plan, status, status_since, period_start, period_end, suspended, updated_at, \
+        cancel_at_period_end, trial_end) \
+     VALUES ($1, $2, $3, $4, $5, $6, false, $7, $8, $9) \
+     ON CONFLICT (id) DO UPDATE SET \
+       plan = EXCLUDED.plan, status = EXCLUDED.status, \
+       status_since = CASE WHEN customers.status = EXCLUDED.status \
+         THEN customers.status_since ELSE EXCLUDED.status_since END, \
+       period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
+       updated_at = EXCLUDED.updated_at, \
+       cancel_at_period_end = EXCLUDED.cancel_at_period_end, trial_end = EXCLUDED.trial_end \
+     WHERE customers.updated_at <= EXCLUDED.updated_at";
+
+fn bind_stripe_upsert<'q>(
+    customer: &'q str,
+    e: &'q Entitlement,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(STRIPE_UPSERT)
+        .bind(customer)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since)
+        .bind(e.period_start)
+        .bind(e.period_end)
+        .bind(e.updated_at)
+        .bind(e.cancel_at_period_end)
+        .bind(e.trial_end)
+}
 
 /// The Postgres [`Ledger`](super::Ledger). Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
@@ -162,13 +195,16 @@ impl super::Ledger for PgLedger {
     async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError> {
         sqlx::query(
             "INSERT INTO customers \
-               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at, \
+                cancel_at_period_end, trial_end) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (id) DO UPDATE SET \
                plan = EXCLUDED.plan, status = EXCLUDED.status, \
                status_since = EXCLUDED.status_since, period_start = EXCLUDED.period_start, \
                period_end = EXCLUDED.period_end, suspended = EXCLUDED.suspended, \
-               updated_at = EXCLUDED.updated_at",
+               updated_at = EXCLUDED.updated_at, \
+               cancel_at_period_end = EXCLUDED.cancel_at_period_end, \
+               trial_end = EXCLUDED.trial_end",
         )
         .bind(id)
         .bind(e.plan.as_deref())
@@ -178,6 +214,8 @@ impl super::Ledger for PgLedger {
         .bind(e.period_end)
         .bind(e.suspended)
         .bind(e.updated_at)
+        .bind(e.cancel_at_period_end)
+        .bind(e.trial_end)
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("put_customer"))?;
@@ -247,28 +285,10 @@ impl super::Ledger for PgLedger {
         }
         let mut changed = false;
         if let Some((customer, e)) = apply {
-            let done = sqlx::query(
-                "INSERT INTO customers \
-                   (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, false, $7) \
-                 ON CONFLICT (id) DO UPDATE SET \
-                   plan = EXCLUDED.plan, status = EXCLUDED.status, \
-                   status_since = CASE WHEN customers.status = EXCLUDED.status \
-                     THEN customers.status_since ELSE EXCLUDED.status_since END, \
-                   period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
-                   updated_at = EXCLUDED.updated_at \
-                 WHERE customers.updated_at <= EXCLUDED.updated_at",
-            )
-            .bind(customer)
-            .bind(e.plan.as_deref())
-            .bind(e.status.as_str())
-            .bind(e.status_since)
-            .bind(e.period_start)
-            .bind(e.period_end)
-            .bind(e.updated_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
+            let done = bind_stripe_upsert(customer, e)
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::query(op))?;
             changed = done.rows_affected() == 1;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
@@ -607,13 +627,20 @@ impl super::Ledger for PgLedger {
         Ok(reports)
     }
 
-    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError> {
+    async fn pending_usage_reports(
+        &self,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<MeterReport>, LedgerError> {
         let rows = sqlx::query(
             "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
-               row_count, state FROM stripe_meter_reports WHERE state = 'pending' \
+               row_count, state, CAST(attempts AS BIGINT) AS attempts \
+             FROM stripe_meter_reports \
+             WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= $2) \
              ORDER BY ts, identifier LIMIT $1",
         )
         .bind(limit)
+        .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(LedgerError::query("pending_usage_reports"))?;
@@ -634,6 +661,7 @@ impl super::Ledger for PgLedger {
                         rows: r.try_get("row_count")?,
                         state: ReportState::Pending,
                         row_ids: Vec::new(),
+                        attempts: r.try_get("attempts")?,
                     })
                 };
                 let mut report = read().map_err(LedgerError::query("pending_usage_reports"))?;
@@ -679,13 +707,20 @@ impl super::Ledger for PgLedger {
         Ok(marked)
     }
 
-    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError> {
+    async fn usage_report_failed(
+        &self,
+        identifier: &str,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
         sqlx::query(
-            "UPDATE stripe_meter_reports SET attempts = attempts + 1, last_error = $2 \
+            "UPDATE stripe_meter_reports \
+             SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 \
              WHERE identifier = $1 AND state = 'pending'",
         )
         .bind(identifier)
         .bind(error)
+        .bind(retry_at)
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("usage_report_failed"))?;
@@ -697,28 +732,10 @@ impl super::Ledger for PgLedger {
         customer: &str,
         e: &Entitlement,
     ) -> Result<bool, LedgerError> {
-        let done = sqlx::query(
-            "INSERT INTO customers \
-               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, false, $7) \
-             ON CONFLICT (id) DO UPDATE SET \
-               plan = EXCLUDED.plan, status = EXCLUDED.status, \
-               status_since = CASE WHEN customers.status = EXCLUDED.status \
-                 THEN customers.status_since ELSE EXCLUDED.status_since END, \
-               period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
-               updated_at = EXCLUDED.updated_at \
-             WHERE customers.updated_at <= EXCLUDED.updated_at",
-        )
-        .bind(customer)
-        .bind(e.plan.as_deref())
-        .bind(e.status.as_str())
-        .bind(e.status_since)
-        .bind(e.period_start)
-        .bind(e.period_end)
-        .bind(e.updated_at)
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("apply_stripe_state"))?;
+        let done = bind_stripe_upsert(customer, e)
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("apply_stripe_state"))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -901,10 +918,22 @@ fn customer_from_row(row: &PgRow) -> Result<(String, Entitlement), LedgerError> 
             row.try_get::<Option<DateTime<Utc>>, _>("period_end")?,
             row.try_get::<bool, _>("suspended")?,
             row.try_get::<DateTime<Utc>, _>("updated_at")?,
+            row.try_get::<bool, _>("cancel_at_period_end")?,
+            row.try_get::<Option<DateTime<Utc>>, _>("trial_end")?,
         ))
     };
-    let (id, plan, status, status_since, period_start, period_end, suspended, updated_at) =
-        read().map_err(get)?;
+    let (
+        id,
+        plan,
+        status,
+        status_since,
+        period_start,
+        period_end,
+        suspended,
+        updated_at,
+        cancel_at_period_end,
+        trial_end,
+    ) = read().map_err(get)?;
     let status = Status::parse(&status).ok_or_else(|| LedgerError::Corrupt {
         table: "customers",
         detail: format!("customer {id:?} has unknown status {status:?}"),
@@ -919,6 +948,8 @@ fn customer_from_row(row: &PgRow) -> Result<(String, Entitlement), LedgerError> 
             period_end,
             suspended,
             updated_at,
+            cancel_at_period_end,
+            trial_end,
         },
     ))
 }

@@ -30,8 +30,41 @@ const MAX_CONNECTIONS: u32 = 4;
 /// How long a writer waits for another's lock before failing with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const CUSTOMER_COLUMNS: &str =
-    "id, plan, status, status_since, period_start, period_end, suspended, updated_at";
+const CUSTOMER_COLUMNS: &str = "id, plan, status, status_since, period_start, period_end, \
+     suspended, updated_at, cancel_at_period_end, trial_end";
+
+/// The Stripe write rule ([`Ledger::finish_stripe_event`](super::Ledger::finish_stripe_event)),
+/// in one place for the webhook and the reconciler: only over older state (`updated_at`), the
+/// operator's `suspended` kept, `status_since` kept while the status does not change. Bound by
+/// [`bind_stripe_upsert`].
+const STRIPE_UPSERT: &str = "INSERT INTO customers \
+       (id, plan, status, status_since, period_start, period_end, suspended, updated_at, \
+        cancel_at_period_end, trial_end) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9) \
+     ON CONFLICT (id) DO UPDATE SET \
+       plan = excluded.plan, status = excluded.status, \
+       status_since = CASE WHEN customers.status = excluded.status \
+         THEN customers.status_since ELSE excluded.status_since END, \
+       period_start = excluded.period_start, period_end = excluded.period_end, \
+       updated_at = excluded.updated_at, \
+       cancel_at_period_end = excluded.cancel_at_period_end, trial_end = excluded.trial_end \
+     WHERE customers.updated_at <= excluded.updated_at";
+
+fn bind_stripe_upsert<'q>(
+    customer: &'q str,
+    e: &'q Entitlement,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    sqlx::query(STRIPE_UPSERT)
+        .bind(customer)
+        .bind(e.plan.as_deref())
+        .bind(e.status.as_str())
+        .bind(e.status_since.map(to_micros))
+        .bind(e.period_start.map(to_micros))
+        .bind(e.period_end.map(to_micros))
+        .bind(to_micros(e.updated_at))
+        .bind(e.cancel_at_period_end)
+        .bind(e.trial_end.map(to_micros))
+}
 
 /// The SQLite [`Ledger`](super::Ledger). Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
@@ -166,13 +199,16 @@ impl super::Ledger for SqliteLedger {
     async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError> {
         sqlx::query(
             "INSERT INTO customers \
-               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+               (id, plan, status, status_since, period_start, period_end, suspended, updated_at, \
+                cancel_at_period_end, trial_end) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT (id) DO UPDATE SET \
                plan = excluded.plan, status = excluded.status, \
                status_since = excluded.status_since, period_start = excluded.period_start, \
                period_end = excluded.period_end, suspended = excluded.suspended, \
-               updated_at = excluded.updated_at",
+               updated_at = excluded.updated_at, \
+               cancel_at_period_end = excluded.cancel_at_period_end, \
+               trial_end = excluded.trial_end",
         )
         .bind(id)
         .bind(e.plan.as_deref())
@@ -182,6 +218,8 @@ impl super::Ledger for SqliteLedger {
         .bind(e.period_end.map(to_micros))
         .bind(e.suspended)
         .bind(to_micros(e.updated_at))
+        .bind(e.cancel_at_period_end)
+        .bind(e.trial_end.map(to_micros))
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("put_customer"))?;
@@ -252,28 +290,10 @@ impl super::Ledger for SqliteLedger {
         }
         let mut changed = false;
         if let Some((customer, e)) = apply {
-            let done = sqlx::query(
-                "INSERT INTO customers \
-                   (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7) \
-                 ON CONFLICT (id) DO UPDATE SET \
-                   plan = excluded.plan, status = excluded.status, \
-                   status_since = CASE WHEN customers.status = excluded.status \
-                     THEN customers.status_since ELSE excluded.status_since END, \
-                   period_start = excluded.period_start, period_end = excluded.period_end, \
-                   updated_at = excluded.updated_at \
-                 WHERE customers.updated_at <= excluded.updated_at",
-            )
-            .bind(customer)
-            .bind(e.plan.as_deref())
-            .bind(e.status.as_str())
-            .bind(e.status_since.map(to_micros))
-            .bind(e.period_start.map(to_micros))
-            .bind(e.period_end.map(to_micros))
-            .bind(to_micros(e.updated_at))
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
+            let done = bind_stripe_upsert(customer, e)
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::query(op))?;
             changed = done.rows_affected() == 1;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
@@ -611,14 +631,21 @@ impl super::Ledger for SqliteLedger {
         Ok(reports)
     }
 
-    async fn pending_usage_reports(&self, limit: i64) -> Result<Vec<MeterReport>, LedgerError> {
+    async fn pending_usage_reports(
+        &self,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<MeterReport>, LedgerError> {
         let op = "pending_usage_reports";
         let rows = sqlx::query(
             "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
-               row_count, state FROM stripe_meter_reports WHERE state = 'pending' \
-             ORDER BY ts, identifier LIMIT ?",
+               row_count, state, attempts \
+             FROM stripe_meter_reports \
+             WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?2) \
+             ORDER BY ts, identifier LIMIT ?1",
         )
         .bind(limit)
+        .bind(to_micros(now))
         .fetch_all(&self.pool)
         .await
         .map_err(LedgerError::query(op))?;
@@ -637,6 +664,7 @@ impl super::Ledger for SqliteLedger {
                             rows: r.try_get("row_count")?,
                             state: ReportState::Pending,
                             row_ids: Vec::new(),
+                            attempts: r.try_get("attempts")?,
                         },
                         r.try_get("ts")?,
                         r.try_get("state")?,
@@ -692,13 +720,20 @@ impl super::Ledger for SqliteLedger {
         Ok(marked)
     }
 
-    async fn usage_report_failed(&self, identifier: &str, error: &str) -> Result<(), LedgerError> {
+    async fn usage_report_failed(
+        &self,
+        identifier: &str,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
         sqlx::query(
-            "UPDATE stripe_meter_reports SET attempts = attempts + 1, last_error = ?2 \
+            "UPDATE stripe_meter_reports \
+             SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 \
              WHERE identifier = ?1 AND state = 'pending'",
         )
         .bind(identifier)
         .bind(error)
+        .bind(to_micros(retry_at))
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("usage_report_failed"))?;
@@ -710,28 +745,10 @@ impl super::Ledger for SqliteLedger {
         customer: &str,
         e: &Entitlement,
     ) -> Result<bool, LedgerError> {
-        let done = sqlx::query(
-            "INSERT INTO customers \
-               (id, plan, status, status_since, period_start, period_end, suspended, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7) \
-             ON CONFLICT (id) DO UPDATE SET \
-               plan = excluded.plan, status = excluded.status, \
-               status_since = CASE WHEN customers.status = excluded.status \
-                 THEN customers.status_since ELSE excluded.status_since END, \
-               period_start = excluded.period_start, period_end = excluded.period_end, \
-               updated_at = excluded.updated_at \
-             WHERE customers.updated_at <= excluded.updated_at",
-        )
-        .bind(customer)
-        .bind(e.plan.as_deref())
-        .bind(e.status.as_str())
-        .bind(e.status_since.map(to_micros))
-        .bind(e.period_start.map(to_micros))
-        .bind(e.period_end.map(to_micros))
-        .bind(to_micros(e.updated_at))
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("apply_stripe_state"))?;
+        let done = bind_stripe_upsert(customer, e)
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("apply_stripe_state"))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -914,10 +931,22 @@ fn customer_from_row(row: &SqliteRow) -> Result<(String, Entitlement), LedgerErr
             row.try_get::<Option<i64>, _>("period_end")?,
             row.try_get::<bool, _>("suspended")?,
             row.try_get::<i64, _>("updated_at")?,
+            row.try_get::<bool, _>("cancel_at_period_end")?,
+            row.try_get::<Option<i64>, _>("trial_end")?,
         ))
     };
-    let (id, plan, status, status_since, period_start, period_end, suspended, updated_at) =
-        read().map_err(LedgerError::query("read customers"))?;
+    let (
+        id,
+        plan,
+        status,
+        status_since,
+        period_start,
+        period_end,
+        suspended,
+        updated_at,
+        cancel_at_period_end,
+        trial_end,
+    ) = read().map_err(LedgerError::query("read customers"))?;
     let corrupt = |detail: String| LedgerError::Corrupt {
         table: "customers",
         detail,
@@ -937,6 +966,8 @@ fn customer_from_row(row: &SqliteRow) -> Result<(String, Entitlement), LedgerErr
         period_end: opt_time("period_end", period_end)?,
         suspended,
         updated_at: time("updated_at", updated_at)?,
+        cancel_at_period_end,
+        trial_end: opt_time("trial_end", trial_end)?,
     };
     Ok((id, entitlement))
 }

@@ -1,5 +1,5 @@
 //! Calls to Stripe's API (async-stripe's client pointed at `stripe.api_base`): meter events,
-//! subscription listing, billing portal sessions. The secret key comes only from the env var
+//! subscription listing and retrieval, billing portal sessions. The secret key comes only from the env var
 //! named by `stripe.secret_key_env`.
 //!
 //! Requests are sent once (async-stripe's `RequestStrategy::Once`, no `Idempotency-Key`): callers
@@ -91,6 +91,22 @@ impl StripeApi {
             .send(&self.client)
             .await?;
         serde_json::from_str(&miniserde::json::to_string(&page))
+            .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
+    }
+
+    /// `GET /v1/subscriptions/{id}`, as raw JSON (read like a webhook's object). `id` must be a
+    /// plain Stripe id (the caller checks: it is a path segment).
+    pub async fn subscription(
+        &self,
+        id: &str,
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::{RequestBuilder, StripeMethod};
+        let sub: miniserde::json::Value =
+            RequestBuilder::new(StripeMethod::Get, format!("/subscriptions/{id}"))
+                .customize()
+                .send(&self.client)
+                .await?;
+        serde_json::from_str(&miniserde::json::to_string(&sub))
             .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
     }
 

@@ -16,8 +16,11 @@
 //! pull; [`admin`] the `/admin/stripe/*` and `/admin/customers/{id}/{stripe,portal-session}`
 //! routes. [`spawn_background`] starts the reporter and the reconciler.
 //!
-//! Not yet here: `cancel_at_period_end` and trial end in the entitlement, re-fetching a
-//! subscription from the API for same-second events.
+//! Ordering (DESIGN §7): a write carries the event's `created`, whole seconds. Two events of
+//! the same second cannot be ordered that way, so when the stored state is as of the very second
+//! of an event and the event would change it, the subscription is re-fetched from the API and
+//! what Stripe says now is applied instead ([`StripeWebhook::settle_same_second`]). Without the
+//! API key (or when the call fails) the last received wins, and the reconciler repairs it.
 
 use crate::entitle::{Entitlement, Status};
 use crate::ledger::{Ledger, LedgerError, StripeEventRecord, StripeEventState, StripeFinish};
@@ -159,6 +162,8 @@ pub struct SubscriptionFacts {
     pub price_ids: Vec<String>,
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
+    pub cancel_at_period_end: bool,
+    pub trial_end: Option<i64>,
 }
 
 /// Reads a subscription object of any API version: the period from the items (API ≥ 2025-03-31)
@@ -191,6 +196,11 @@ pub fn subscription_facts(obj: &serde_json::Value, metadata_key: &str) -> Subscr
         price_ids,
         period_start: period("current_period_start"),
         period_end: period("current_period_end"),
+        cancel_at_period_end: obj
+            .get("cancel_at_period_end")
+            .and_then(|c| c.as_bool())
+            .unwrap_or(false),
+        trial_end: obj.get("trial_end").and_then(|t| t.as_i64()),
     }
 }
 
@@ -235,7 +245,30 @@ pub fn entitlement_for(
         period_end,
         suspended: false,
         updated_at: created,
+        // A deleted subscription has ended: nothing is pending any more.
+        cancel_at_period_end: facts.cancel_at_period_end && !deleted,
+        trial_end: ts(facts.trial_end),
     })
+}
+
+/// The same subscription terms (what a customer may call and what operators see), whatever
+/// the bookkeeping times (`status_since`, `updated_at`) say.
+fn same_terms(a: &Entitlement, b: &Entitlement) -> bool {
+    (
+        &a.plan,
+        a.status,
+        a.period_start,
+        a.period_end,
+        a.cancel_at_period_end,
+        a.trial_end,
+    ) == (
+        &b.plan,
+        b.status,
+        b.period_start,
+        b.period_end,
+        b.cancel_at_period_end,
+        b.trial_end,
+    )
 }
 
 /// The Stripe customer id an object names in `customer` (an id, or an expanded object).
@@ -344,6 +377,8 @@ pub struct StripeWebhook {
     /// Set by [`spawn_background`] when the API key is configured.
     pub control: std::sync::OnceLock<Control>,
     webhooks: prometheus::IntCounterVec,
+    /// Same-second events settled by re-fetching the subscription, by outcome.
+    refetches: prometheus::IntCounterVec,
 }
 
 /// Event types the metric names individually; everything else is `other` (bounded labels).
@@ -408,10 +443,18 @@ impl StripeWebhook {
             ),
             &["type", "outcome"],
         )?;
-        shared
-            .metrics
-            .registry
-            .register(Box::new(webhooks.clone()))?;
+        let refetches = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_stripe_refetches_total",
+                "Same-second Stripe events settled by re-fetching the subscription: `applied` \
+                 (Stripe's current state was written), `failed` (the call failed; the last \
+                 received event won)",
+            ),
+            &["outcome"],
+        )?;
+        let registry = &shared.metrics.registry;
+        registry.register(Box::new(webhooks.clone()))?;
+        registry.register(Box::new(refetches.clone()))?;
         Ok(StripeWebhook {
             settings,
             secrets,
@@ -420,6 +463,7 @@ impl StripeWebhook {
             sync,
             control: std::sync::OnceLock::new(),
             webhooks,
+            refetches,
         })
     }
 
@@ -483,7 +527,7 @@ impl StripeWebhook {
                 self.checkout_completed(&env).await?;
                 None
             }
-            _ => self.plan_change(&env),
+            _ => self.plan_change(&env).await?,
         };
         if env.event_type.starts_with("customer.subscription.") {
             self.link_from_subscription(&env).await?;
@@ -507,16 +551,21 @@ impl StripeWebhook {
     }
 
     /// The (customer, entitlement) an event asks for, if it is one tollgate applies.
-    fn plan_change(&self, env: &Envelope) -> Option<(String, Entitlement)> {
-        let kind = env.event_type.strip_prefix("customer.subscription.")?;
+    async fn plan_change(
+        &self,
+        env: &Envelope,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let Some(kind) = env.event_type.strip_prefix("customer.subscription.") else {
+            return Ok(None);
+        };
         if env.object.get("object").and_then(|o| o.as_str()) != Some("subscription") {
-            return None;
+            return Ok(None);
         }
         let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
         let Some(customer) = facts.customer.clone() else {
             tracing::warn!(event = %env.id, subscription = %facts.id, key = %self.settings.customer_metadata_key,
                 "subscription has no tollgate customer in its metadata; ignored");
-            return None;
+            return Ok(None);
         };
         let snap = self.shared.snapshot.load_full();
         let Some(ent) = entitlement_for(
@@ -527,9 +576,73 @@ impl StripeWebhook {
             env.created,
         ) else {
             tracing::warn!(event = %env.id, status = %facts.status, "unknown subscription status; ignored");
-            return None;
+            return Ok(None);
         };
-        Some((customer, ent))
+        let stored = self.ledger.get_customer(&customer).await?;
+        let ent = self
+            .settle_same_second(env, &facts.id, &customer, stored.as_ref(), ent)
+            .await;
+        Ok(Some((customer, ent)))
+    }
+
+    /// DESIGN §7, same-second events: `proposed` (what the event says) is kept unless the stored
+    /// state is as of the event's very second and differs from it. Then `created` cannot say
+    /// which came last, so the subscription is fetched from Stripe and what it says now is
+    /// written instead, as of the same second (a later event still wins over it). Without the API
+    /// key, or when the call fails, `proposed` is kept (the last received wins; the reconciler
+    /// repairs it).
+    async fn settle_same_second(
+        &self,
+        env: &Envelope,
+        subscription: &str,
+        customer: &str,
+        stored: Option<&Entitlement>,
+        proposed: Entitlement,
+    ) -> Entitlement {
+        let in_doubt = stored
+            .is_some_and(|s| s.updated_at == proposed.updated_at && !same_terms(s, &proposed));
+        let Some(control) = self.control.get().filter(|_| in_doubt) else {
+            return proposed;
+        };
+        // A path segment: Stripe ids are `sub_` and alphanumerics.
+        if subscription.is_empty()
+            || !subscription
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return proposed;
+        }
+        let fetched = match control.api.subscription(subscription).await {
+            Ok(obj) => obj,
+            Err(e) => {
+                self.refetches.with_label_values(&["failed"]).inc();
+                tracing::warn!(event = %env.id, %subscription, error = %e,
+                    "same-second event: could not re-fetch the subscription; the last received wins");
+                return proposed;
+            }
+        };
+        let facts = subscription_facts(&fetched, &self.settings.customer_metadata_key);
+        if facts.customer.as_deref().is_some_and(|c| c != customer) {
+            tracing::warn!(event = %env.id, %subscription, %customer, now = ?facts.customer,
+                "same-second event: the subscription now names another customer; event applied as sent");
+            return proposed;
+        }
+        let snap = self.shared.snapshot.load_full();
+        match entitlement_for(
+            &snap.config,
+            &self.settings.prices,
+            &facts,
+            false,
+            env.created,
+        ) {
+            Some(current) => {
+                self.refetches.with_label_values(&["applied"]).inc();
+                tracing::info!(event = %env.id, %subscription, %customer, status = %facts.status,
+                    "same-second event: applied the subscription as Stripe has it now");
+                current
+            }
+            None => proposed,
+        }
     }
 
     /// Invoice events move a subscribed customer between `past_due` and `active` (DESIGN §7:
@@ -584,12 +697,20 @@ impl StripeWebhook {
         if !applies || current.status == target {
             return Ok(None);
         }
+        let subscription = ["/parent/subscription_details/subscription", "/subscription"]
+            .iter()
+            .find_map(|p| env.object.pointer(p).and_then(|s| s.as_str()))
+            .unwrap_or_default()
+            .to_string();
         let ent = Entitlement {
             status: target,
             status_since: Some(env.created),
             updated_at: env.created,
-            ..current
+            ..current.clone()
         };
+        let ent = self
+            .settle_same_second(env, &subscription, &customer, Some(&current), ent)
+            .await;
         Ok(Some((customer, ent)))
     }
 
@@ -616,6 +737,8 @@ impl StripeWebhook {
             period_end: None,
             suspended: false,
             updated_at: env.created,
+            cancel_at_period_end: false,
+            trial_end: None,
         };
         Ok(Some((customer, ent)))
     }

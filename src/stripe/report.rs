@@ -10,6 +10,9 @@
 //! are marked reported only after Stripe's 2xx — or its 400 "already exists" for the identifier,
 //! which means an earlier try landed. 429, 5xx and transport errors stop the run and back off;
 //! any other 4xx leaves that report pending (counted, logged) and goes on with the others.
+//! Either failure also holds that one report back (`next_attempt_at`: `report_interval` doubled
+//! per failed attempt, up to 5 min for transient failures and 1 h for refusals), so a report
+//! Stripe keeps refusing is neither resent every run nor in the way of the reports behind it.
 //! Reports older than Stripe's 35-day timestamp window are flagged (`too_old`) and never sent.
 //!
 //! Limit: Stripe keeps identifiers for "at least 24 hours". A report whose answer was lost and
@@ -41,6 +44,25 @@ const SEND_BATCH: i64 = 1_000;
 const SEND_CONCURRENCY: usize = 8;
 /// Longest wait between retries while Stripe fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest a report Stripe refused (a 4xx other than 429) waits before it is tried again: such a
+/// refusal needs an operator (an unknown meter or customer), so trying more often only adds load.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// When a report that has now failed `attempts` times may be tried again: `interval` doubled per
+/// attempt after the first, at most `cap`.
+pub fn retry_at(
+    now: DateTime<Utc>,
+    interval: Duration,
+    attempts: i64,
+    cap: Duration,
+) -> DateTime<Utc> {
+    let doublings = attempts.saturating_sub(1).clamp(0, 30) as u32;
+    let wait = interval
+        .max(Duration::from_millis(10))
+        .saturating_mul(1u32 << doublings)
+        .min(cap);
+    now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
+}
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +249,7 @@ impl Reporter {
         // ledger error aborts them: their reports stay pending and are resent, same identifier.)
         let mut queue = self
             .ledger
-            .pending_usage_reports(SEND_BATCH)
+            .pending_usage_reports(SEND_BATCH, now)
             .await?
             .into_iter();
         let mut inflight = tokio::task::JoinSet::new();
@@ -287,14 +309,25 @@ impl Reporter {
             Delivery::Rejected(e) => {
                 stats.rejected += 1;
                 self.events.with_label_values(&["rejected"]).inc();
+                let retry = retry_at(
+                    Utc::now(),
+                    self.interval,
+                    r.attempts + 1,
+                    MAX_REFUSED_BACKOFF,
+                );
                 tracing::error!(identifier = %r.identifier, customer = %r.customer, meter = %r.meter, error = %e,
-                    "Stripe refused a meter event; it stays pending");
-                self.ledger.usage_report_failed(&r.identifier, &e).await?;
+                    attempts = r.attempts + 1, %retry, "Stripe refused a meter event; it stays pending");
+                self.ledger
+                    .usage_report_failed(&r.identifier, &e, retry)
+                    .await?;
             }
             Delivery::Transient(e) => {
                 self.events.with_label_values(&["retry"]).inc();
                 tracing::warn!(identifier = %r.identifier, error = %e, "Stripe unavailable; backing off");
-                self.ledger.usage_report_failed(&r.identifier, &e).await?;
+                let retry = retry_at(Utc::now(), self.interval, r.attempts + 1, MAX_BACKOFF);
+                self.ledger
+                    .usage_report_failed(&r.identifier, &e, retry)
+                    .await?;
                 stats.transient = Some(e);
             }
         }
@@ -379,6 +412,24 @@ mod tests {
             classify::<()>(Err(stripe_api::StripeError::Timeout)),
             Delivery::Transient(_)
         ));
+    }
+
+    /// The per-report wait doubles from `report_interval` and stops at its cap.
+    #[test]
+    fn report_backoff_doubles_to_a_cap() {
+        let now = Utc.timestamp_opt(1_000_000, 0).single().expect("time");
+        let at = |attempts| {
+            (retry_at(now, Duration::from_secs(60), attempts, MAX_REFUSED_BACKOFF) - now)
+                .num_seconds()
+        };
+        assert_eq!(
+            [1, 2, 3, 4, 6, 7, 100, i64::MAX].map(at),
+            [60, 120, 240, 480, 1920, 3600, 3600, 3600]
+        );
+        assert_eq!(
+            (retry_at(now, Duration::from_secs(60), 4, MAX_BACKOFF) - now).num_seconds(),
+            300
+        );
     }
 
     fn row(i: u128, secs: i64, customer: &str, meter: &str, units: i64) -> ReportRow {

@@ -448,6 +448,38 @@ impl Tollgate {
         }
     }
 
+    /// One number from this instance's ledger (`SELECT CAST(COUNT(*) AS BIGINT) …` and the
+    /// like: the column must decode as i64 on both backends).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Embedded => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+                let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                r.0
+            }
+            Backend::Shared => {
+                let pool = self.pg().await;
+                let r: (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                r.0
+            }
+        }
+    }
+
+    /// `GET /admin/customers/{id}` as JSON (the problem body when it is not 200).
+    pub async fn admin_customer(&self, id: &str) -> serde_json::Value {
+        self.client
+            .get(self.admin_url(&format!("/admin/customers/{id}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn pg(&self) -> sqlx::PgPool {
         use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
         use std::str::FromStr;

@@ -89,6 +89,7 @@ impl StripeStandIn {
         let app = Router::new()
             .route("/v1/billing/meter_events", post(meter_event))
             .route("/v1/subscriptions", get(list_subscriptions))
+            .route("/v1/subscriptions/{id}", get(retrieve_subscription))
             .route("/v1/billing_portal/sessions", post(portal_session))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -342,6 +343,36 @@ async fn list_subscriptions(
             "data": page,
         }))
         .into_response()
+    })();
+    set_status(&mut g, response.status().as_u16());
+    response
+}
+
+/// `GET /v1/subscriptions/{id}`: the subscription as listed, or Stripe's 404.
+async fn retrieve_subscription(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let path = format!("/v1/subscriptions/{id}");
+    let mut g = inner.lock().unwrap();
+    record(&mut g, "GET", &path, Vec::new());
+    let response = (|| {
+        if !authorized(&headers) {
+            return unauthorized();
+        }
+        if let Some(Fault::Status(s) | Fault::ApplyThenStatus(s)) = next_fault(&mut g, &path) {
+            return fault_response(s);
+        }
+        match g.subscriptions.iter().find(|s| s["id"] == id.as_str()) {
+            Some(sub) => Json(sub.clone()).into_response(),
+            None => stripe_error(
+                404,
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such subscription: '{id}'"),
+            ),
+        }
     })();
     set_status(&mut g, response.status().as_u16());
     response
