@@ -163,6 +163,17 @@ both!(
             3
         );
 
+        // acme schedules the end of its subscription and the webhook is lost: only
+        // cancel_at_period_end differs, and the next run repairs it.
+        stripe.inner.lock().unwrap().subscriptions[0]["cancel_at_period_end"] = json!(true);
+        assert_eq!(tg.admin_customer("acme").await["cancel_at_period_end"], false);
+        let third: Value = admin_post(&tg, "/admin/stripe/sync", None).await.json().await.unwrap();
+        let changed = third["changed"].as_array().unwrap();
+        assert_eq!(changed.len(), 1, "{third}");
+        assert_eq!(changed[0]["customer"], "acme");
+        assert_eq!(tg.admin_customer("acme").await["cancel_at_period_end"], true);
+        assert_eq!(tg.admin_customer("acme").await["effective_plan"], "pro");
+
         // Stripe down for good: the run fails as a whole (502) and writes nothing.
         stripe.fail_next(SUBSCRIPTIONS, &[Fault::Status(500); 5]);
         let (status, ty, _) = problem(admin_post(&tg, "/admin/stripe/sync", None).await).await;

@@ -85,6 +85,9 @@ fn sub_event(
     );
     sub["metadata"] = json!({ "tollgate_customer": customer });
     sub["status"] = json!(status);
+    // The fixture's placeholders say "ends at period end, trial in 2009": a plain subscription.
+    sub["cancel_at_period_end"] = json!(false);
+    sub["trial_end"] = Value::Null;
     ev["id"] = json!(id);
     ev["type"] = json!(format!("customer.subscription.{kind}"));
     ev["created"] = json!(created);

@@ -253,7 +253,7 @@ pub fn entitlement_for(
 
 /// The same subscription terms (what a customer may call and what operators see), whatever
 /// the bookkeeping times (`status_since`, `updated_at`) say.
-fn same_terms(a: &Entitlement, b: &Entitlement) -> bool {
+pub(crate) fn same_terms(a: &Entitlement, b: &Entitlement) -> bool {
     (
         &a.plan,
         a.status,

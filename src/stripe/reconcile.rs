@@ -13,7 +13,9 @@
 
 use super::api::StripeApi;
 use super::report::{classify, Delivery};
-use super::{entitlement_for, link, stripe_customer_of, subscription_facts, StripeError};
+use super::{
+    entitlement_for, link, same_terms, stripe_customer_of, subscription_facts, StripeError,
+};
 use crate::entitle::{Entitlement, Status};
 use crate::ledger::{AuditRecord, Ledger};
 use crate::state::Shared;
@@ -182,11 +184,7 @@ impl Reconciler {
             };
             let before = self.ledger.get_customer(&customer).await?;
             if let Some(b) = &before {
-                let same = b.plan == want.plan
-                    && b.status == want.status
-                    && b.period_start == want.period_start
-                    && b.period_end == want.period_end;
-                if same {
+                if same_terms(b, &want) {
                     continue;
                 }
                 if b.status == want.status {

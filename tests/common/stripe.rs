@@ -475,6 +475,9 @@ pub fn subscription(
             .collect(),
     );
     sub["id"] = json!(id);
+    // The fixture's placeholders say "ends at period end, trial in 2009": a plain subscription.
+    sub["cancel_at_period_end"] = json!(false);
+    sub["trial_end"] = Value::Null;
     sub["customer"] = json!(stripe_customer);
     sub["status"] = json!(status);
     sub["created"] = json!(created);
