@@ -26,7 +26,7 @@ use http::header::{AUTHORIZATION, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -65,6 +65,8 @@ pub struct Ctx {
     decision: Decision,
     upstream_status: Option<u16>,
     upstream_failed: bool,
+    /// The request head went to the upstream (`upstream_request_filter` ran).
+    forwarded: bool,
     /// Exact cost reported by the upstream, when the route asks for it and the value is valid.
     actual_cost: Option<u64>,
     /// Wall-clock time the charge was decided at: the quota period was chosen by it, and the
@@ -340,6 +342,7 @@ impl ProxyHttp for Proxy {
             decision: Decision::Allowed,
             upstream_status: None,
             upstream_failed: false,
+            forwarded: false,
             actual_cost: None,
             arrived: None,
             shadowed: None,
@@ -446,6 +449,7 @@ impl ProxyHttp for Proxy {
             up.insert_header(CUSTOMER_HEADER, c.as_str())?;
         }
         up.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        ctx.forwarded = true;
         if let Some(snap) = &ctx.snapshot {
             if snap.config.proxy.strip_authorization && ctx.customer.is_some() {
                 up.remove_header(&AUTHORIZATION);
@@ -511,6 +515,18 @@ impl ProxyHttp for Proxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if *e.esource() == ErrorSource::Downstream {
+            // The client hung up. Not an upstream failure: once the request went upstream, the
+            // upstream did (or began) the work and the charge stands, or hanging up would make
+            // calls free. Before that nothing happened: settled like an upstream failure.
+            ctx.decision = Decision::ClientClosed;
+            ctx.upstream_failed = !ctx.forwarded;
+            tracing::info!(request_id = %ctx.request_id, error = %e, forwarded = ctx.forwarded, "client closed the connection");
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         if ctx.upstream_status.is_none() {
             ctx.upstream_failed = true;
         }

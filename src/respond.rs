@@ -58,10 +58,12 @@ pub enum Decision {
     QuotaStoreUnavailable,
     UpstreamUnavailable,
     HeaderTooLarge,
+    /// The client hung up before the answer (nginx's 499). Not a denial: nothing is sent.
+    ClientClosed,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 12] = [
+    pub const ALL: [Decision; 13] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -74,6 +76,7 @@ impl Decision {
         Decision::QuotaStoreUnavailable,
         Decision::UpstreamUnavailable,
         Decision::HeaderTooLarge,
+        Decision::ClientClosed,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -91,6 +94,7 @@ impl Decision {
             Decision::QuotaStoreUnavailable => "quota-store-unavailable",
             Decision::UpstreamUnavailable => "upstream-unavailable",
             Decision::HeaderTooLarge => "request-header-too-large",
+            Decision::ClientClosed => "client-closed",
         }
     }
 

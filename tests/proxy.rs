@@ -423,6 +423,33 @@ both!(
 );
 
 both!(
+    /// A client that hangs up after its request reached the upstream is charged: the upstream
+    /// got the call (hanging up is not an upstream failure, and must not make calls free). The
+    /// access log and metrics say `client-closed`, not `upstream-unavailable`.
+    client_hang_up_after_forwarding_is_charged,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+        let r = client.get(tg.url("/slow")).bearer_auth(token("quitter")).send().await;
+        assert!(r.is_err(), "the client gave up before the 5 s upstream answered");
+        assert_eq!(up.hits(), 1, "the request reached the upstream");
+        assert_eq!(tg.wait_ledger("quitter", 1).await, (1, 1), "one row, charged 1 unit");
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("quitter", "api_calls").await, Some(1));
+        }
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let line = |decision: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with("tollgate_requests_total") && l.contains("route=\"GET /slow\"") && l.contains(&format!("decision=\"{decision}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        };
+        assert_eq!(line("client-closed").as_deref(), Some("1"), "{metrics}");
+        assert_eq!(line("upstream-unavailable").as_deref(), Some("0"));
+    }
+);
+
+both!(
     /// A running instance is ready: quota store and ledger answer and the config is loaded
     /// (numbered by the ledger: version ≥ 1). `/healthz` needs no token.
     readyz_reports_store_ledger_and_config,
