@@ -56,6 +56,7 @@ pub const SECURITY_SCHEME: &str = "admin_token";
         crate::stripe::admin::sync,
         crate::stripe::admin::link,
         crate::stripe::admin::portal_session,
+        crate::stripe::admin::resolve_report,
         crate::stripe::webhook::receive,
     ),
     components(schemas(Problem)),

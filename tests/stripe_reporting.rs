@@ -220,6 +220,86 @@ both!(
 );
 
 both!(
+    /// Stripe deduplicates identifiers for about a day only. A meter event recorded by Stripe
+    /// whose answer was lost (a 500), and still unconfirmed 23 h later, is not resent (a resend
+    /// could count twice): it is set `uncertain`, counted, and left for an operator, whose
+    /// `resolve` marks the rows reported (audited). Stripe counted the units once.
+    unconfirmed_report_is_not_resent_after_a_day,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        // The first try is recorded but answered 500; every later try fails before recording.
+        let mut faults = vec![Fault::ApplyThenStatus(500)];
+        faults.extend([Fault::Status(500); 60]);
+        stripe.fail_next(METER_EVENTS, &faults);
+        let up = Upstream::start().await;
+        let tg = Tollgate::start_with(&config(up.addr, &stripe), b, None, meters).await;
+        let l = ledger(&tg).await;
+        l.link_stripe_customer("acme", "cus_acme", "test").await.unwrap();
+        l.insert_usage(&[
+            row("acme", "api_calls", 3, Days::minutes(10)),
+            row("acme", "api_calls", 4, Days::minutes(10)),
+        ])
+        .await
+        .unwrap();
+        let ambiguous = "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE ambiguous_since IS NOT NULL";
+        for _ in 0..100 {
+            if tg.scalar(ambiguous).await == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tg.scalar(ambiguous).await, 1, "the lost answer is remembered");
+        // A day passes (the ledger's clock is moved back rather than the test waiting).
+        let day_ago = Utc::now() - Days::hours(25);
+        let shift = match b {
+            Backend::Embedded => format!(
+                "UPDATE stripe_meter_reports SET ambiguous_since = {}, next_attempt_at = NULL RETURNING CAST(1 AS BIGINT)",
+                day_ago.timestamp_micros()
+            ),
+            Backend::Shared => format!(
+                "UPDATE stripe_meter_reports SET ambiguous_since = to_timestamp({}), next_attempt_at = NULL RETURNING CAST(1 AS BIGINT)",
+                day_ago.timestamp()
+            ),
+        };
+        assert_eq!(tg.scalar(&shift).await, 1);
+        let uncertain = "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_meter_reports WHERE state = 'uncertain'";
+        for _ in 0..100 {
+            if tg.scalar(uncertain).await == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tg.scalar(uncertain).await, 1);
+        let tries = stripe.calls(METER_EVENTS).len();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(stripe.calls(METER_EVENTS).len(), tries, "not resent");
+        assert_eq!(unreported(&tg, "acme").await, 2);
+        assert_eq!(sums(&stripe)[&("cus_acme".to_string(), "tg_api_calls".to_string())], 7);
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("tollgate_stripe_meter_events_total{outcome=\"uncertain\"} 1"), "{metrics}");
+
+        // The operator finds the event in Stripe and says so.
+        let identifier = stripe.applied().into_keys().next().unwrap();
+        let resolve = |landed: bool| {
+            tg.client
+                .post(tg.admin_url(&format!("/admin/stripe/reports/{identifier}/resolve")))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&serde_json::json!({ "landed": landed }))
+                .send()
+        };
+        let r = resolve(true).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!((answer["state"].as_str(), answer["rows_marked"].as_u64()), (Some("delivered"), Some(2)));
+        assert_eq!(unreported(&tg, "acme").await, 0);
+        assert_eq!(tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM audit_log WHERE action = 'stripe.report.resolve'").await, 1);
+        let (status, ty, _) = problem(resolve(false).await.unwrap()).await;
+        assert_eq!((status, ty.as_str()), (404, "urn:tollgate:problem:unknown-report"));
+        assert_eq!(sums(&stripe)[&("cus_acme".to_string(), "tg_api_calls".to_string())], 7);
+    }
+);
+
+both!(
     /// A report Stripe keeps refusing is held back, its wait doubling from `report_interval`
     /// (100 ms here): over 2 s it is tried a handful of times instead of at every run (about
     /// 20), the ledger keeps its attempts and next try, and other customers' usage that arrives

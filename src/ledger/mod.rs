@@ -257,13 +257,23 @@ pub trait Ledger: Send + Sync + 'static {
         state: ReportState,
     ) -> Result<u64, LedgerError>;
     /// Counts a failed delivery attempt of a pending report, keeps the error for operators, and
-    /// holds the report back until `retry_at`.
+    /// holds the report back until `retry_at`. `ambiguous`: the try may have landed (timeout,
+    /// 5xx); the first such failure's time is kept in `ambiguous_since`.
     async fn usage_report_failed(
         &self,
         identifier: &str,
         error: &str,
         retry_at: DateTime<Utc>,
+        ambiguous: bool,
     ) -> Result<(), LedgerError>;
+    /// An operator's verdict on an `uncertain` report: `landed` (Stripe has it) marks it
+    /// delivered and its rows reported; otherwise it is pending again with no ambiguity, to be
+    /// resent. `None` when there is no uncertain report `identifier`; else the rows marked.
+    async fn resolve_uncertain_report(
+        &self,
+        identifier: &str,
+        landed: bool,
+    ) -> Result<Option<u64>, LedgerError>;
     /// Writes a Stripe-derived entitlement with the same rule as [`Ledger::finish_stripe_event`]
     /// (only over older state; `suspended` and an unchanged status' `status_since` kept), without
     /// an event (the reconciler). Returns whether the row was written.
@@ -425,6 +435,9 @@ pub enum ReportState {
     Zero,
     /// Older than Stripe accepts (35 days): flagged, never sent.
     TooOld,
+    /// A try may have landed unanswered (timeout, 5xx) more than Stripe's identifier
+    /// deduplication window ago: resending could count twice, so an operator decides.
+    Uncertain,
 }
 
 impl ReportState {
@@ -434,6 +447,7 @@ impl ReportState {
             ReportState::Delivered => "delivered",
             ReportState::Zero => "zero",
             ReportState::TooOld => "too_old",
+            ReportState::Uncertain => "uncertain",
         }
     }
 
@@ -443,6 +457,7 @@ impl ReportState {
             "delivered" => ReportState::Delivered,
             "zero" => ReportState::Zero,
             "too_old" => ReportState::TooOld,
+            "uncertain" => ReportState::Uncertain,
             _ => return None,
         })
     }
@@ -468,6 +483,8 @@ pub struct MeterReport {
     pub row_ids: Vec<uuid::Uuid>,
     /// Failed delivery attempts so far (0 when claimed).
     pub attempts: i64,
+    /// When a try first failed in a way that may have landed (timeout, 5xx), if one did.
+    pub ambiguous_since: Option<DateTime<Utc>>,
 }
 
 /// Groups claimed rows into reports: one per (customer, meter, UTC window of `window_secs`,
@@ -517,6 +534,7 @@ pub fn group_reports(
                 state,
                 row_ids: rows.iter().map(|r| r.id).collect(),
                 attempts: 0,
+                ambiguous_since: None,
             })
         })
         .collect();
@@ -1288,8 +1306,9 @@ mod tests {
         ledger
             .usage_report_failed(
                 &first[0].identifier,
-                "500: boom",
+                "429: slow down",
                 now + Duration::seconds(60),
+                false,
             )
             .await
             .expect("failed");
@@ -1313,6 +1332,31 @@ mod tests {
                 (second[0].identifier.clone(), 0)
             ]
         );
+        // A try that may have landed (a 500) is remembered from its first occurrence on; a later
+        // definite failure does not clear it.
+        ledger
+            .usage_report_failed(&second[0].identifier, "500: boom", now, true)
+            .await
+            .expect("ambiguous");
+        let since = |at| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .pending_usage_reports(10, at)
+                    .await
+                    .expect("pending")
+                    .into_iter()
+                    .map(|r| r.ambiguous_since.is_some())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let later = now + Duration::seconds(60);
+        assert_eq!(since(later).await, vec![false, true]);
+        ledger
+            .usage_report_failed(&second[0].identifier, "429", now, false)
+            .await
+            .expect("definite");
+        assert_eq!(since(later).await, vec![false, true]);
         assert_eq!(
             ledger
                 .finish_usage_report(&first[0].identifier, ReportState::Delivered)
@@ -1328,12 +1372,40 @@ mod tests {
                 .expect("again"),
             0
         );
+        // Uncertain: not sent; an operator says it did not land (pending again, ambiguity
+        // cleared), then it is flagged again and the operator says it landed (rows reported).
         assert_eq!(
             ledger
-                .finish_usage_report(&second[0].identifier, ReportState::TooOld)
+                .finish_usage_report(&second[0].identifier, ReportState::Uncertain)
                 .await
-                .expect("too old"),
+                .expect("uncertain"),
             0
+        );
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&first[0].identifier, true)
+                .await
+                .expect("not uncertain"),
+            None
+        );
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&second[0].identifier, false)
+                .await
+                .expect("resend"),
+            Some(0)
+        );
+        assert_eq!(since(later).await, vec![false]);
+        ledger
+            .finish_usage_report(&second[0].identifier, ReportState::Uncertain)
+            .await
+            .expect("uncertain again");
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&second[0].identifier, true)
+                .await
+                .expect("landed"),
+            Some(second[0].rows as u64)
         );
         assert!(ledger
             .pending_usage_reports(10, now + Duration::days(1))

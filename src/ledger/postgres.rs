@@ -634,7 +634,7 @@ impl super::Ledger for PgLedger {
     ) -> Result<Vec<MeterReport>, LedgerError> {
         let rows = sqlx::query(
             "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
-               row_count, state, CAST(attempts AS BIGINT) AS attempts \
+               row_count, state, CAST(attempts AS BIGINT) AS attempts, ambiguous_since \
              FROM stripe_meter_reports \
              WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= $2) \
              ORDER BY ts, identifier LIMIT $1",
@@ -662,6 +662,7 @@ impl super::Ledger for PgLedger {
                         state: ReportState::Pending,
                         row_ids: Vec::new(),
                         attempts: r.try_get("attempts")?,
+                        ambiguous_since: r.try_get("ambiguous_since")?,
                     })
                 };
                 let mut report = read().map_err(LedgerError::query("pending_usage_reports"))?;
@@ -712,19 +713,61 @@ impl super::Ledger for PgLedger {
         identifier: &str,
         error: &str,
         retry_at: DateTime<Utc>,
+        ambiguous: bool,
     ) -> Result<(), LedgerError> {
         sqlx::query(
             "UPDATE stripe_meter_reports \
-             SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 \
+             SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3, \
+               ambiguous_since = CASE WHEN $4 THEN COALESCE(ambiguous_since, now()) \
+                 ELSE ambiguous_since END \
              WHERE identifier = $1 AND state = 'pending'",
         )
         .bind(identifier)
         .bind(error)
         .bind(retry_at)
+        .bind(ambiguous)
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("usage_report_failed"))?;
         Ok(())
+    }
+
+    async fn resolve_uncertain_report(
+        &self,
+        identifier: &str,
+        landed: bool,
+    ) -> Result<Option<u64>, LedgerError> {
+        let op = "resolve_uncertain_report";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let done = sqlx::query(
+            "UPDATE stripe_meter_reports SET \
+               state = CASE WHEN $2 THEN 'delivered' ELSE 'pending' END, \
+               finished_at = CASE WHEN $2 THEN now() ELSE NULL END, \
+               ambiguous_since = NULL, next_attempt_at = NULL \
+             WHERE identifier = $1 AND state = 'uncertain'",
+        )
+        .bind(identifier)
+        .bind(landed)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let mut marked = 0;
+        if landed {
+            marked = sqlx::query(
+                "UPDATE usage_events SET reported_at = now() \
+                 WHERE report_id = $1 AND reported_at IS NULL",
+            )
+            .bind(identifier)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(Some(marked))
     }
 
     async fn apply_stripe_state(

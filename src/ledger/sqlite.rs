@@ -639,7 +639,7 @@ impl super::Ledger for SqliteLedger {
         let op = "pending_usage_reports";
         let rows = sqlx::query(
             "SELECT identifier, customer, stripe_customer_id, meter, event_name, ts, value, \
-               row_count, state, attempts \
+               row_count, state, attempts, ambiguous_since \
              FROM stripe_meter_reports \
              WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?2) \
              ORDER BY ts, identifier LIMIT ?1",
@@ -651,7 +651,7 @@ impl super::Ledger for SqliteLedger {
         .map_err(LedgerError::query(op))?;
         rows.iter()
             .map(|r| {
-                let read = || -> Result<(MeterReport, i64, String), sqlx::Error> {
+                let read = || -> Result<(MeterReport, i64, String, Option<i64>), sqlx::Error> {
                     Ok((
                         MeterReport {
                             identifier: r.try_get("identifier")?,
@@ -665,12 +665,15 @@ impl super::Ledger for SqliteLedger {
                             state: ReportState::Pending,
                             row_ids: Vec::new(),
                             attempts: r.try_get("attempts")?,
+                            ambiguous_since: None,
                         },
                         r.try_get("ts")?,
                         r.try_get("state")?,
+                        r.try_get::<Option<i64>, _>("ambiguous_since")?,
                     ))
                 };
-                let (mut report, ts, state) = read().map_err(LedgerError::query(op))?;
+                let (mut report, ts, state, ambiguous) = read().map_err(LedgerError::query(op))?;
+                report.ambiguous_since = ambiguous.and_then(from_micros);
                 report.ts = from_micros(ts).ok_or_else(|| LedgerError::Corrupt {
                     table: "stripe_meter_reports",
                     detail: format!("time {ts} out of range"),
@@ -725,19 +728,65 @@ impl super::Ledger for SqliteLedger {
         identifier: &str,
         error: &str,
         retry_at: DateTime<Utc>,
+        ambiguous: bool,
     ) -> Result<(), LedgerError> {
         sqlx::query(
             "UPDATE stripe_meter_reports \
-             SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 \
+             SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, \
+               ambiguous_since = CASE WHEN ?4 THEN COALESCE(ambiguous_since, ?5) \
+                 ELSE ambiguous_since END \
              WHERE identifier = ?1 AND state = 'pending'",
         )
         .bind(identifier)
         .bind(error)
         .bind(to_micros(retry_at))
+        .bind(ambiguous)
+        .bind(to_micros(Utc::now()))
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("usage_report_failed"))?;
         Ok(())
+    }
+
+    async fn resolve_uncertain_report(
+        &self,
+        identifier: &str,
+        landed: bool,
+    ) -> Result<Option<u64>, LedgerError> {
+        let op = "resolve_uncertain_report";
+        let mut tx = self.write_tx(op).await?;
+        let now = to_micros(Utc::now());
+        let done = sqlx::query(
+            "UPDATE stripe_meter_reports SET \
+               state = CASE WHEN ?2 THEN 'delivered' ELSE 'pending' END, \
+               finished_at = CASE WHEN ?2 THEN ?3 ELSE NULL END, \
+               ambiguous_since = NULL, next_attempt_at = NULL \
+             WHERE identifier = ?1 AND state = 'uncertain'",
+        )
+        .bind(identifier)
+        .bind(landed)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let mut marked = 0;
+        if landed {
+            marked = sqlx::query(
+                "UPDATE usage_events SET reported_at = ?2 \
+                 WHERE report_id = ?1 AND reported_at IS NULL",
+            )
+            .bind(identifier)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(Some(marked))
     }
 
     async fn apply_stripe_state(

@@ -1,7 +1,8 @@
 //! The Stripe part of the admin API (admin bearer token, like every `/admin` route):
 //! `POST /admin/stripe/sync` (run the reconciler now, answer what it changed),
 //! `PUT /admin/customers/{id}/stripe` (link a tollgate customer to a Stripe customer) and
-//! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer).
+//! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer),
+//! `POST /admin/stripe/reports/{identifier}/resolve` (settle a meter event left `uncertain`).
 
 use super::reconcile::{SyncError, SyncReport};
 use super::Control;
@@ -21,6 +22,10 @@ pub fn routes() -> Router<AdminState> {
         .route("/admin/stripe/sync", post(sync))
         .route("/admin/customers/{id}/stripe", put(link))
         .route("/admin/customers/{id}/portal-session", post(portal_session))
+        .route(
+            "/admin/stripe/reports/{identifier}/resolve",
+            post(resolve_report),
+        )
 }
 
 /// The Stripe API side, or the problem to answer when it is off.
@@ -168,6 +173,95 @@ async fn link(
         ),
         Err(e) => ledger_problem(&e),
     }
+}
+
+/// Body of `POST /admin/stripe/reports/{identifier}/resolve`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// What Stripe shows for the event (Billing → Meters → the meter's events, by identifier):
+    /// `true`, it was recorded (the rows are marked reported); `false`, it was not (the event
+    /// is sent again, same identifier and value).
+    landed: bool,
+}
+
+/// Answer of `POST /admin/stripe/reports/{identifier}/resolve`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResolveAnswer {
+    pub identifier: String,
+    /// `delivered` or `pending` (sent at the reporter's next run).
+    pub state: &'static str,
+    /// Usage rows marked reported.
+    pub rows_marked: u64,
+}
+
+/// Settles a usage report the reporter set `uncertain`: a try may have landed unanswered longer
+/// ago than Stripe deduplicates identifiers, so it was not resent (audited).
+#[utoipa::path(
+    post,
+    path = "/admin/stripe/reports/{identifier}/resolve",
+    tag = "stripe",
+    params(("identifier" = String, Path, description = "the meter event's identifier (`tg_…`)")),
+    request_body = ResolveBody,
+    responses(
+        (status = 200, description = "settled", body = ResolveAnswer),
+        (status = 400, description = "not JSON or an unknown field", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`stripe-not-configured`, or `unknown-report`: no uncertain report with that identifier", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn resolve_report(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    let Some(stripe) = s.stripe.as_ref() else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "stripe-not-configured",
+            "this instance has no [stripe] section",
+        );
+    };
+    let b: ResolveBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+    };
+    let marked = match stripe
+        .ledger
+        .resolve_uncertain_report(&identifier, b.landed)
+        .await
+    {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "unknown-report",
+                format!("no uncertain usage report {identifier:?}"),
+            )
+        }
+        Err(e) => return ledger_problem(&e),
+    };
+    let state = if b.landed { "delivered" } else { "pending" };
+    crate::admin_config::record_audit(
+        &s,
+        &headers,
+        "stripe.report.resolve",
+        identifier.clone(),
+        Some(serde_json::json!({ "state": "uncertain" }).to_string()),
+        Some(serde_json::json!({ "state": state, "rows_marked": marked }).to_string()),
+    )
+    .await;
+    tracing::info!(%identifier, landed = b.landed, rows_marked = marked, "uncertain usage report resolved");
+    Json(ResolveAnswer {
+        identifier,
+        state,
+        rows_marked: marked,
+    })
+    .into_response()
 }
 
 /// Body of `POST /admin/customers/{id}/portal-session` (optional).

@@ -259,13 +259,15 @@ impl Reconciler {
                 Err(e) => e,
             };
             match classify::<()>(Err(err)) {
-                Delivery::Transient(e) if tries < TRIES => {
+                Delivery::Transient(e) | Delivery::Unknown(e) if tries < TRIES => {
                     report.retries += 1;
                     tracing::warn!(error = %e, tries, "listing subscriptions failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
-                Delivery::Transient(e) | Delivery::Rejected(e) => return Err(SyncError::Stripe(e)),
+                Delivery::Transient(e) | Delivery::Unknown(e) | Delivery::Rejected(e) => {
+                    return Err(SyncError::Stripe(e))
+                }
                 Delivery::Delivered | Delivery::AlreadyExists => {
                     return Err(SyncError::Stripe("unexpected answer".into()))
                 }

@@ -15,9 +15,13 @@
 //! Stripe keeps refusing is neither resent every run nor in the way of the reports behind it.
 //! Reports older than Stripe's 35-day timestamp window are flagged (`too_old`) and never sent.
 //!
-//! Limit: Stripe keeps identifiers for "at least 24 hours". A report whose answer was lost and
-//! that is resent more than a day later (Stripe unreachable for a day right after applying it)
-//! could be counted twice; `attempts`/`last_error` on the report show such cases.
+//! Stripe deduplicates identifiers for "at least 24 hours" only. A try that may have landed
+//! unanswered (a timeout, a 5xx, a broken connection) records when that first happened
+//! (`ambiguous_since`); a report still unconfirmed [`DEDUP_WINDOW`] later is not resent, since a
+//! resend could count twice, but set `uncertain` (`tollgate_stripe_meter_events_total{outcome=
+//! "uncertain"}`, an error log) for an operator to check in Stripe and settle with
+//! `POST /admin/stripe/reports/{identifier}/resolve`. A 429 or a 4xx means "not recorded":
+//! resending those is always safe.
 //!
 //! Owns: `stripe_meter_reports` rows' lifecycle, `tollgate_stripe_meter_events_total`,
 //! `tollgate_stripe_usage_too_old_rows_total`, `tollgate_stripe_unlinked_usage_rows`. Must not touch: the request path, quota counters.
@@ -42,6 +46,10 @@ const SEND_BATCH: i64 = 1_000;
 /// Meter-event calls in flight at once: at ~100 ms a call, one at a time would cap a run at
 /// ~10 events/s; Stripe allows 1 000/s in live mode.
 const SEND_CONCURRENCY: usize = 8;
+/// How long after a try that may have landed a resend is still deduplicated by Stripe: it
+/// promises "at least 24 hours"; an hour of margin.
+pub const DEDUP_WINDOW: chrono::Duration = chrono::Duration::hours(23);
+
 /// Longest wait between retries while Stripe fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest a report Stripe refused (a 4xx other than 429) waits before it is tried again: such a
@@ -71,8 +79,11 @@ pub enum Delivery {
     Delivered,
     /// 400 "already exists": an earlier try with this identifier was recorded.
     AlreadyExists,
-    /// 429, 5xx, timeout, connection or unreadable answer: retry later, with backoff.
+    /// 429 (or 409): not recorded; retry later, with backoff.
     Transient(String),
+    /// 5xx, timeout, a broken connection or an unreadable answer: Stripe may or may not have
+    /// recorded it; retry later with the same identifier (deduplicated within [`DEDUP_WINDOW`]).
+    Unknown(String),
     /// Any other refusal (unknown meter, customer, bad key): this report waits for an operator.
     Rejected(String),
 }
@@ -90,13 +101,14 @@ pub fn classify<T>(r: Result<T, stripe_api::StripeError>) -> Delivery {
             ) || message.to_ascii_lowercase().contains("already exists");
             match status {
                 400 if exists => Delivery::AlreadyExists,
-                409 | 429 | 500..=599 => Delivery::Transient(format!("{status}: {message}")),
+                409 | 429 => Delivery::Transient(format!("{status}: {message}")),
+                500..=599 => Delivery::Unknown(format!("{status}: {message}")),
                 _ => Delivery::Rejected(format!("{status}: {message}")),
             }
         }
         // The request may or may not have landed: retrying with the same identifier is safe.
         Err(e @ (E::JSONDeserialize(_) | E::ClientError(_) | E::Timeout)) => {
-            Delivery::Transient(e.to_string())
+            Delivery::Unknown(e.to_string())
         }
         Err(e @ E::ConfigError(_)) => Delivery::Rejected(e.to_string()),
     }
@@ -110,6 +122,8 @@ pub struct RunStats {
     pub duplicates: usize,
     pub rejected: usize,
     pub too_old: usize,
+    /// Reports set `uncertain` (a resend could count twice).
+    pub uncertain: usize,
     /// The run stopped on a transient failure (the caller backs off).
     pub transient: Option<String>,
 }
@@ -264,6 +278,18 @@ impl Reporter {
                     self.flag_too_old(&r, &mut stats);
                     continue;
                 }
+                if r.ambiguous_since.is_some_and(|t| now - t >= DEDUP_WINDOW) {
+                    self.ledger
+                        .finish_usage_report(&r.identifier, ReportState::Uncertain)
+                        .await?;
+                    stats.uncertain += 1;
+                    self.events.with_label_values(&["uncertain"]).inc();
+                    tracing::error!(identifier = %r.identifier, customer = %r.customer, meter = %r.meter,
+                        units = r.value, ambiguous_since = ?r.ambiguous_since,
+                        "meter event unconfirmed for longer than Stripe deduplicates identifiers: not resent; \
+                         check it in Stripe, then POST /admin/stripe/reports/{{identifier}}/resolve");
+                    continue;
+                }
                 let api = self.api.clone();
                 inflight.spawn(async move {
                     let d = classify(api.meter_event(&r).await);
@@ -293,6 +319,7 @@ impl Reporter {
         d: Delivery,
         stats: &mut RunStats,
     ) -> Result<(), LedgerError> {
+        let ambiguous = matches!(d, Delivery::Unknown(_));
         match d {
             Delivery::Delivered | Delivery::AlreadyExists => {
                 self.ledger
@@ -318,15 +345,15 @@ impl Reporter {
                 tracing::error!(identifier = %r.identifier, customer = %r.customer, meter = %r.meter, error = %e,
                     attempts = r.attempts + 1, %retry, "Stripe refused a meter event; it stays pending");
                 self.ledger
-                    .usage_report_failed(&r.identifier, &e, retry)
+                    .usage_report_failed(&r.identifier, &e, retry, false)
                     .await?;
             }
-            Delivery::Transient(e) => {
+            Delivery::Transient(e) | Delivery::Unknown(e) => {
                 self.events.with_label_values(&["retry"]).inc();
-                tracing::warn!(identifier = %r.identifier, error = %e, "Stripe unavailable; backing off");
+                tracing::warn!(identifier = %r.identifier, error = %e, ambiguous, "Stripe unavailable; backing off");
                 let retry = retry_at(Utc::now(), self.interval, r.attempts + 1, MAX_BACKOFF);
                 self.ledger
-                    .usage_report_failed(&r.identifier, &e, retry)
+                    .usage_report_failed(&r.identifier, &e, retry, ambiguous)
                     .await?;
                 stats.transient = Some(e);
             }
@@ -394,10 +421,14 @@ mod tests {
         assert_eq!(classify::<()>(Err(dup)), Delivery::AlreadyExists);
         let dup_text = api_error(None, "An event already exists with identifier tg_1", 400);
         assert_eq!(classify::<()>(Err(dup_text)), Delivery::AlreadyExists);
-        for s in [429, 500, 503] {
+        assert!(matches!(
+            classify::<()>(Err(api_error(None, "busy", 429))),
+            Delivery::Transient(_)
+        ));
+        for s in [500, 503] {
             assert!(matches!(
                 classify::<()>(Err(api_error(None, "busy", s))),
-                Delivery::Transient(_)
+                Delivery::Unknown(_)
             ));
         }
         assert!(matches!(
@@ -410,7 +441,7 @@ mod tests {
         ));
         assert!(matches!(
             classify::<()>(Err(stripe_api::StripeError::Timeout)),
-            Delivery::Transient(_)
+            Delivery::Unknown(_)
         ));
     }
 
