@@ -15,12 +15,19 @@
 //! `Tollgate-Alert-Id` is the delivery-log id: the same on every retry of one alert, so a
 //! receiver that got an attempt whose answer was lost can drop the repeat.
 //!
+//! Restarts lose nothing: the instance delivering an alert holds it in the ledger until a lease
+//! runs out (renewed at each attempt to cover the wait for the next, released on a clean stop).
+//! At start and every minute each instance takes over undelivered alerts whose lease ran out or
+//! was released (claimed in the last 7 days, attempts left) and goes on with their retries, same
+//! alert id. A receiver may see an alert twice only if an instance lost its ledger while
+//! delivering: `Tollgate-Alert-Id` tells the repeat.
+//!
 //! `GET /admin/alerts` serves the delivery log.
 //!
 //! Owns: crossing detection, the payload, signing and delivery. Must not touch: the counters.
 
 use crate::config::{AlertSettings, Plan, Quota};
-use crate::ledger::{AlertClaim, Ledger};
+use crate::ledger::{AlertClaim, AlertDelivery, Ledger};
 use crate::quota::Period;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
@@ -30,6 +37,20 @@ use tokio::sync::{mpsc, Notify};
 
 pub const SIGNATURE_HEADER: &str = "tollgate-signature";
 pub const ALERT_ID_HEADER: &str = "tollgate-alert-id";
+
+/// Per-attempt timeout of a delivery.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// A holder's lease covers its next attempt (its wait and [`TIMEOUT`]) plus this margin.
+const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// How often each instance looks for alerts to take over.
+const RESUME_EVERY: Duration = Duration::from_secs(60);
+/// Alerts claimed longer ago than this are not taken over (news too old to be useful).
+const RESUME_WITHIN: chrono::Duration = chrono::Duration::days(7);
+
+/// The lease for a holder whose next attempt starts after `wait`.
+fn lease(wait: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(wait + TIMEOUT + LEASE_MARGIN).unwrap_or_default()
+}
 
 /// Crossings waiting for the worker. A crossing is rare (a few per customer and period), so a
 /// full queue means the ledger is stuck: the crossing is dropped with a warning.
@@ -123,9 +144,7 @@ pub fn pipeline(
     ledger: Arc<dyn Ledger>,
 ) -> Result<(Alerts, AlertWorker), reqwest::Error> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
     Ok((
         Alerts { tx },
         AlertWorker {
@@ -135,6 +154,7 @@ pub fn pipeline(
                 secret,
                 ledger,
                 client,
+                in_flight: std::sync::Mutex::default(),
             }),
         },
     ))
@@ -151,6 +171,8 @@ struct Deliverer {
     secret: Vec<u8>,
     ledger: Arc<dyn Ledger>,
     client: reqwest::Client,
+    /// Alerts this instance is delivering (released to the others when it stops).
+    in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 fn time(t: i64) -> DateTime<Utc> {
@@ -160,24 +182,37 @@ fn time(t: i64) -> DateTime<Utc> {
 // === impl AlertWorker ===
 
 impl AlertWorker {
-    /// Runs until `stop` is notified. Deliveries still retrying then are abandoned: their rows
-    /// show the attempts made and no `delivered_at`.
+    /// Runs until `stop` is notified: claims and delivers queued crossings, and takes over
+    /// abandoned alerts at start and every minute. On stop, alerts still retrying are released
+    /// in the ledger so another instance (or the next start) resumes them at once.
     pub async fn run(mut self, stop: Arc<Notify>) {
+        let mut resume = tokio::time::interval(RESUME_EVERY);
+        resume.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let c = tokio::select! {
-                _ = stop.notified() => return,
-                c = self.rx.recv() => match c { Some(c) => c, None => return },
+                _ = stop.notified() => break,
+                _ = resume.tick() => {
+                    self.resume().await;
+                    continue;
+                }
+                c = self.rx.recv() => match c { Some(c) => c, None => break },
             };
             let claim = AlertClaim {
                 customer: c.customer.clone(),
                 meter: c.meter.clone(),
                 period_start: time(c.period.start),
+                period_end: Some(time(c.period.end)),
                 threshold: c.threshold,
                 plan: c.plan.clone(),
                 used: c.used as i64,
                 included: c.included as i64,
             };
-            match self.inner.ledger.claim_alert(&claim).await {
+            match self
+                .inner
+                .ledger
+                .claim_alert(&claim, lease(Duration::ZERO))
+                .await
+            {
                 Ok(Some(id)) => {
                     tracing::info!(
                         alert_id = id,
@@ -188,7 +223,7 @@ impl AlertWorker {
                         included = c.included,
                         "quota threshold crossed; sending alert"
                     );
-                    tokio::spawn(self.inner.clone().deliver(id, c));
+                    self.inner.clone().start(id, claim, 0);
                 }
                 Ok(None) => {
                     tracing::debug!(customer = %c.customer, meter = %c.meter, threshold = c.threshold, "alert already sent this period");
@@ -197,6 +232,54 @@ impl AlertWorker {
                     tracing::warn!(error = %e, customer = %c.customer, threshold = c.threshold, "could not claim threshold alert; not sent");
                 }
             }
+        }
+        let held: Vec<i64> = self
+            .inner
+            .in_flight
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        if !held.is_empty() {
+            match self.inner.ledger.release_alerts(&held).await {
+                Ok(()) => {
+                    tracing::info!(alerts = ?held, "stopping: undelivered alerts released for resumption")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopping: could not release alerts; they resume when their lease runs out")
+                }
+            }
+        }
+    }
+
+    /// Takes over the alerts whose holder went away and goes on delivering them.
+    async fn resume(&self) {
+        let now = Utc::now();
+        let taken = self
+            .inner
+            .ledger
+            .resume_alerts(
+                now,
+                now - RESUME_WITHIN,
+                lease(Duration::ZERO),
+                i64::from(self.inner.settings.max_attempts),
+                100,
+            )
+            .await;
+        match taken {
+            Ok(alerts) => {
+                for AlertDelivery {
+                    id,
+                    alert,
+                    attempts,
+                    ..
+                } in alerts
+                {
+                    tracing::info!(alert_id = id, customer = %alert.customer, threshold = alert.threshold, attempts,
+                        "resuming an alert another instance (or an earlier run) did not deliver");
+                    self.inner.clone().start(id, alert, attempts.max(0) as u32);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for alerts to resume"),
         }
     }
 }
@@ -223,7 +306,7 @@ pub fn signature(secret: &[u8], t: i64, body: &[u8]) -> String {
 // === impl Deliverer ===
 
 impl Deliverer {
-    fn body(&self, id: i64, c: &Crossing) -> Vec<u8> {
+    fn body(&self, id: i64, c: &AlertClaim) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "id": id,
             "type": "quota.threshold_crossed",
@@ -233,17 +316,36 @@ impl Deliverer {
             "threshold_percent": c.threshold,
             "used": c.used,
             "included": c.included,
-            "period_start": time(c.period.start),
-            "period_end": time(c.period.end),
+            "period_start": c.period_start,
+            "period_end": c.period_end,
             "created": Utc::now(),
         }))
         .unwrap_or_default()
     }
 
-    async fn deliver(self: Arc<Self>, id: i64, c: Crossing) {
-        let body = self.body(id, &c);
+    /// Delivers alert `id` in a task of its own, `done` attempts having been made before.
+    fn start(self: Arc<Self>, id: i64, c: AlertClaim, done: u32) {
+        if let Ok(mut held) = self.in_flight.lock() {
+            if !held.insert(id) {
+                return; // already delivering it
+            }
+        }
+        tokio::spawn(async move {
+            self.deliver(id, &c, done).await;
+            if let Ok(mut held) = self.in_flight.lock() {
+                held.remove(&id);
+            }
+        });
+    }
+
+    async fn deliver(&self, id: i64, c: &AlertClaim, done: u32) {
+        let body = self.body(id, c);
+        let cap = Duration::from_secs(300);
         let mut backoff = self.settings.retry_backoff;
-        for attempt in 1..=self.settings.max_attempts {
+        for _ in 1..=done {
+            backoff = (backoff * 2).min(cap);
+        }
+        for attempt in done + 1..=self.settings.max_attempts {
             let t = Utc::now().timestamp();
             let sent = self
                 .client
@@ -263,9 +365,16 @@ impl Deliverer {
                 Err(e) => (None, Some(e.to_string())),
             };
             let delivered = error.is_none();
+            let retry = !delivered && attempt < self.settings.max_attempts;
             if let Err(e) = self
                 .ledger
-                .record_alert_attempt(id, status, error.as_deref(), delivered)
+                .record_alert_attempt(
+                    id,
+                    status,
+                    error.as_deref(),
+                    delivered,
+                    retry.then(|| lease(backoff)),
+                )
                 .await
             {
                 tracing::warn!(error = %e, alert_id = id, "could not record alert attempt");
@@ -280,9 +389,9 @@ impl Deliverer {
                 error = error.as_deref().unwrap_or(""),
                 "alert delivery failed"
             );
-            if attempt < self.settings.max_attempts {
+            if retry {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(300));
+                backoff = (backoff * 2).min(cap);
             }
         }
         tracing::error!(alert_id = id, customer = %c.customer, threshold = c.threshold, "alert not delivered; attempts exhausted");

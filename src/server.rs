@@ -145,9 +145,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         anyhow::Ok((shared, ledger, flusher, listener, alert_worker))
     })?;
     let alerts_stop = Arc::new(Notify::new());
-    if let Some(worker) = alert_worker {
-        control.spawn(worker.run(alerts_stop.clone()));
-    }
+    let alerts_task = alert_worker.map(|worker| control.spawn(worker.run(alerts_stop.clone())));
 
     let admin_addr = admin_listener.local_addr()?;
     let token = std::env::var(&config.admin.token_env)
@@ -306,6 +304,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     let stats = control.block_on(async {
         let stats = flush_task.await;
         let _ = admin_task.await;
+        if let Some(t) = alerts_task {
+            // It releases the alerts it was still delivering (one ledger write).
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         stats
     });
     tracing::info!(?stats, "usage flushed");

@@ -277,3 +277,44 @@ both!(
         }
     }
 );
+
+both!(
+    /// An alert still being retried when its instance stops is not lost: the stopping instance
+    /// releases it, and the next instance on the same ledger takes it over at start and
+    /// delivers it with the same alert id; the delivery log counts both attempts.
+    undelivered_alert_survives_a_restart,
+    |b| {
+        let up = Upstream::start().await;
+        let rx = Receiver::start(1).await;
+        // A long first backoff: the instance stops while waiting to retry.
+        let config = alerting(up.addr, rx.addr).replace("retry_backoff_ms = 50", "retry_backoff_ms = 30000");
+        let mut first = Tollgate::start(&config, b).await;
+        assert_eq!(first.put_customer("dora", json!({"plan": "pro"})).await.status(), 200);
+        concurrent(&[&first], "dora", 8).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rx.hits().is_empty() {
+            assert!(Instant::now() < deadline, "no first attempt");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.stop().await;
+        assert_eq!(rx.hits().iter().map(|h| h.answered).collect::<Vec<_>>(), [500]);
+
+        let second = Tollgate::start_with(&config, b, Some(&first), |_| {}).await;
+        assert_eq!(rx.wait_delivered(1).await, [("dora".to_string(), 80)]);
+        let hits = rx.hits();
+        assert_eq!(hits.iter().map(|h| h.answered).collect::<Vec<_>>(), [500, 200]);
+        assert_eq!(hits[0].alert_id, hits[1].alert_id);
+        assert!(hits[1].signature_ok);
+        assert!(hits[1].body["period_end"].is_string(), "{}", hits[1].body);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = delivery_log(&second).await;
+            if log.len() == 1 && log[0]["delivered_at"].is_string() {
+                assert_eq!(log[0]["attempts"], json!(2));
+                break;
+            }
+            assert!(Instant::now() < deadline, "delivery never logged: {log:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+);

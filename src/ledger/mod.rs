@@ -303,17 +303,38 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<Vec<UsageGroup>, LedgerError>;
     /// Inserts the alert's row unless one exists for its customer/meter/period/threshold
     /// (ON CONFLICT DO NOTHING): `Some(id)` when this call inserted it and so owns the delivery,
-    /// `None` when the alert was claimed before (by this or another instance).
-    async fn claim_alert(&self, alert: &AlertClaim) -> Result<Option<i64>, LedgerError>;
+    /// `None` when the alert was claimed before (by this or another instance). The claimer holds
+    /// the delivery until `lease_until`.
+    async fn claim_alert(
+        &self,
+        alert: &AlertClaim,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<i64>, LedgerError>;
     /// Records one delivery attempt of alert `id`: the HTTP status (`None`: no answer), the
-    /// error if any, and whether it was delivered (sets `delivered_at` once).
+    /// error if any, and whether it was delivered (sets `delivered_at` once). The deliverer's
+    /// hold is renewed to `lease_until`, or released with `None` (no retry to come).
     async fn record_alert_attempt(
         &self,
         id: i64,
         status: Option<u16>,
         error: Option<&str>,
         delivered: bool,
+        lease_until: Option<DateTime<Utc>>,
     ) -> Result<(), LedgerError>;
+    /// Takes over (for this caller, until `lease_until`) up to `limit` alerts that are not
+    /// delivered, have had fewer than `max_attempts` attempts, were claimed after `since`, and
+    /// whose holder's lease ran out (a crashed instance) or was released (a clean stop).
+    /// Safe across instances: each alert goes to one caller.
+    async fn resume_alerts(
+        &self,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<AlertDelivery>, LedgerError>;
+    /// Releases the hold on alerts `ids` (a stopping instance), so another can resume them now.
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError>;
     /// The alert delivery log, newest first, at most `limit` rows.
     async fn alert_deliveries(&self, limit: i64) -> Result<Vec<AlertDelivery>, LedgerError>;
 }
@@ -324,6 +345,8 @@ pub struct AlertClaim {
     pub customer: String,
     pub meter: String,
     pub period_start: DateTime<Utc>,
+    /// `None` for alerts claimed before it was kept.
+    pub period_end: Option<DateTime<Utc>>,
     /// Percent of `included`.
     pub threshold: u32,
     pub plan: String,
@@ -1440,6 +1463,105 @@ mod tests {
     async fn sqlite_stripe_events() {
         let dir = TempDir::new();
         check_stripe_events(open(&dir.sqlite_url(), None).await.expect("open")).await;
+    }
+
+    /// Alerts: claimed once; an undelivered alert is taken over only when its holder's lease
+    /// ran out or was released, by one caller at a time, while attempts are left.
+    async fn check_alert_resumption(ledger: Arc<dyn Ledger>) {
+        let t = Utc::now();
+        let claim = |threshold: u32| AlertClaim {
+            customer: "acme".into(),
+            meter: "api_calls".into(),
+            period_start: t0(),
+            period_end: Some(t0() + Duration::days(30)),
+            threshold,
+            plan: "pro".into(),
+            used: 8,
+            included: 10,
+        };
+        let lease = t + Duration::seconds(70);
+        let a = ledger
+            .claim_alert(&claim(80), lease)
+            .await
+            .expect("claim")
+            .expect("new");
+        assert_eq!(
+            ledger.claim_alert(&claim(80), lease).await.expect("again"),
+            None
+        );
+        let b = ledger
+            .claim_alert(&claim(100), lease)
+            .await
+            .expect("claim")
+            .expect("new");
+        let resume = |now: DateTime<Utc>, max: i64| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .resume_alerts(
+                        now,
+                        t - Duration::days(7),
+                        now + Duration::seconds(70),
+                        max,
+                        10,
+                    )
+                    .await
+                    .expect("resume")
+                    .into_iter()
+                    .map(|d| (d.id, d.attempts, d.alert.period_end.is_some()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Held: nobody takes them over.
+        assert_eq!(resume(t, 6).await, vec![]);
+        // a fails once (retry to come, lease renewed); b is delivered.
+        ledger
+            .record_alert_attempt(
+                a,
+                Some(500),
+                Some("boom"),
+                false,
+                Some(t + Duration::seconds(90)),
+            )
+            .await
+            .expect("attempt a");
+        ledger
+            .record_alert_attempt(b, Some(200), None, true, None)
+            .await
+            .expect("attempt b");
+        assert_eq!(resume(t + Duration::seconds(80), 6).await, vec![]);
+        // The holder is gone: a is taken over once, with its attempt count.
+        let later = t + Duration::seconds(100);
+        assert_eq!(resume(later, 6).await, vec![(a, 1, true)]);
+        assert_eq!(resume(later, 6).await, vec![]);
+        // Released by a stopping instance: available at once.
+        ledger.release_alerts(&[a, b]).await.expect("release");
+        assert_eq!(resume(later, 6).await, vec![(a, 1, true)]);
+        ledger.release_alerts(&[a]).await.expect("release");
+        // No attempts left, or claimed too long ago: left alone.
+        assert_eq!(resume(later, 1).await, vec![]);
+        assert_eq!(
+            ledger
+                .resume_alerts(later, t + Duration::days(1), later, 6, 10)
+                .await
+                .expect("resume")
+                .len(),
+            0
+        );
+    }
+
+    /// Postgres: abandoned alerts are taken over once.
+    #[tokio::test]
+    async fn pg_alert_resumption() {
+        let s = PgSchema::new();
+        check_alert_resumption(s.open().await).await;
+    }
+
+    /// SQLite: abandoned alerts are taken over once.
+    #[tokio::test]
+    async fn sqlite_alert_resumption() {
+        let dir = TempDir::new();
+        check_alert_resumption(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// Many concurrent links of one customer (concurrent deliveries of a webhook) all succeed:

@@ -845,11 +845,16 @@ impl super::Ledger for PgLedger {
             .collect())
     }
 
-    async fn claim_alert(&self, a: &super::AlertClaim) -> Result<Option<i64>, LedgerError> {
+    async fn claim_alert(
+        &self,
+        a: &super::AlertClaim,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<i64>, LedgerError> {
         sqlx::query_scalar::<_, i64>(
             "INSERT INTO alert_deliveries \
-             (customer, meter, period_start, threshold, plan, used, included) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             (customer, meter, period_start, threshold, plan, used, included, period_end, \
+              lease_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (customer, meter, period_start, threshold) DO NOTHING RETURNING id",
         )
         .bind(&a.customer)
@@ -859,6 +864,8 @@ impl super::Ledger for PgLedger {
         .bind(&a.plan)
         .bind(a.used)
         .bind(a.included)
+        .bind(a.period_end)
+        .bind(lease_until)
         .fetch_optional(&self.pool)
         .await
         .map_err(LedgerError::query("claim_alert"))
@@ -870,17 +877,20 @@ impl super::Ledger for PgLedger {
         status: Option<u16>,
         error: Option<&str>,
         delivered: bool,
+        lease_until: Option<DateTime<Utc>>,
     ) -> Result<(), LedgerError> {
         sqlx::query(
             "UPDATE alert_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
              last_status = $2, last_error = $3, \
-             delivered_at = CASE WHEN $4 AND delivered_at IS NULL THEN now() ELSE delivered_at END \
+             delivered_at = CASE WHEN $4 AND delivered_at IS NULL THEN now() ELSE delivered_at END, \
+             lease_until = $5 \
              WHERE id = $1",
         )
         .bind(id)
         .bind(status.map(i32::from))
         .bind(error)
         .bind(delivered)
+        .bind(lease_until)
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("record_alert_attempt"))?;
@@ -888,36 +898,81 @@ impl super::Ledger for PgLedger {
     }
 
     async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, customer, meter, period_start, threshold, plan, used, included, \
-             created_at, attempts, last_attempt_at, last_status, last_error, delivered_at \
-             FROM alert_deliveries ORDER BY id DESC LIMIT $1",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT $1"
+        ))
         .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(LedgerError::query("alert_deliveries"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| super::AlertDelivery {
-                id: r.get("id"),
-                alert: super::AlertClaim {
-                    customer: r.get("customer"),
-                    meter: r.get("meter"),
-                    period_start: r.get("period_start"),
-                    threshold: r.get::<i32, _>("threshold").max(0) as u32,
-                    plan: r.get("plan"),
-                    used: r.get("used"),
-                    included: r.get("included"),
-                },
-                created_at: r.get("created_at"),
-                attempts: i64::from(r.get::<i32, _>("attempts")),
-                last_attempt_at: r.get("last_attempt_at"),
-                last_status: r.get::<Option<i32>, _>("last_status").map(i64::from),
-                last_error: r.get("last_error"),
-                delivered_at: r.get("delivered_at"),
-            })
-            .collect())
+        Ok(rows.iter().map(alert_from_row).collect())
+    }
+
+    async fn resume_alerts(
+        &self,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        // SKIP LOCKED: instances resuming at once each take different alerts.
+        let rows = sqlx::query(&format!(
+            "UPDATE alert_deliveries SET lease_until = $3 WHERE id IN ( \
+               SELECT id FROM alert_deliveries \
+               WHERE delivered_at IS NULL AND attempts < $4 AND created_at > $2 \
+                 AND (lease_until IS NULL OR lease_until < $1) \
+               ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             RETURNING {ALERT_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(since)
+        .bind(lease_until)
+        .bind(max_attempts)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("resume_alerts"))?;
+        let mut out: Vec<_> = rows.iter().map(alert_from_row).collect();
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE alert_deliveries SET lease_until = NULL \
+             WHERE id = ANY($1) AND delivered_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("release_alerts"))?;
+        Ok(())
+    }
+}
+
+const ALERT_COLUMNS: &str = "id, customer, meter, period_start, period_end, threshold, plan, \
+     used, included, created_at, attempts, last_attempt_at, last_status, last_error, delivered_at";
+
+fn alert_from_row(r: &PgRow) -> super::AlertDelivery {
+    super::AlertDelivery {
+        id: r.get("id"),
+        alert: super::AlertClaim {
+            customer: r.get("customer"),
+            meter: r.get("meter"),
+            period_start: r.get("period_start"),
+            period_end: r.get("period_end"),
+            threshold: r.get::<i32, _>("threshold").max(0) as u32,
+            plan: r.get("plan"),
+            used: r.get("used"),
+            included: r.get("included"),
+        },
+        created_at: r.get("created_at"),
+        attempts: i64::from(r.get::<i32, _>("attempts")),
+        last_attempt_at: r.get("last_attempt_at"),
+        last_status: r.get::<Option<i32>, _>("last_status").map(i64::from),
+        last_error: r.get("last_error"),
+        delivered_at: r.get("delivered_at"),
     }
 }
 

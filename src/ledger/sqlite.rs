@@ -868,11 +868,16 @@ impl super::Ledger for SqliteLedger {
             .collect())
     }
 
-    async fn claim_alert(&self, a: &super::AlertClaim) -> Result<Option<i64>, LedgerError> {
+    async fn claim_alert(
+        &self,
+        a: &super::AlertClaim,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<i64>, LedgerError> {
         sqlx::query_scalar::<_, i64>(
             "INSERT INTO alert_deliveries \
-             (customer, meter, period_start, threshold, plan, used, included) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             (customer, meter, period_start, threshold, plan, used, included, period_end, \
+              lease_until) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
              ON CONFLICT (customer, meter, period_start, threshold) DO NOTHING RETURNING id",
         )
         .bind(&a.customer)
@@ -882,6 +887,8 @@ impl super::Ledger for SqliteLedger {
         .bind(&a.plan)
         .bind(a.used)
         .bind(a.included)
+        .bind(a.period_end.map(to_micros))
+        .bind(to_micros(lease_until))
         .fetch_optional(&self.pool)
         .await
         .map_err(LedgerError::query("claim_alert"))
@@ -893,12 +900,14 @@ impl super::Ledger for SqliteLedger {
         status: Option<u16>,
         error: Option<&str>,
         delivered: bool,
+        lease_until: Option<DateTime<Utc>>,
     ) -> Result<(), LedgerError> {
         let now = to_micros(Utc::now());
         sqlx::query(
             "UPDATE alert_deliveries SET attempts = attempts + 1, last_attempt_at = ?2, \
              last_status = ?3, last_error = ?4, \
-             delivered_at = CASE WHEN ?5 AND delivered_at IS NULL THEN ?2 ELSE delivered_at END \
+             delivered_at = CASE WHEN ?5 AND delivered_at IS NULL THEN ?2 ELSE delivered_at END, \
+             lease_until = ?6 \
              WHERE id = ?1",
         )
         .bind(id)
@@ -906,6 +915,7 @@ impl super::Ledger for SqliteLedger {
         .bind(status.map(i64::from))
         .bind(error)
         .bind(delivered)
+        .bind(lease_until.map(to_micros))
         .execute(&self.pool)
         .await
         .map_err(LedgerError::query("record_alert_attempt"))?;
@@ -913,46 +923,95 @@ impl super::Ledger for SqliteLedger {
     }
 
     async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, customer, meter, period_start, threshold, plan, used, included, \
-             created_at, attempts, last_attempt_at, last_status, last_error, delivered_at \
-             FROM alert_deliveries ORDER BY id DESC LIMIT ?1",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT ?1"
+        ))
         .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(LedgerError::query("alert_deliveries"))?;
-        let time = |us: Option<i64>| us.and_then(from_micros);
-        rows.into_iter()
-            .map(|r| {
-                let id: i64 = r.get("id");
-                let corrupt = |what: &str| LedgerError::Corrupt {
-                    table: "alert_deliveries",
-                    detail: format!("row {id} has {what} out of range"),
-                };
-                Ok(super::AlertDelivery {
-                    id,
-                    alert: super::AlertClaim {
-                        customer: r.get("customer"),
-                        meter: r.get("meter"),
-                        period_start: time(r.get("period_start"))
-                            .ok_or_else(|| corrupt("period_start"))?,
-                        threshold: r.get::<i64, _>("threshold").clamp(0, i64::from(u32::MAX))
-                            as u32,
-                        plan: r.get("plan"),
-                        used: r.get("used"),
-                        included: r.get("included"),
-                    },
-                    created_at: time(r.get("created_at")).ok_or_else(|| corrupt("created_at"))?,
-                    attempts: r.get("attempts"),
-                    last_attempt_at: time(r.get("last_attempt_at")),
-                    last_status: r.get("last_status"),
-                    last_error: r.get("last_error"),
-                    delivered_at: time(r.get("delivered_at")),
-                })
-            })
-            .collect()
+        rows.iter().map(alert_from_row).collect()
     }
+
+    async fn resume_alerts(
+        &self,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        // One statement, one writer at a time: each alert goes to one caller.
+        let rows = sqlx::query(&format!(
+            "UPDATE alert_deliveries SET lease_until = ?3 WHERE id IN ( \
+               SELECT id FROM alert_deliveries \
+               WHERE delivered_at IS NULL AND attempts < ?4 AND created_at > ?2 \
+                 AND (lease_until IS NULL OR lease_until < ?1) \
+               ORDER BY id LIMIT ?5) \
+             RETURNING {ALERT_COLUMNS}"
+        ))
+        .bind(to_micros(now))
+        .bind(to_micros(since))
+        .bind(to_micros(lease_until))
+        .bind(max_attempts)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("resume_alerts"))?;
+        let mut out = rows
+            .iter()
+            .map(alert_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        let ids = serde_json::to_string(ids).map_err(|e| LedgerError::Corrupt {
+            table: "alert_deliveries",
+            detail: e.to_string(),
+        })?;
+        sqlx::query(
+            "UPDATE alert_deliveries SET lease_until = NULL \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("release_alerts"))?;
+        Ok(())
+    }
+}
+
+const ALERT_COLUMNS: &str = "id, customer, meter, period_start, period_end, threshold, plan, \
+     used, included, created_at, attempts, last_attempt_at, last_status, last_error, delivered_at";
+
+fn alert_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<super::AlertDelivery, LedgerError> {
+    let time = |us: Option<i64>| us.and_then(from_micros);
+    let id: i64 = r.get("id");
+    let corrupt = |what: &str| LedgerError::Corrupt {
+        table: "alert_deliveries",
+        detail: format!("row {id} has {what} out of range"),
+    };
+    Ok(super::AlertDelivery {
+        id,
+        alert: super::AlertClaim {
+            customer: r.get("customer"),
+            meter: r.get("meter"),
+            period_start: time(r.get("period_start")).ok_or_else(|| corrupt("period_start"))?,
+            period_end: time(r.get("period_end")),
+            threshold: r.get::<i64, _>("threshold").clamp(0, i64::from(u32::MAX)) as u32,
+            plan: r.get("plan"),
+            used: r.get("used"),
+            included: r.get("included"),
+        },
+        created_at: time(r.get("created_at")).ok_or_else(|| corrupt("created_at"))?,
+        attempts: r.get("attempts"),
+        last_attempt_at: time(r.get("last_attempt_at")),
+        last_status: r.get("last_status"),
+        last_error: r.get("last_error"),
+        delivered_at: time(r.get("delivered_at")),
+    })
 }
 
 fn sqlite_config_version(
