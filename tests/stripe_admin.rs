@@ -404,3 +404,22 @@ both!(
         assert_eq!(metric(&tg, "tollgate_stripe_refetches_total{outcome=\"failed\"}").await, 1);
     }
 );
+
+both!(
+    /// Scheduled reconciliation is one instance's job: a second instance on the same ledger
+    /// skips its start-up run while the first holds the lease (Stripe is listed once, not
+    /// twice), yet `POST /admin/stripe/sync` on it runs at once.
+    scheduled_sync_runs_on_one_instance,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (up, first) = start(b, &stripe).await;
+        let listed = || stripe.calls(SUBSCRIPTIONS).len();
+        assert_eq!(listed(), 1);
+        let second = Tollgate::start_with(&config(up.addr, &stripe), b, Some(&first), ranks).await;
+        // Its start-up run would come right away: give it ample time.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(listed(), 1, "the second instance did not list Stripe again");
+        assert_eq!(admin_post(&second, "/admin/stripe/sync", None).await.status(), 200);
+        assert_eq!(listed(), 2);
+    }
+);

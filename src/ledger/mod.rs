@@ -335,6 +335,15 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<Vec<AlertDelivery>, LedgerError>;
     /// Releases the hold on alerts `ids` (a stopping instance), so another can resume them now.
     async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError>;
+    /// Takes the lease `name` for `holder` until `until` if it is free, already `holder`'s, or
+    /// its holder's time ran out (as of `now`); says whether `holder` has it now.
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError>;
     /// The alert delivery log, newest first, at most `limit` rows.
     async fn alert_deliveries(&self, limit: i64) -> Result<Vec<AlertDelivery>, LedgerError>;
 }
@@ -1548,6 +1557,63 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    /// A lease goes to one holder until its time runs out; its holder may renew it.
+    async fn check_leases(ledger: Arc<dyn Ledger>) {
+        let t = t0();
+        let until = t + Duration::seconds(60);
+        assert!(ledger.try_lease("job", "a", t, until).await.expect("a"));
+        assert!(!ledger.try_lease("job", "b", t, until).await.expect("b"));
+        assert!(ledger
+            .try_lease("other", "b", t, until)
+            .await
+            .expect("other job"));
+        assert!(ledger
+            .try_lease(
+                "job",
+                "a",
+                t + Duration::seconds(30),
+                until + Duration::seconds(30)
+            )
+            .await
+            .expect("renew"));
+        assert!(!ledger
+            .try_lease("job", "b", t + Duration::seconds(70), until)
+            .await
+            .expect("b, a renewed"));
+        assert!(ledger
+            .try_lease(
+                "job",
+                "b",
+                t + Duration::seconds(91),
+                t + Duration::seconds(150)
+            )
+            .await
+            .expect("b, a gone"));
+        assert!(!ledger
+            .try_lease(
+                "job",
+                "a",
+                t + Duration::seconds(92),
+                t + Duration::seconds(150)
+            )
+            .await
+            .expect("a back"));
+    }
+
+    /// Postgres: a lease has one holder at a time.
+    #[tokio::test]
+    async fn pg_leases() {
+        let s = PgSchema::new();
+        check_leases(s.open().await).await;
+    }
+
+    /// SQLite: a lease has one holder at a time.
+    #[tokio::test]
+    async fn sqlite_leases() {
+        let dir = TempDir::new();
+        check_leases(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// Postgres: abandoned alerts are taken over once.

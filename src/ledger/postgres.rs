@@ -938,6 +938,28 @@ impl super::Ledger for PgLedger {
         Ok(out)
     }
 
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let taken = sqlx::query(
+            "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $4) \
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until \
+             WHERE leases.holder = EXCLUDED.holder OR leases.until < $3",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("try_lease"))?;
+        Ok(taken.rows_affected() == 1)
+    }
+
     async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
         sqlx::query(
             "UPDATE alert_deliveries SET lease_until = NULL \

@@ -966,6 +966,28 @@ impl super::Ledger for SqliteLedger {
         Ok(out)
     }
 
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let taken = sqlx::query(
+            "INSERT INTO leases (name, holder, until) VALUES (?1, ?2, ?4) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+             WHERE leases.holder = excluded.holder OR leases.until < ?3",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(to_micros(now))
+        .bind(to_micros(until))
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("try_lease"))?;
+        Ok(taken.rows_affected() == 1)
+    }
+
     async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
         let ids = serde_json::to_string(ids).map_err(|e| LedgerError::Corrupt {
             table: "alert_deliveries",

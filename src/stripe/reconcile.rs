@@ -5,6 +5,11 @@
 //! time. Every change is written with the webhook's order rule (never over newer state), audited
 //! (`audit_log`, actor `stripe-sync`), put in this instance's cache and broadcast.
 //!
+//! The scheduled runs (at start and every `sync_interval`) are one instance's job at a time:
+//! each takes the ledger lease `stripe-reconcile` for 90 % of the interval (at least a minute)
+//! and an instance that finds it held skips that round, so N instances do not list every
+//! subscription N times and audit each repair N times. `POST /admin/stripe/sync` always runs.
+//!
 //! Decisions: a customer with several subscriptions takes the one in the best standing (active or
 //! trialing, then past_due, then the rest), the newest among equals; a customer none of whose
 //! subscriptions Stripe lists is left alone (an operator may have set it through the admin API).
@@ -82,7 +87,12 @@ pub struct Reconciler {
     shared: Arc<Shared>,
     sync: Option<Arc<crate::sync::EntitlementSync>>,
     running: tokio::sync::Mutex<()>,
+    /// This process, as the holder of the scheduled-run lease.
+    instance: String,
 }
+
+/// The ledger lease naming the instance whose turn the scheduled runs are.
+const LEASE: &str = "stripe-reconcile";
 
 // === impl Reconciler ===
 
@@ -101,6 +111,26 @@ impl Reconciler {
             shared,
             sync,
             running: tokio::sync::Mutex::new(()),
+            instance: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// Whether this instance does the scheduled run now (it holds, or just took, the lease).
+    /// A ledger error says yes: the run then fails on the ledger and says so.
+    async fn my_turn(&self) -> bool {
+        let hold = (self.settings.sync_interval * 9 / 10).max(Duration::from_secs(60));
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::MAX);
+        match self
+            .ledger
+            .try_lease(LEASE, &self.instance, now, until)
+            .await
+        {
+            Ok(mine) => mine,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconciler lease unavailable; running anyway");
+                true
+            }
         }
     }
 
@@ -110,15 +140,19 @@ impl Reconciler {
         tokio::pin!(stopped);
         stopped.as_mut().enable();
         loop {
-            match self.sync().await {
-                Ok(r) => tracing::info!(
-                    pages = r.pages,
-                    subscriptions = r.subscriptions,
-                    changed = r.changed.len(),
-                    linked = r.linked.len(),
-                    "Stripe reconciliation done"
-                ),
-                Err(e) => tracing::warn!(error = %e, "Stripe reconciliation failed"),
+            if !self.my_turn().await {
+                tracing::debug!("another instance reconciles with Stripe this round");
+            } else {
+                match self.sync().await {
+                    Ok(r) => tracing::info!(
+                        pages = r.pages,
+                        subscriptions = r.subscriptions,
+                        changed = r.changed.len(),
+                        linked = r.linked.len(),
+                        "Stripe reconciliation done"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "Stripe reconciliation failed"),
+                }
             }
             if self.settings.sync_interval.is_zero() {
                 return;
