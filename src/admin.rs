@@ -96,6 +96,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A JSON request body, or the 400 `invalid-body` naming what is wrong with it.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            e.to_string(),
+        ))
+    })
+}
+
 pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -241,9 +252,9 @@ async fn put_customer(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let put: CustomerPut = match serde_json::from_slice(&body) {
+    let put: CustomerPut = match json_body(&body) {
         Ok(p) => p,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+        Err(r) => return *r,
     };
     let snap = s.shared.snapshot.load_full();
     let mut errors = Vec::new();

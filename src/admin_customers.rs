@@ -559,9 +559,9 @@ async fn credit(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let c: Credit = match serde_json::from_slice(&body) {
+    let c: Credit = match crate::admin::json_body(&body) {
         Ok(c) => c,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+        Err(r) => return *r,
     };
     let mut errors = Vec::new();
     if c.units == 0 || c.units > i64::MAX as u64 {

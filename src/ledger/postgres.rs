@@ -694,15 +694,7 @@ impl super::Ledger for PgLedger {
         .map_err(LedgerError::query(op))?;
         let mut marked = 0;
         if done.rows_affected() == 1 && state == ReportState::Delivered {
-            marked = sqlx::query(
-                "UPDATE usage_events SET reported_at = now() \
-                 WHERE report_id = $1 AND reported_at IS NULL",
-            )
-            .bind(identifier)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?
-            .rows_affected();
+            marked = mark_reported(&mut tx, identifier, op).await?;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(marked)
@@ -756,15 +748,7 @@ impl super::Ledger for PgLedger {
         }
         let mut marked = 0;
         if landed {
-            marked = sqlx::query(
-                "UPDATE usage_events SET reported_at = now() \
-                 WHERE report_id = $1 AND reported_at IS NULL",
-            )
-            .bind(identifier)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?
-            .rows_affected();
+            marked = mark_reported(&mut tx, identifier, op).await?;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(Some(marked))
@@ -971,6 +955,23 @@ impl super::Ledger for PgLedger {
         .map_err(LedgerError::query("release_alerts"))?;
         Ok(())
     }
+}
+
+/// Marks the rows of report `identifier` reported (Stripe has their event); returns how many.
+async fn mark_reported(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    identifier: &str,
+    op: &'static str,
+) -> Result<u64, LedgerError> {
+    Ok(sqlx::query(
+        "UPDATE usage_events SET reported_at = now() \
+         WHERE report_id = $1 AND reported_at IS NULL",
+    )
+    .bind(identifier)
+    .execute(&mut **tx)
+    .await
+    .map_err(LedgerError::query(op))?
+    .rows_affected())
 }
 
 const ALERT_COLUMNS: &str = "id, customer, meter, period_start, period_end, threshold, plan, \

@@ -708,16 +708,7 @@ impl super::Ledger for SqliteLedger {
         .map_err(LedgerError::query(op))?;
         let mut marked = 0;
         if done.rows_affected() == 1 && state == ReportState::Delivered {
-            marked = sqlx::query(
-                "UPDATE usage_events SET reported_at = ?2 \
-                 WHERE report_id = ?1 AND reported_at IS NULL",
-            )
-            .bind(identifier)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?
-            .rows_affected();
+            marked = mark_reported(&mut tx, identifier, now, op).await?;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(marked)
@@ -774,16 +765,7 @@ impl super::Ledger for SqliteLedger {
         }
         let mut marked = 0;
         if landed {
-            marked = sqlx::query(
-                "UPDATE usage_events SET reported_at = ?2 \
-                 WHERE report_id = ?1 AND reported_at IS NULL",
-            )
-            .bind(identifier)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?
-            .rows_affected();
+            marked = mark_reported(&mut tx, identifier, now, op).await?;
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(Some(marked))
@@ -1003,6 +985,26 @@ impl super::Ledger for SqliteLedger {
         .map_err(LedgerError::query("release_alerts"))?;
         Ok(())
     }
+}
+
+/// Marks the rows of report `identifier` reported (Stripe has their event) as of `now`
+/// (microseconds); returns how many.
+async fn mark_reported(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    identifier: &str,
+    now: i64,
+    op: &'static str,
+) -> Result<u64, LedgerError> {
+    Ok(sqlx::query(
+        "UPDATE usage_events SET reported_at = ?2 \
+         WHERE report_id = ?1 AND reported_at IS NULL",
+    )
+    .bind(identifier)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(LedgerError::query(op))?
+    .rows_affected())
 }
 
 const ALERT_COLUMNS: &str = "id, customer, meter, period_start, period_end, threshold, plan, \

@@ -6,7 +6,7 @@
 
 use super::reconcile::{SyncError, SyncReport};
 use super::Control;
-use crate::admin::{authorize, problem, AdminState, Problem};
+use crate::admin::{authorize, json_body, problem, AdminState, Problem};
 use crate::ledger::LedgerError;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -40,6 +40,17 @@ fn control(s: &AdminState) -> Result<&Control, Box<Response>> {
                 "no [stripe] section, or its secret key env var is unset",
             ))
         })
+}
+
+/// The `[stripe]` side, or the 404 to answer without one.
+fn section(s: &AdminState) -> Result<&std::sync::Arc<super::StripeWebhook>, Box<Response>> {
+    s.stripe.as_ref().ok_or_else(|| {
+        Box::new(problem(
+            StatusCode::NOT_FOUND,
+            "stripe-not-configured",
+            "this instance has no [stripe] section",
+        ))
+    })
 }
 
 fn ledger_problem(e: &LedgerError) -> Response {
@@ -123,16 +134,13 @@ async fn link(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let Some(stripe) = s.stripe.as_ref() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "stripe-not-configured",
-            "this instance has no [stripe] section",
-        );
+    let stripe = match section(&s) {
+        Ok(w) => w,
+        Err(r) => return *r,
     };
-    let b: LinkBody = match serde_json::from_slice(&body) {
+    let b: LinkBody = match json_body(&body) {
         Ok(b) => b,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+        Err(r) => return *r,
     };
     let cus = b.stripe_customer.trim();
     if !cus.starts_with("cus_") || cus.len() > 255 {
@@ -219,16 +227,13 @@ async fn resolve_report(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let Some(stripe) = s.stripe.as_ref() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "stripe-not-configured",
-            "this instance has no [stripe] section",
-        );
+    let stripe = match section(&s) {
+        Ok(w) => w,
+        Err(r) => return *r,
     };
-    let b: ResolveBody = match serde_json::from_slice(&body) {
+    let b: ResolveBody = match json_body(&body) {
         Ok(b) => b,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+        Err(r) => return *r,
     };
     let marked = match stripe
         .ledger
@@ -312,9 +317,9 @@ async fn portal_session(
     let b: PortalBody = if body.is_empty() {
         PortalBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match json_body(&body) {
             Ok(b) => b,
-            Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid-body", e.to_string()),
+            Err(r) => return *r,
         }
     };
     let link = match s.ledger.stripe_link(Some(&id), None).await {
