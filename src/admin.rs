@@ -54,7 +54,28 @@ pub fn app(state: AdminState) -> Router {
         .merge(crate::admin_customers::routes())
         .merge(crate::admin_usage::routes())
         .merge(crate::alerts::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Every `/admin/…` route takes the admin bearer token, checked here once for all of them, so a
+/// handler cannot forget it. `/healthz`, `/readyz`, `/metrics` and `/webhooks/stripe` (its
+/// signature is its credential) are open; unknown paths are 404 either way.
+async fn require_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/admin" || path.starts_with("/admin/") {
+        if let Err(r) = authorize(&s, req.headers()) {
+            return *r;
+        }
+    }
+    next.run(req).await
 }
 
 /// An admin-listener error body: RFC 9457 problem details, sent as `application/problem+json`.
@@ -107,7 +128,7 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T
     })
 }
 
-pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -249,9 +270,6 @@ async fn put_customer(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return *r;
-    }
     let put: CustomerPut = match json_body(&body) {
         Ok(p) => p,
         Err(r) => return *r,
