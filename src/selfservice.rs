@@ -7,7 +7,11 @@
 //! any route. A suspended or lapsed customer still sees their usage (with `suspended` /
 //! `effective_plan: null`): reading what was used helps them more than a bare 403 would.
 //!
-//! Owns: this path and its JSON shape (the usage summary is `admin_customers`'s, so operator and
+//! Each read costs a quota-store read per meter, so it has a limit of its own, per customer and
+//! instance: [`Guard`] (10 a second, bursts of 20; a dashboard polls far less). Over it: 429
+//! `rate-limited` with `Retry-After`.
+//!
+//! Owns: this path, its JSON shape and its read limit (the usage summary is `admin_customers`'s, so operator and
 //! customer see the same numbers). Must not touch: reservations, the usage pipeline.
 
 use crate::admin_customers::{plan_of, usage, MeterUsage};
@@ -25,6 +29,42 @@ use serde::Serialize;
 
 /// The self-service path (reserved: a route with this path is never reached with GET).
 pub const PATH: &str = "/_tollgate/usage";
+
+/// Reads per second and burst per customer and instance.
+const READS_PER_SECOND: u32 = 10;
+const READ_BURST: u32 = 20;
+/// Above this many customers tracked, idle ones are forgotten at the next read.
+const TRACKED: usize = 10_000;
+
+/// The self-service read limit (governor's GCRA, keyed by customer).
+pub struct Guard(governor::DefaultKeyedRateLimiter<String>);
+
+impl Default for Guard {
+    fn default() -> Guard {
+        use std::num::NonZeroU32;
+        let quota = governor::Quota::per_second(
+            NonZeroU32::new(READS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
+        )
+        .allow_burst(NonZeroU32::new(READ_BURST).unwrap_or(NonZeroU32::MIN));
+        Guard(governor::RateLimiter::keyed(quota))
+    }
+}
+
+impl Guard {
+    /// `Err(seconds to wait)` when `customer` is over the limit.
+    fn check(&self, customer: &str) -> Result<(), u64> {
+        use governor::clock::Clock;
+        if self.0.len() > TRACKED {
+            self.0.retain_recent();
+        }
+        self.0
+            .check_key(&customer.to_string())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                wait.as_secs_f64().ceil().max(1.0) as u64
+            })
+    }
+}
 
 /// What [`handle`] did with a request.
 pub enum Outcome {
@@ -72,6 +112,9 @@ pub async fn handle(
             }))
         }
     };
+    if let Err(retry_after) = shared.self_service.check(&identity.customer) {
+        return Ok(Outcome::Denied(Denial::RateLimited { retry_after }));
+    }
     let config = &snap.config;
     let ent = shared.entitlements.get(&identity.customer);
     let now = Utc::now();

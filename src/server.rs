@@ -141,6 +141,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             usage: sink,
             metrics,
             alerts,
+            self_service: Default::default(),
         });
         anyhow::Ok((shared, ledger, flusher, listener, alert_worker))
     })?;

@@ -67,4 +67,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
     pub alerts: Option<crate::alerts::Alerts>,
+    /// The read limit of `GET /_tollgate/usage`.
+    pub self_service: crate::selfservice::Guard,
 }

@@ -84,3 +84,32 @@ both!(
         assert_eq!(up.hits(), 0);
     }
 );
+
+both!(
+    /// Reading usage has a limit of its own (each read costs quota-store reads): a burst of 40
+    /// concurrent reads gets the first 20 or so, the rest 429 `rate-limited` with `Retry-After`;
+    /// another customer is not affected.
+    reads_are_rate_limited_per_customer,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        let reads = (0..40).map(|_| tg.get("/_tollgate/usage", Some("poller")));
+        let mut ok = 0;
+        let mut limited = 0;
+        for r in futures_util::future::join_all(reads).await {
+            match r.status().as_u16() {
+                200 => ok += 1,
+                429 => {
+                    limited += 1;
+                    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+                    let (_, ty, _) = problem(r).await;
+                    assert_eq!(ty, "urn:tollgate:problem:rate-limited");
+                }
+                s => panic!("unexpected {s}"),
+            }
+        }
+        assert!(ok >= 20, "{ok} served");
+        assert!(limited >= 5, "{limited} limited of 40");
+        assert_eq!(own_usage(&tg, "quiet", "").await["customer"], "quiet");
+    }
+);
