@@ -33,8 +33,6 @@ pub const PATH: &str = "/_tollgate/usage";
 /// Reads per second and burst per customer and instance.
 const READS_PER_SECOND: u32 = 10;
 const READ_BURST: u32 = 20;
-/// Above this many customers tracked, idle ones are forgotten at the next read.
-const TRACKED: usize = 10_000;
 
 /// The self-service read limit (governor's GCRA, keyed by customer).
 pub struct Guard(governor::DefaultKeyedRateLimiter<String>);
@@ -54,15 +52,20 @@ impl Guard {
     /// `Err(seconds to wait)` when `customer` is over the limit.
     fn check(&self, customer: &str) -> Result<(), u64> {
         use governor::clock::Clock;
-        if self.0.len() > TRACKED {
-            self.0.retain_recent();
-        }
         self.0
             .check_key(&customer.to_string())
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
                 wait.as_secs_f64().ceil().max(1.0) as u64
             })
+    }
+}
+
+impl Guard {
+    /// Forgets customers whose bucket is full again (off the request path: the counter
+    /// maintenance task calls it with the plans' limiters).
+    pub fn sweep(&self) {
+        self.0.retain_recent();
     }
 }
 

@@ -247,7 +247,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         .is_some()
         .then(|| admin_state_store.clone());
     control.spawn(maintain_counters(
-        shared.fallback.clone(),
+        shared.clone(),
         redis_for_fold,
         counters_stop.clone(),
     ));
@@ -319,12 +319,14 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
 
 /// Folds what fail-open plans counted locally during a Redis outage into Redis once it answers
 /// again (checked every second, so within seconds of recovery), and drops counters of ended
-/// periods. Without Redis the in-process store is the primary and is only swept.
+/// periods. Without Redis the in-process store is the primary and is only swept. Idle
+/// customers leave the rate limiters (the plans' and self-service's) at the same sweep.
 async fn maintain_counters(
-    local: Arc<MemoryStore>,
+    shared: Arc<Shared>,
     redis: Option<Arc<dyn QuotaStore>>,
     stop: Arc<Notify>,
 ) {
+    let local = &shared.fallback;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     loop {
@@ -353,6 +355,7 @@ async fn maintain_counters(
         }
         if ticks.is_multiple_of(60) {
             local.sweep(chrono::Utc::now().timestamp());
+            shared.self_service.sweep();
         }
     }
 }
