@@ -94,13 +94,18 @@ impl StripeApi {
             .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
     }
 
-    /// `GET /v1/subscriptions/{id}`, as raw JSON (read like a webhook's object). `id` must be a
-    /// plain Stripe id (the caller checks: it is a path segment).
+    /// `GET /v1/subscriptions/{id}`, as raw JSON (read like a webhook's object). `id` is a path
+    /// segment: anything but a plain Stripe id (`sub_` and alphanumerics) is refused unsent.
     pub async fn subscription(
         &self,
         id: &str,
     ) -> Result<serde_json::Value, stripe_api::StripeError> {
         use stripe_client_core::{RequestBuilder, StripeMethod};
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(stripe_api::StripeError::ClientError(format!(
+                "not a Stripe subscription id: {id:?}"
+            )));
+        }
         let sub: miniserde::json::Value =
             RequestBuilder::new(StripeMethod::Get, format!("/subscriptions/{id}"))
                 .customize()
