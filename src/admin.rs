@@ -69,8 +69,7 @@ async fn require_token(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = req.uri().path();
-    if path == "/admin" || path.starts_with("/admin/") {
+    if req.uri().path().starts_with("/admin/") {
         if let Err(r) = authorize(&s, req.headers()) {
             return *r;
         }

@@ -340,12 +340,13 @@ impl Deliverer {
 
     async fn deliver(&self, id: i64, c: &AlertClaim, done: u32) {
         let body = self.body(id, c);
-        let cap = Duration::from_secs(300);
-        let mut backoff = self.settings.retry_backoff;
-        for _ in 1..=done {
-            backoff = (backoff * 2).min(cap);
-        }
         for attempt in done + 1..=self.settings.max_attempts {
+            // The wait after this attempt, before the next.
+            let backoff = crate::backoff::wait(
+                self.settings.retry_backoff,
+                attempt,
+                Duration::from_secs(300),
+            );
             let t = Utc::now().timestamp();
             let sent = self
                 .client
@@ -391,7 +392,6 @@ impl Deliverer {
             );
             if retry {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(cap);
             }
         }
         tracing::error!(alert_id = id, customer = %c.customer, threshold = c.threshold, "alert not delivered; attempts exhausted");

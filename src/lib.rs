@@ -28,6 +28,7 @@ pub mod admin_customers;
 pub mod admin_usage;
 pub mod alerts;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -64,11 +64,8 @@ pub fn retry_at(
     attempts: i64,
     cap: Duration,
 ) -> DateTime<Utc> {
-    let doublings = attempts.saturating_sub(1).clamp(0, 30) as u32;
-    let wait = interval
-        .max(Duration::from_millis(10))
-        .saturating_mul(1u32 << doublings)
-        .min(cap);
+    let retry = attempts.clamp(0, i64::from(u32::MAX)) as u32;
+    let wait = crate::backoff::wait(interval.max(Duration::from_millis(10)), retry, cap);
     now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
 }
 
