@@ -2,7 +2,7 @@
 //! config snapshot is built), so the request path only increments. Labels are bounded: route
 //! *names* and decision names, never raw paths or customer ids.
 
-use crate::respond::Decision;
+use crate::proxy::respond::Decision;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,

@@ -1,7 +1,13 @@
-//! Process assembly and lifecycle: builds the shared state from a validated config, runs the
-//! pingora server (proxy + upstream health checks) and, on a runtime of our own, the control plane
-//! (ledger, usage flusher, admin listener). Shutdown: pingora stops accepting and drains for
-//! `shutdown_grace`, then the flusher drains the usage channel into the ledger before we return.
+//! Process assembly and lifecycle, nothing else: build the parts from a validated config, spawn
+//! the background units, run pingora (proxy + upstream health checks), then cancel and drain.
+//!
+//! Lifecycle: every background unit (usage flusher, admin listener, entitlement and config
+//! followers, SIGHUP reload, counter upkeep, Stripe reporter and reconciler, alert worker) is
+//! spawned on one [`TaskTracker`] and stops at one [`CancellationToken`]. A token stays
+//! cancelled, so a unit that was busy (not waiting) at that moment still stops at its next wait.
+//! Shutdown: pingora stops accepting and drains for `shutdown_grace`; then the token is
+//! cancelled, the flusher drains the usage channel into the ledger, and the other units get
+//! [`DRAIN`] to finish (the alert worker releases what it still holds).
 //!
 //! Why two runtimes: sqlx pools and redis-rs connection managers spawn tasks on the runtime they
 //! are created on; pingora creates its runtimes only inside `Server::run`. The control plane gets
@@ -10,13 +16,15 @@
 use crate::admin::{self, AdminState};
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::control::broadcast::Channel;
+use crate::control::entitlement_sync::EntitlementSync;
+use crate::control::live_config::LiveConfig;
 use crate::entitle::Entitlements;
-use crate::liveconfig::LiveConfig;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::state::{Shared, Snapshot};
+use crate::proxy::{upstream, Proxy};
 use crate::quota::{memory::MemoryStore, redis::RedisStore, QuotaStore};
-use crate::state::{Shared, Snapshot};
-use crate::{ledger, upstream, usage};
+use crate::{alerts, ledger, quota, stripe, usage};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -27,6 +35,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long the background units other than the flusher get to stop after the proxy drained.
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// How the server is told to stop.
 pub enum Stop {
@@ -76,13 +89,16 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         .enable_all()
         .build()
         .context("starting the control runtime")?;
+    let rt = control.handle().clone();
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let (pools, health_checks) =
         upstream::build(&config.upstreams).context("resolving upstream targets")?;
-    let pools = Arc::new(pools);
     // Version 0 until `LiveConfig::start` numbers it from the ledger (before anything serves).
-    let snapshot = Snapshot::new(config.clone(), pools, &metrics, 0).map_err(anyhow::Error::msg)?;
+    let snapshot =
+        Snapshot::new(config.clone(), Arc::new(pools), &metrics, 0).map_err(anyhow::Error::msg)?;
 
     let fallback = Arc::new(MemoryStore::new());
     let storage = config.storage.clone();
@@ -98,9 +114,16 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     // The proxy's handle connects lazily on pingora's runtime; the admin's on the control runtime.
     let store: Arc<dyn QuotaStore> =
         redis_store(storage.redis_timeout)?.unwrap_or_else(|| fallback.clone());
-    let admin_store: Arc<dyn QuotaStore> =
-        redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?
-            .unwrap_or_else(|| fallback.clone());
+    let admin_redis = redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?;
+    let admin_store: Arc<dyn QuotaStore> = admin_redis.clone().unwrap_or_else(|| fallback.clone());
+    let channel = |topic: &str| -> anyhow::Result<Option<Channel>> {
+        match &storage.redis_url {
+            Some(url) => Ok(Some(
+                Channel::new(url, &storage.redis_prefix, topic).context("storage.redis_url")?,
+            )),
+            None => Ok(None),
+        }
+    };
 
     let (shared, ledger, flusher, admin_listener, alert_worker) = control.block_on(async {
         let ledger = ledger::open(&storage.database_url, storage.database_schema.as_deref())
@@ -133,7 +156,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             None => (None, None),
         };
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(snapshot),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             verifier: Arc::new(verifier),
             entitlements: Arc::new(entitlements),
             store,
@@ -145,128 +168,88 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         });
         anyhow::Ok((shared, ledger, flusher, listener, alert_worker))
     })?;
-    let alerts_stop = Arc::new(Notify::new());
-    let alerts_task = alert_worker.map(|worker| control.spawn(worker.run(alerts_stop.clone())));
+    if let Some(worker) = alert_worker {
+        tasks.spawn_on(worker.run(cancel.clone()), &rt);
+    }
 
-    let admin_addr = admin_listener.local_addr()?;
-    let token = std::env::var(&config.admin.token_env)
-        .ok()
-        .filter(|t| !t.is_empty())
-        .map(Arc::from);
-    if token.is_none() {
-        tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
-    }
-    let sync = match &config.storage.redis_url {
-        Some(url) => Some(Arc::new(
-            // Any one node will do: in a cluster, PUBLISH reaches every node's subscribers.
-            crate::sync::EntitlementSync::new(
-                url.split(',').next().unwrap_or(url).trim(),
-                &config.storage.redis_prefix,
-            )
-            .context("storage.redis_url")?,
-        )),
-        None => None,
-    };
-    let sync_stop = Arc::new(Notify::new());
-    if let Some(sync) = &sync {
-        control.spawn(sync.clone().run(
-            ledger.clone(),
-            shared.entitlements.clone(),
-            sync_stop.clone(),
-        ));
-    }
+    let entitlements = Arc::new(EntitlementSync::new(
+        ledger.clone(),
+        shared.entitlements.clone(),
+        channel("entitlements")?,
+    ));
+    tasks.spawn_on(entitlements.clone().run(cancel.clone()), &rt);
     let stripe = match &config.stripe {
         Some(settings) => Some(Arc::new(
-            crate::stripe::StripeWebhook::new(
+            stripe::StripeWebhook::new(
                 settings.clone(),
                 ledger.clone(),
-                shared.clone(),
-                sync.clone(),
+                shared.snapshot.clone(),
+                entitlements.clone(),
+                &shared.metrics.registry,
             )
             .context("registering Stripe metrics")?,
         )),
         None => None,
     };
-    let live = Arc::new(
-        LiveConfig::new(
-            shared.clone(),
-            ledger.clone(),
-            config.storage.redis_url.as_deref().map(|url| {
-                (
-                    url.split(',').next().unwrap_or(url).trim(),
-                    config.storage.redis_prefix.as_str(),
-                )
-            }),
-        )
-        .context("storage.redis_url")?,
-    );
+    let live = Arc::new(LiveConfig::new(
+        shared.clone(),
+        ledger.clone(),
+        channel("config")?,
+    ));
     control
         .block_on(live.start(source.as_deref()))
         .context("storing the config version")?;
-    let live_stop = Arc::new(Notify::new());
-    control.spawn(live.clone().run(live_stop.clone()));
-    let hup_stop = Arc::new(Notify::new());
+    tasks.spawn_on(live.clone().run(cancel.clone()), &rt);
     if let Some(path) = source {
         // Registered here, before the proxy serves: SIGHUP's default action ends the process.
         let _rt = control.enter();
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("listening for SIGHUP")?;
-        control.spawn(live.clone().reload_on_sighup(path, hup, hup_stop.clone()));
+        tasks.spawn_on(
+            live.clone().reload_on_sighup(path, hup, cancel.clone()),
+            &rt,
+        );
     }
-    let stripe_stop = Arc::new(Notify::new());
     if let Some(stripe) = &stripe {
-        crate::stripe::spawn_background(&control, stripe, stripe_stop.clone())
+        stripe::start(stripe, &shared.metrics.registry, &tasks, &rt, &cancel)
             .context("starting the Stripe reporter and reconciler")?;
     }
-    let admin_state_store = admin_store.clone();
+    let sweep = shared.clone();
+    tasks.spawn_on(
+        quota::maintain::run(
+            shared.fallback.clone(),
+            admin_redis,
+            move || sweep.self_service.sweep(),
+            cancel.clone(),
+        ),
+        &rt,
+    );
+
+    let admin_addr = admin_listener.local_addr()?;
     let admin_state = AdminState {
         shared: shared.clone(),
-        ledger: ledger.clone(),
+        ledger,
         store: admin_store,
-        token,
-        sync,
+        token: admin_token(&config),
+        entitlements,
         stripe,
         live,
     };
-    let admin_stop = Arc::new(Notify::new());
-    let admin_task = {
-        let stop = admin_stop.clone();
-        control.spawn(async move {
-            let app = admin::app(admin_state);
-            let serve = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move { stop.notified().await });
+    let stop_admin = cancel.clone();
+    tasks.spawn_on(
+        async move {
+            let serve = axum::serve(admin_listener, admin::app(admin_state))
+                .with_graceful_shutdown(stop_admin.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "admin listener failed");
             }
-        })
-    };
-    let counters_stop = Arc::new(Notify::new());
-    let redis_for_fold = config
-        .storage
-        .redis_url
-        .is_some()
-        .then(|| admin_state_store.clone());
-    control.spawn(maintain_counters(
-        shared.clone(),
-        redis_for_fold,
-        counters_stop.clone(),
-    ));
-    let flush_stop = Arc::new(Notify::new());
-    let flush_task = {
-        let stop = flush_stop.clone();
-        control.spawn(async move { flusher.run(async move { stop.notified().await }).await })
-    };
-
-    let conf = ServerConf {
-        threads: match config.proxy.threads {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-            n => n,
         },
-        grace_period_seconds: Some(config.proxy.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+        &rt,
+    );
+    let flush = tasks.spawn_on(flusher.run(cancel.clone().cancelled_owned()), &rt);
+    tasks.close();
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
@@ -294,78 +277,51 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
 
     // The proxy has drained: nothing records usage any more. Flush what is queued.
     tracing::info!("proxy stopped; flushing usage");
-    flush_stop.notify_one();
-    admin_stop.notify_one();
-    sync_stop.notify_one();
-    live_stop.notify_one();
-    hup_stop.notify_one();
-    counters_stop.notify_one();
-    stripe_stop.notify_waiters();
-    alerts_stop.notify_one();
+    cancel.cancel();
     let stats = control.block_on(async {
-        let stats = flush_task.await;
-        let _ = admin_task.await;
-        if let Some(t) = alerts_task {
-            // It releases the alerts it was still delivering (one ledger write).
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        let stats = flush.await;
+        if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks still running after the drain; stopping anyway");
         }
         stats
     });
     tracing::info!(?stats, "usage flushed");
     drop(shared);
-    control.shutdown_timeout(Duration::from_secs(2));
+    control.shutdown_timeout(DRAIN);
     Ok(())
 }
 
-/// Folds what fail-open plans counted locally during a Redis outage into Redis once it answers
-/// again (checked every second, so within seconds of recovery), and drops counters of ended
-/// periods. Without Redis the in-process store is the primary and is only swept. Idle
-/// customers leave the rate limiters (the plans' and self-service's) at the same sweep.
-async fn maintain_counters(
-    shared: Arc<Shared>,
-    redis: Option<Arc<dyn QuotaStore>>,
-    stop: Arc<Notify>,
-) {
-    let local = &shared.fallback;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut ticks: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = stop.notified() => return,
-            _ = tick.tick() => {}
-        }
-        ticks += 1;
-        if let Some(redis) = &redis {
-            if !local.is_empty() && redis.ping().await.is_ok() {
-                let mut failed = Vec::new();
-                let mut folded = 0usize;
-                for d in local.drain() {
-                    match redis.adjust(&d.customer, &d.meter, d.period, d.units).await {
-                        Ok(_) => folded += 1,
-                        Err(_) => failed.push(d),
-                    }
-                }
-                if !failed.is_empty() {
-                    local.restore(failed);
-                }
-                if folded > 0 {
-                    tracing::info!(counters = folded, "folded fail-open counts into Redis");
-                }
-            }
-        }
-        if ticks.is_multiple_of(60) {
-            local.sweep(chrono::Utc::now().timestamp());
-            shared.self_service.sweep();
-        }
+/// pingora's settings: worker threads (0 = one per core) and the drain.
+fn server_conf(config: &Config) -> ServerConf {
+    ServerConf {
+        threads: match config.proxy.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        },
+        grace_period_seconds: Some(config.proxy.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
     }
+}
+
+/// The admin token from the env var the config names; `None` (logged) closes `/admin`.
+fn admin_token(config: &Config) -> Option<Arc<str>> {
+    let token = std::env::var(&config.admin.token_env)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Arc::from);
+    if token.is_none() {
+        tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
+    }
+    token
 }
 
 /// The threshold-alert queue and worker, when `[alerts]` is configured and its secret is set
 /// (without the secret nothing could be signed: alerts are off, loudly).
 fn alert_pipeline(
-    config: &crate::config::Config,
-    ledger: Arc<dyn crate::ledger::Ledger>,
-) -> anyhow::Result<Option<(crate::alerts::Alerts, crate::alerts::AlertWorker)>> {
+    config: &Config,
+    ledger: Arc<dyn ledger::Ledger>,
+) -> anyhow::Result<Option<(alerts::Alerts, alerts::AlertWorker)>> {
     let Some(settings) = &config.alerts else {
         return Ok(None);
     };
@@ -374,21 +330,65 @@ fn alert_pipeline(
         tracing::error!(env = %settings.secret_env, "alert secret not set: threshold alerts are off");
         return Ok(None);
     }
-    let pipeline = crate::alerts::pipeline(settings.clone(), secret.into_bytes(), ledger)
+    let pipeline = alerts::pipeline(settings.clone(), secret.into_bytes(), ledger)
         .context("building the alert webhook client")?;
     Ok(Some(pipeline))
 }
 
 /// A database URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            // Only fails for URLs that cannot carry a password, which this one does.
+            let _ = u.set_password(Some("***"));
+            u.to_string()
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Passwords are masked; user, host, database and URLs without a password are kept.
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact("postgres://app:s3cr%40t@db.internal:5432/tollgate"),
+            "postgres://app:***@db.internal:5432/tollgate"
+        );
+        assert_eq!(
+            redact("postgres://app@db/tollgate"),
+            "postgres://app@db/tollgate"
+        );
+        assert_eq!(redact("sqlite:data/tollgate.db"), "sqlite:data/tollgate.db");
+    }
+
+    /// A background unit that is busy when shutdown begins still stops at its next wait: the
+    /// token stays cancelled (a `Notify::notify_waiters` sent while nobody waits is lost).
+    #[tokio::test]
+    async fn a_unit_busy_at_cancel_still_stops() {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let started = Arc::new(Notify::new());
+        let (go, busy) = (started.clone(), cancel.clone());
+        tasks.spawn(async move {
+            go.notify_one();
+            // Busy (not waiting on the token) when it is cancelled.
+            std::thread::sleep(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    _ = busy.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+            }
+        });
+        tasks.close();
+        started.notified().await;
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("the unit stopped");
     }
 }

@@ -4,10 +4,14 @@
 //! adjustments. Two implementations behind [`QuotaStore`]: [`redis::RedisStore`] (production,
 //! shared by many instances, one Lua call per batch of waiting requests) and [`memory::MemoryStore`]
 //! (embedded default and the fail-open fallback).
-//! Must not touch: plans or entitlements (callers pass plain numbers), HTTP, the ledger.
+//! [`usage_view`] reads the counters back against a plan's quotas (operator and self-service).
+//! Must not touch: plans or entitlements (callers pass plain numbers and quotas), HTTP, the
+//! ledger.
 
+pub mod maintain;
 pub mod memory;
 pub mod redis;
+pub mod usage_view;
 
 use crate::config::Rate;
 use async_trait::async_trait;

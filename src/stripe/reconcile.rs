@@ -17,23 +17,27 @@
 //! fails as a whole only if a page still fails, before anything is written.
 
 use super::api::StripeApi;
+use super::events::{entitlement_for, same_terms, stripe_customer_of, subscription_facts};
 use super::report::{classify, Delivery};
-use super::{
-    entitlement_for, link, same_terms, stripe_customer_of, subscription_facts, StripeError,
-};
+use super::{link_or_log, StripeError};
+use crate::control::entitlement_sync::{Audit, EntitlementSync, LedgerWrite};
 use crate::entitle::{Entitlement, Status};
-use crate::ledger::{AuditRecord, Ledger};
-use crate::state::Shared;
+use crate::ledger::Ledger;
+use crate::proxy::state::SnapshotCell;
 use chrono::Utc;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Subscriptions per page asked of Stripe (its maximum).
 const PAGE: &str = "100";
 /// Tries per page.
 const TRIES: u32 = 5;
+/// Wait before a page's second try; doubles per try up to [`PAGE_RETRY_MAX`].
+const PAGE_RETRY_FIRST: Duration = Duration::from_millis(200);
+const PAGE_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Most pages one run follows (100 000 subscriptions): a guard against a looping cursor.
 const MAX_PAGES: usize = 1_000;
 
@@ -84,8 +88,8 @@ pub struct Reconciler {
     ledger: Arc<dyn Ledger>,
     api: StripeApi,
     settings: crate::config::StripeSettings,
-    shared: Arc<Shared>,
-    sync: Option<Arc<crate::sync::EntitlementSync>>,
+    config: SnapshotCell,
+    entitlements: Arc<EntitlementSync>,
     running: tokio::sync::Mutex<()>,
     /// This process, as the holder of the scheduled-run lease.
     instance: String,
@@ -101,15 +105,15 @@ impl Reconciler {
         ledger: Arc<dyn Ledger>,
         api: StripeApi,
         settings: crate::config::StripeSettings,
-        shared: Arc<Shared>,
-        sync: Option<Arc<crate::sync::EntitlementSync>>,
+        config: SnapshotCell,
+        entitlements: Arc<EntitlementSync>,
     ) -> Reconciler {
         Reconciler {
             ledger,
             api,
             settings,
-            shared,
-            sync,
+            config,
+            entitlements,
             running: tokio::sync::Mutex::new(()),
             instance: uuid::Uuid::now_v7().to_string(),
         }
@@ -134,12 +138,12 @@ impl Reconciler {
         }
     }
 
-    /// Runs at start, then every `sync_interval` (if not zero), until `stop` is notified.
-    pub async fn run(self: Arc<Self>, stop: Arc<tokio::sync::Notify>) {
-        let stopped = stop.notified();
-        tokio::pin!(stopped);
-        stopped.as_mut().enable();
+    /// Runs at start, then every `sync_interval` (if not zero), until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         loop {
+            if cancel.is_cancelled() {
+                return;
+            }
             if !self.my_turn().await {
                 tracing::debug!("another instance reconciles with Stripe this round");
             } else {
@@ -158,7 +162,7 @@ impl Reconciler {
                 return;
             }
             tokio::select! {
-                _ = &mut stopped => return,
+                _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(self.settings.sync_interval) => {}
             }
         }
@@ -194,7 +198,7 @@ impl Reconciler {
             };
             if let (Some(_), Some(s)) = (&facts.customer, &stripe_customer) {
                 if links.get(s) != Some(&customer)
-                    && link(&*self.ledger, &customer, s, "sync", "stripe-sync").await?
+                    && link_or_log(&*self.ledger, &customer, s, "sync", "stripe-sync").await?
                 {
                     links.insert(s.clone(), customer.clone());
                     report.linked.push(customer.clone());
@@ -208,7 +212,7 @@ impl Reconciler {
                 best.insert(customer, sub);
             }
         }
-        let snap = self.shared.snapshot.load_full();
+        let snap = self.config.load_full();
         for (customer, sub) in best {
             let facts = subscription_facts(&sub, &self.settings.customer_metadata_key);
             let Some(mut want) =
@@ -226,18 +230,19 @@ impl Reconciler {
                 }
                 want.suspended = b.suspended;
             }
-            if !self.ledger.apply_stripe_state(&customer, &want).await? {
-                continue; // a newer webhook got there first
-            }
-            let after = self.ledger.get_customer(&customer).await?.unwrap_or(want);
-            let record = AuditRecord {
-                action: "stripe.sync".into(),
+            let audit = Audit {
+                actor: "stripe-sync",
+                action: "stripe.sync",
                 target: customer.clone(),
-                before: before.as_ref().and_then(|b| serde_json::to_string(b).ok()),
-                after: serde_json::to_string(&after).ok(),
+                before: before.as_ref(),
             };
-            self.ledger.insert_audit("stripe-sync", &record).await?;
-            self.propagate(&customer, after.clone()).await;
+            let written = self
+                .entitlements
+                .write(&customer, LedgerWrite::StripeOrdered(&want), Some(audit))
+                .await?;
+            let Some(after) = written else {
+                continue; // a newer webhook got there first
+            };
             tracing::info!(%customer, plan = ?after.plan, status = after.status.as_str(), "entitlement repaired from Stripe");
             report.changed.push(Change {
                 customer,
@@ -283,7 +288,6 @@ impl Reconciler {
         after: Option<&str>,
         report: &mut SyncReport,
     ) -> Result<serde_json::Value, SyncError> {
-        let mut delay = Duration::from_millis(200);
         let mut tries = 0;
         loop {
             tries += 1;
@@ -296,8 +300,8 @@ impl Reconciler {
                 Delivery::Transient(e) | Delivery::Unknown(e) if tries < TRIES => {
                     report.retries += 1;
                     tracing::warn!(error = %e, tries, "listing subscriptions failed; retrying");
+                    let delay = crate::backoff::wait(PAGE_RETRY_FIRST, tries, PAGE_RETRY_MAX);
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
                 Delivery::Transient(e) | Delivery::Unknown(e) | Delivery::Rejected(e) => {
                     return Err(SyncError::Stripe(e))
@@ -305,15 +309,6 @@ impl Reconciler {
                 Delivery::Delivered | Delivery::AlreadyExists => {
                     return Err(SyncError::Stripe("unexpected answer".into()))
                 }
-            }
-        }
-    }
-
-    async fn propagate(&self, customer: &str, e: Entitlement) {
-        self.shared.entitlements.put(customer, e);
-        if let Some(sync) = &self.sync {
-            if let Err(e) = sync.publish(customer).await {
-                tracing::warn!(error = %e, %customer, "could not broadcast entitlement change");
             }
         }
     }

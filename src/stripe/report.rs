@@ -28,11 +28,12 @@
 
 use super::api::StripeApi;
 use crate::ledger::{Ledger, LedgerError, MeterReport, ReportClaim, ReportState};
+use crate::proxy::state::SnapshotCell;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Stripe accepts meter events up to 35 days old. Reports within an hour of that are flagged too:
 /// a retry loop must not straddle the limit.
@@ -131,7 +132,7 @@ pub struct Reporter {
     api: StripeApi,
     /// The live config: which meters are reported, under which event name, is read each run
     /// (meters change through the admin API without a restart).
-    shared: Arc<crate::state::Shared>,
+    config: SnapshotCell,
     interval: Duration,
     window: Duration,
     delay: Duration,
@@ -149,7 +150,7 @@ impl Reporter {
     pub fn new(
         ledger: Arc<dyn Ledger>,
         api: StripeApi,
-        shared: Arc<crate::state::Shared>,
+        config: SnapshotCell,
         settings: &crate::config::StripeSettings,
         registry: &prometheus::Registry,
     ) -> Result<Reporter, prometheus::Error> {
@@ -180,7 +181,7 @@ impl Reporter {
         Ok(Reporter {
             ledger,
             api,
-            shared,
+            config,
             interval: settings.report_interval,
             window: settings.report_window,
             delay: settings.report_delay,
@@ -191,17 +192,14 @@ impl Reporter {
         })
     }
 
-    /// Runs until `stop` is notified: a run every `report_interval`; after a transient failure
-    /// the wait doubles (up to 5 min) until a run succeeds.
-    pub async fn run(self, stop: Arc<Notify>) {
-        // Registered once and enabled, so a `notify_waiters` during a run is not missed.
-        let stopped = stop.notified();
-        tokio::pin!(stopped);
-        stopped.as_mut().enable();
+    /// Runs until `cancel`: a run every `report_interval`; after a transient failure the wait
+    /// doubles (up to 5 min) until a run succeeds.
+    pub async fn run(self, cancel: CancellationToken) {
         let mut wait = Duration::ZERO;
+        let mut failures = 0;
         loop {
             tokio::select! {
-                _ = &mut stopped => return,
+                _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
             let failed = match self.run_once(Utc::now()).await {
@@ -219,11 +217,10 @@ impl Reporter {
                     true
                 }
             };
-            wait = if failed {
-                (wait.max(self.interval / 2) * 2).min(MAX_BACKOFF.max(self.interval))
-            } else {
-                self.interval
-            };
+            failures = if failed { failures + 1 } else { 0 };
+            // After the n-th failure in a row: interval × 2^n, at most MAX_BACKOFF.
+            let cap = MAX_BACKOFF.max(self.interval);
+            wait = crate::backoff::wait(self.interval, failures + 1, cap);
         }
     }
 
@@ -360,7 +357,7 @@ impl Reporter {
 
     /// Meter → Stripe `event_name`, from the live config (meters without one are not reported).
     fn meters(&self) -> BTreeMap<String, String> {
-        let snap = self.shared.snapshot.load();
+        let snap = self.config.load();
         snap.config
             .meters
             .iter()

@@ -1,108 +1,459 @@
-//! The HTTP side of `POST /webhooks/stripe`: body cap, header extraction, and the one mapping
-//! from [`StripeError`] / [`Outcome`] to status codes and problem+json.
+//! Applying one verified Stripe delivery (DESIGN §5, §7): store the event id first
+//! (`stripe_events`, so a redelivery is a no-op), then apply `customer.subscription.*`,
+//! `invoice.*`, `customer.deleted` and `checkout.session.completed` to the customer's
+//! entitlement and links. Applied changes are written order-safe (a write carries the event's
+//! `created` as `updated_at` and never replaces newer state) in the same transaction that marks
+//! the event processed, then reach this instance's cache and every other instance through the
+//! one entitlement writer.
+//!
+//! Ordering: a write carries the event's `created`, whole seconds. Two events of the same second
+//! cannot be ordered that way, so when the stored state is as of the very second of an event and
+//! the event would change it, the subscription is re-fetched from the API and what Stripe says
+//! now is applied instead ([`StripeWebhook::settle_same_second`]). Without the API key (or when
+//! the call fails) the last received wins, and the reconciler repairs it.
+//!
+//! Owns: the Stripe → entitlement mapping of events, `tollgate_webhooks_total`,
+//! `tollgate_stripe_refetches_total`. Must not touch: HTTP (the admin listener's
+//! `admin::webhook` reads the body and maps errors), the request path, quota counters.
 
-use super::{StripeError, MAX_BODY};
-use crate::admin::{problem, AdminState, Problem};
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::Serialize;
-use utoipa::ToSchema;
+use super::events::{
+    entitlement_for, envelope, parse_secrets, same_terms, stripe_customer_of, subscription_facts,
+    verify, Envelope, Secret, Verified,
+};
+use super::{link_or_log, Control, StripeError};
+use crate::control::entitlement_sync::{EntitlementSync, LedgerWrite};
+use crate::entitle::{Entitlement, Status};
+use crate::ledger::{Ledger, StripeEventRecord, StripeEventState, StripeFinish};
+use crate::proxy::state::SnapshotCell;
+use chrono::Utc;
+use std::sync::Arc;
 
-/// Answer to a webhook Stripe may stop retrying.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct WebhookAnswer {
-    /// Always true.
-    pub received: bool,
-    /// `applied`, `stale` (stored state was newer), `ignored` or `duplicate`.
-    #[schema(example = "applied")]
-    pub outcome: &'static str,
+/// What the webhook endpoint needs, built once at start when `[stripe]` is configured.
+pub struct StripeWebhook {
+    pub settings: crate::config::StripeSettings,
+    pub secrets: Vec<Secret>,
+    pub ledger: Arc<dyn Ledger>,
+    /// The config in force (prices → plans, plan ranks).
+    pub config: SnapshotCell,
+    pub entitlements: Arc<EntitlementSync>,
+    /// Set by [`super::start`] when the API key is configured.
+    pub control: std::sync::OnceLock<Control>,
+    webhooks: prometheus::IntCounterVec,
+    /// Same-second events settled by re-fetching the subscription, by outcome.
+    refetches: prometheus::IntCounterVec,
 }
 
-/// `POST /webhooks/stripe` (admin listener; no admin token: the signature is the credential).
-#[utoipa::path(
-    post,
-    path = "/webhooks/stripe",
-    tag = "stripe",
-    params(("Stripe-Signature" = String, Header, description = "Stripe's `t=…,v1=…` signature of the raw body")),
-    request_body(content = serde_json::Value, description = "a Stripe event, exactly as Stripe sent it", content_type = "application/json"),
-    responses(
-        (status = 200, description = "processed (or a duplicate, or an event tollgate ignores)", body = WebhookAnswer),
-        (status = 400, description = "`invalid-signature` (missing, malformed, wrong or stale) or `invalid-body`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`stripe-not-configured`: no `[stripe]` section", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "`body-too-large`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "not processed (no webhook secret, or the ledger is unavailable): Stripe retries", body = Problem, content_type = "application/problem+json"),
-    ),
-)]
-pub async fn receive(State(s): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
-    let Some(stripe) = s.stripe.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "stripe-not-configured",
-            "this instance has no [stripe] section",
-        );
-    };
-    let Some(bytes) = read_capped(body).await else {
-        return refuse(StripeError::TooLarge);
-    };
-    let Ok(payload) = std::str::from_utf8(&bytes) else {
-        return refuse(StripeError::BadBody("not UTF-8".into()));
-    };
-    let signature = headers
-        .get("stripe-signature")
-        .and_then(|v| v.to_str().ok());
-    match stripe.handle(payload, signature).await {
-        Ok(outcome) => (
-            StatusCode::OK,
-            Json(WebhookAnswer {
-                received: true,
-                outcome: outcome.as_str(),
-            }),
-        )
-            .into_response(),
-        Err(e) => refuse(e),
-    }
+/// Event types the metric names individually; everything else is `other` (bounded labels).
+const NAMED_TYPES: &[&str] = &[
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.trial_will_end",
+    "invoice.payment_failed",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "customer.deleted",
+    "checkout.session.completed",
+];
+
+/// Outcome of one delivery (the metric's `outcome` label and the 2xx body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and the customer changed.
+    Applied,
+    /// Processed, but the stored state was newer (a late, older event).
+    Stale,
+    /// Stored and acknowledged; nothing to apply (type not handled, no customer, unknown status).
+    Ignored,
+    /// Already processed by an earlier (or concurrent) delivery.
+    Duplicate,
 }
 
-/// Past the cap we keep reading (and discarding) up to this much before answering, so that a
-/// client still sending gets its 413 instead of a reset connection; beyond it, we stop.
-const DRAIN_LIMIT: usize = 8 * MAX_BODY;
-
-/// The body if it is at most [`MAX_BODY`]; `None` (after draining a bounded amount) otherwise,
-/// or when the body cannot be read.
-async fn read_capped(body: Body) -> Option<Vec<u8>> {
-    use futures_util::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.ok()?;
-        seen += chunk.len();
-        if seen <= MAX_BODY {
-            buf.extend_from_slice(&chunk);
-        } else if seen > DRAIN_LIMIT {
-            return None;
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+            Outcome::Duplicate => "duplicate",
         }
     }
-    (seen <= MAX_BODY).then_some(buf)
 }
 
-fn refuse(e: StripeError) -> Response {
-    let (status, suffix) = match &e {
-        StripeError::MissingSignature
-        | StripeError::MalformedSignature
-        | StripeError::BadSignature
-        | StripeError::Stale(_) => (StatusCode::BAD_REQUEST, "invalid-signature"),
-        StripeError::BadBody(_) => (StatusCode::BAD_REQUEST, "invalid-body"),
-        StripeError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
-        // Stripe retries non-2xx for days: a retry is what these need.
-        StripeError::NoSecrets(_) => (StatusCode::SERVICE_UNAVAILABLE, "stripe-not-configured"),
-        StripeError::Ledger(_) => (StatusCode::SERVICE_UNAVAILABLE, "ledger-unavailable"),
-    };
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        tracing::warn!(error = %e, "stripe webhook not processed");
+// === impl StripeWebhook ===
+
+impl StripeWebhook {
+    /// Reads the secrets from the env var named in the config and registers the metric.
+    pub fn new(
+        settings: crate::config::StripeSettings,
+        ledger: Arc<dyn Ledger>,
+        config: SnapshotCell,
+        entitlements: Arc<EntitlementSync>,
+        registry: &prometheus::Registry,
+    ) -> Result<StripeWebhook, prometheus::Error> {
+        let secrets = std::env::var(&settings.webhook_secrets_env)
+            .map(|v| parse_secrets(&v))
+            .unwrap_or_default();
+        if secrets.is_empty() {
+            tracing::warn!(env = %settings.webhook_secrets_env, "no Stripe webhook secret set: every webhook is refused");
+        }
+        let webhooks = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_webhooks_total",
+                "Stripe webhook deliveries by event type and outcome",
+            ),
+            &["type", "outcome"],
+        )?;
+        let refetches = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_stripe_refetches_total",
+                "Same-second Stripe events settled by re-fetching the subscription: `applied` \
+                 (Stripe's current state was written), `failed` (the call failed; the last \
+                 received event won)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(webhooks.clone()))?;
+        registry.register(Box::new(refetches.clone()))?;
+        Ok(StripeWebhook {
+            settings,
+            secrets,
+            ledger,
+            config,
+            entitlements,
+            control: std::sync::OnceLock::new(),
+            webhooks,
+            refetches,
+        })
     }
-    problem(status, suffix, e.to_string())
+
+    fn count(&self, event_type: &str, outcome: &str) {
+        let t = NAMED_TYPES
+            .iter()
+            .find(|t| **t == event_type)
+            .copied()
+            .unwrap_or("other");
+        self.webhooks.with_label_values(&[t, outcome]).inc();
+    }
+
+    /// Verifies, stores and applies one delivery. `Err` means "refuse; nothing was stored"
+    /// (or, for a ledger error, "retry later").
+    pub async fn handle(
+        &self,
+        payload: &str,
+        signature: Option<&str>,
+    ) -> Result<Outcome, StripeError> {
+        let r = self.handle_inner(payload, signature).await;
+        if let Err(e) = &r {
+            let outcome = match e {
+                StripeError::Ledger(_) => "ledger_error",
+                _ => "rejected",
+            };
+            self.count("", outcome);
+        }
+        r
+    }
+
+    async fn handle_inner(
+        &self,
+        payload: &str,
+        signature: Option<&str>,
+    ) -> Result<Outcome, StripeError> {
+        let header = signature.ok_or(StripeError::MissingSignature)?;
+        if self.secrets.is_empty() {
+            return Err(StripeError::NoSecrets(
+                self.settings.webhook_secrets_env.clone(),
+            ));
+        }
+        let verified = verify(payload, header, &self.secrets, Utc::now().timestamp())?;
+        let env = envelope(payload)?;
+        if verified == Verified::Untyped {
+            tracing::debug!(event = %env.id, "event not typable by the SDK; read from raw JSON");
+        }
+        let record = StripeEventRecord {
+            id: env.id.clone(),
+            event_type: env.event_type.clone(),
+            created: env.created,
+            payload: payload.to_string(),
+        };
+        if self.ledger.record_stripe_event(&record).await? == StripeEventState::Processed {
+            self.count(&env.event_type, Outcome::Duplicate.as_str());
+            return Ok(Outcome::Duplicate);
+        }
+        let apply = match env.event_type.as_str() {
+            t if t.starts_with("invoice.") => self.payment_change(&env, &t[8..]).await?,
+            "customer.deleted" => self.customer_deleted(&env).await?,
+            "checkout.session.completed" => {
+                self.checkout_completed(&env).await?;
+                None
+            }
+            _ => self.plan_change(&env).await?,
+        };
+        if env.event_type.starts_with("customer.subscription.") {
+            self.link_from_subscription(&env).await?;
+        }
+        let finish = self
+            .ledger
+            .finish_stripe_event(&env.id, apply.as_ref().map(|(c, e)| (c.as_str(), e)))
+            .await?;
+        let outcome = match (finish, &apply) {
+            (StripeFinish::AlreadyProcessed, _) => Outcome::Duplicate,
+            (StripeFinish::Processed { changed: true }, Some((customer, _))) => {
+                // Written with the event's claim: cache and broadcast.
+                self.entitlements
+                    .write(customer, LedgerWrite::Written, None)
+                    .await?;
+                Outcome::Applied
+            }
+            (StripeFinish::Processed { .. }, Some(_)) => Outcome::Stale,
+            (StripeFinish::Processed { .. }, None) => Outcome::Ignored,
+        };
+        self.count(&env.event_type, outcome.as_str());
+        tracing::info!(event = %env.id, r#type = %env.event_type, outcome = outcome.as_str(), "stripe webhook");
+        Ok(outcome)
+    }
+
+    /// The (customer, entitlement) an event asks for, if it is one tollgate applies.
+    async fn plan_change(
+        &self,
+        env: &Envelope,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let Some(kind) = env.event_type.strip_prefix("customer.subscription.") else {
+            return Ok(None);
+        };
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("subscription") {
+            return Ok(None);
+        }
+        let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
+        let Some(customer) = facts.customer.clone() else {
+            tracing::warn!(event = %env.id, subscription = %facts.id, key = %self.settings.customer_metadata_key,
+                "subscription has no tollgate customer in its metadata; ignored");
+            return Ok(None);
+        };
+        let snap = self.config.load_full();
+        let Some(ent) = entitlement_for(
+            &snap.config,
+            &self.settings.prices,
+            &facts,
+            kind == "deleted",
+            env.created,
+        ) else {
+            tracing::warn!(event = %env.id, status = %facts.status, "unknown subscription status; ignored");
+            return Ok(None);
+        };
+        // The stored state matters only when a same-second event can be settled from the API.
+        let stored = match self.control.get() {
+            Some(_) => self.ledger.get_customer(&customer).await?,
+            None => None,
+        };
+        let ent = self
+            .settle_same_second(env, &facts.id, &customer, stored.as_ref(), ent)
+            .await;
+        Ok(Some((customer, ent)))
+    }
+
+    /// DESIGN §7, same-second events: `proposed` (what the event says) is kept unless the stored
+    /// state is as of the event's very second and differs from it. Then `created` cannot say
+    /// which came last, so the subscription is fetched from Stripe and what it says now is
+    /// written instead, as of the same second (a later event still wins over it). Without the API
+    /// key, or when the call fails, `proposed` is kept (the last received wins; the reconciler
+    /// repairs it).
+    async fn settle_same_second(
+        &self,
+        env: &Envelope,
+        subscription: &str,
+        customer: &str,
+        stored: Option<&Entitlement>,
+        proposed: Entitlement,
+    ) -> Entitlement {
+        let in_doubt = stored
+            .is_some_and(|s| s.updated_at == proposed.updated_at && !same_terms(s, &proposed));
+        let Some(control) = self.control.get().filter(|_| in_doubt) else {
+            return proposed;
+        };
+        if subscription.is_empty() {
+            return proposed; // an invoice that names no subscription
+        }
+        let fetched = match control.api.subscription(subscription).await {
+            Ok(obj) => obj,
+            Err(e) => {
+                self.refetches.with_label_values(&["failed"]).inc();
+                tracing::warn!(event = %env.id, %subscription, error = %e,
+                    "same-second event: could not re-fetch the subscription; the last received wins");
+                return proposed;
+            }
+        };
+        let facts = subscription_facts(&fetched, &self.settings.customer_metadata_key);
+        if facts.customer.as_deref().is_some_and(|c| c != customer) {
+            tracing::warn!(event = %env.id, %subscription, %customer, now = ?facts.customer,
+                "same-second event: the subscription now names another customer; event applied as sent");
+            return proposed;
+        }
+        let snap = self.config.load_full();
+        match entitlement_for(
+            &snap.config,
+            &self.settings.prices,
+            &facts,
+            false,
+            env.created,
+        ) {
+            Some(current) => {
+                self.refetches.with_label_values(&["applied"]).inc();
+                tracing::info!(event = %env.id, %subscription, %customer, status = %facts.status,
+                    "same-second event: applied the subscription as Stripe has it now");
+                current
+            }
+            None => proposed,
+        }
+    }
+
+    /// Invoice events move a subscribed customer between `past_due` and `active` (DESIGN §7:
+    /// `invoice.payment_failed` marks it past_due unless a newer state says otherwise). The rest
+    /// of the entitlement is the stored one; the write is as of the event's `created`, so the
+    /// ledger's conditional upsert refuses it when a newer subscription event was applied. A
+    /// canceled or unpaid customer is never revived by an invoice.
+    async fn payment_change(
+        &self,
+        env: &Envelope,
+        kind: &str,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let target = match kind {
+            "payment_failed" => Status::PastDue,
+            "paid" | "payment_succeeded" => Status::Active,
+            _ => return Ok(None),
+        };
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("invoice") {
+            return Ok(None);
+        }
+        // The subscription's metadata as the invoice carries it: under `parent` since API
+        // 2025-03-31, at the top level before.
+        let key = &self.settings.customer_metadata_key;
+        let customer = [
+            "/parent/subscription_details/metadata",
+            "/subscription_details/metadata",
+        ]
+        .iter()
+        .find_map(|p| {
+            env.object
+                .pointer(p)
+                .and_then(|m| m.get(key))
+                .and_then(|c| c.as_str())
+        })
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from);
+        let Some(customer) = customer else {
+            tracing::warn!(event = %env.id, %key, "invoice's subscription has no tollgate customer in its metadata; ignored");
+            return Ok(None);
+        };
+        let Some(current) = self.ledger.get_customer(&customer).await? else {
+            return Ok(None); // no subscription applied yet: nothing to mark
+        };
+        let applies = match target {
+            Status::PastDue => matches!(
+                current.status,
+                Status::Active | Status::Trialing | Status::PastDue
+            ),
+            _ => current.status == Status::PastDue,
+        };
+        if !applies || current.status == target {
+            return Ok(None);
+        }
+        let subscription = ["/parent/subscription_details/subscription", "/subscription"]
+            .iter()
+            .find_map(|p| env.object.pointer(p).and_then(|s| s.as_str()))
+            .unwrap_or_default()
+            .to_string();
+        let ent = Entitlement {
+            status: target,
+            status_since: Some(env.created),
+            updated_at: env.created,
+            ..current.clone()
+        };
+        let ent = self
+            .settle_same_second(env, &subscription, &customer, Some(&current), ent)
+            .await;
+        Ok(Some((customer, ent)))
+    }
+
+    /// `customer.deleted`: Stripe cancels every subscription of a deleted customer, so the
+    /// linked tollgate customer is canceled and back on no plan (the default plan, if the status
+    /// policy falls back to it), as of the event (order-safe like any Stripe write). The link is
+    /// kept: it names the customer in the audit and a re-created Stripe customer replaces it.
+    async fn customer_deleted(
+        &self,
+        env: &Envelope,
+    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        let Some(cus) = env.object.get("id").and_then(|i| i.as_str()) else {
+            return Ok(None);
+        };
+        let Some((customer, _)) = self.ledger.stripe_link(None, Some(cus)).await? else {
+            tracing::info!(event = %env.id, stripe_customer = %cus, "deleted Stripe customer is linked to no tollgate customer; ignored");
+            return Ok(None);
+        };
+        let ent = Entitlement {
+            plan: None,
+            status: Status::Canceled,
+            status_since: Some(env.created),
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: env.created,
+            cancel_at_period_end: false,
+            trial_end: None,
+        };
+        Ok(Some((customer, ent)))
+    }
+
+    /// `checkout.session.completed`: links the session's Stripe customer to the tollgate
+    /// customer named by `client_reference_id`, or else by `metadata[customer_metadata_key]`.
+    async fn checkout_completed(&self, env: &Envelope) -> Result<(), StripeError> {
+        if env.object.get("object").and_then(|o| o.as_str()) != Some("checkout.session") {
+            return Ok(());
+        }
+        let key = &self.settings.customer_metadata_key;
+        let customer = env
+            .object
+            .get("client_reference_id")
+            .and_then(|c| c.as_str())
+            .or_else(|| {
+                env.object
+                    .get("metadata")
+                    .and_then(|m| m.get(key))
+                    .and_then(|c| c.as_str())
+            })
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        match (customer, stripe_customer_of(&env.object)) {
+            (Some(customer), Some(cus)) => {
+                link_or_log(&*self.ledger, customer, &cus, "checkout", "stripe-webhook").await?;
+            }
+            _ => {
+                tracing::warn!(event = %env.id, "checkout session names no tollgate customer or no Stripe customer; not linked");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the subscription's Stripe customer as the tollgate customer's link (what usage
+    /// reporting needs). A Stripe customer already linked to someone else is left as it is.
+    async fn link_from_subscription(&self, env: &Envelope) -> Result<(), StripeError> {
+        let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
+        let (Some(customer), Some(stripe_customer)) =
+            (facts.customer, stripe_customer_of(&env.object))
+        else {
+            return Ok(());
+        };
+        link_or_log(
+            &*self.ledger,
+            &customer,
+            &stripe_customer,
+            "webhook",
+            "stripe-webhook",
+        )
+        .await?;
+        Ok(())
+    }
 }

@@ -4,10 +4,11 @@
 //! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer),
 //! `POST /admin/stripe/reports/{identifier}/resolve` (settle a meter event left `uncertain`).
 
-use super::reconcile::{SyncError, SyncReport};
-use super::Control;
 use crate::admin::{json_body, problem, AdminState, Problem};
 use crate::ledger::LedgerError;
+use crate::stripe::reconcile::{SyncError, SyncReport};
+use crate::stripe::Control;
+use crate::stripe::Linked;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +44,7 @@ fn control(s: &AdminState) -> Result<&Control, Box<Response>> {
 }
 
 /// The `[stripe]` side, or the 404 to answer without one.
-fn section(s: &AdminState) -> Result<&std::sync::Arc<super::StripeWebhook>, Box<Response>> {
+fn section(s: &AdminState) -> Result<&std::sync::Arc<crate::stripe::StripeWebhook>, Box<Response>> {
     s.stripe.as_ref().ok_or_else(|| {
         Box::new(problem(
             StatusCode::NOT_FOUND,
@@ -144,35 +145,27 @@ async fn link(
             "stripe_customer: expected a Stripe customer id (cus_…)",
         );
     }
-    match stripe.ledger.link_stripe_customer(&id, cus, "admin").await {
-        Ok(before) => {
-            if before.as_deref() != Some(cus) {
-                // By the caller's actor (X-Tollgate-Actor), like every admin mutation.
-                crate::admin_config::record_audit(
-                    &s,
-                    &headers,
-                    "stripe.link",
-                    id.clone(),
-                    before
-                        .as_ref()
-                        .map(|b| serde_json::json!({ "stripe_customer": b }).to_string()),
-                    Some(serde_json::json!({ "stripe_customer": cus }).to_string()),
-                )
-                .await;
-            }
-            tracing::info!(customer = %id, stripe_customer = %cus, ?before, "Stripe customer linked by admin");
+    // By the caller's actor (X-Tollgate-Actor), like every admin mutation.
+    let actor = crate::admin::config::actor(&headers);
+    match crate::stripe::link(&*stripe.ledger, &id, cus, "admin", &actor).await {
+        Ok(Linked::Conflict { owner }) => problem(
+            StatusCode::CONFLICT,
+            "stripe-customer-linked",
+            format!("{cus} is already linked to customer {owner:?}"),
+        ),
+        Ok(linked) => {
+            let previous = match linked {
+                Linked::Changed { previous } => previous,
+                _ => Some(cus.to_string()),
+            };
+            tracing::info!(customer = %id, stripe_customer = %cus, ?previous, "Stripe customer linked by admin");
             Json(LinkAnswer {
                 customer: id,
                 stripe_customer: cus.to_string(),
-                previous: before,
+                previous,
             })
             .into_response()
         }
-        Err(LedgerError::LinkConflict { customer, .. }) => problem(
-            StatusCode::CONFLICT,
-            "stripe-customer-linked",
-            format!("{cus} is already linked to customer {customer:?}"),
-        ),
         Err(e) => ledger_problem(&e),
     }
 }
@@ -242,7 +235,7 @@ async fn resolve_report(
         Err(e) => return ledger_problem(&e),
     };
     let state = if b.landed { "delivered" } else { "pending" };
-    crate::admin_config::record_audit(
+    crate::admin::config::record_audit(
         &s,
         &headers,
         "stripe.report.resolve",

@@ -19,18 +19,20 @@
 //!
 //! Runs on the control runtime. Must not touch: requests in flight, quota counters, the usage path.
 
-use crate::config::live::{diff, Change, LiveDoc, Section};
+use super::broadcast::{self, Channel, Follower};
+use crate::config::live_doc::{diff, Change, LiveDoc, Section};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::ledger::{AuditRecord, ConfigVersion, Ledger, LedgerError};
-use crate::state::{Shared, Snapshot};
-use crate::upstream::{self, Pool};
-use futures_util::StreamExt;
+use crate::proxy::state::{Shared, Snapshot};
+use crate::proxy::upstream::{self, Pool};
+use async_trait::async_trait;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, Notify, OnceCell};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 /// How often an instance also polls the ledger for a newer version (missed broadcasts).
 const CATCH_UP: Duration = Duration::from_secs(30);
@@ -83,7 +85,7 @@ pub struct Proposal {
 pub struct LiveConfig {
     shared: Arc<Shared>,
     ledger: Arc<dyn Ledger>,
-    broadcast: Option<Broadcast>,
+    broadcast: Option<Channel>,
     /// This instance's writers one at a time: read the base, store, apply.
     write: Mutex<()>,
     /// Version compare and swap of the snapshot.
@@ -93,27 +95,19 @@ pub struct LiveConfig {
 // === impl LiveConfig ===
 
 impl LiveConfig {
-    /// With `redis`: (URL, key prefix) of the Redis that carries the broadcast.
+    /// With `broadcast`: the Redis channel that carries version numbers between instances.
     pub fn new(
         shared: Arc<Shared>,
         ledger: Arc<dyn Ledger>,
-        redis: Option<(&str, &str)>,
-    ) -> redis::RedisResult<LiveConfig> {
-        let broadcast = match redis {
-            Some((url, prefix)) => Some(Broadcast {
-                client: redis::Client::open(url)?,
-                channel: format!("{prefix}:config"),
-                publisher: OnceCell::new(),
-            }),
-            None => None,
-        };
-        Ok(LiveConfig {
+        broadcast: Option<Channel>,
+    ) -> LiveConfig {
+        LiveConfig {
             shared,
             ledger,
             broadcast,
             write: Mutex::new(()),
             install: std::sync::Mutex::new(()),
-        })
+        }
     }
 
     /// The version in force.
@@ -466,49 +460,22 @@ impl LiveConfig {
         }
     }
 
-    /// Follows other instances' changes until `stop` is notified: the broadcast when there is
-    /// Redis, and a periodic catch-up with the ledger in any case.
-    pub async fn run(self: Arc<Self>, stop: Arc<Notify>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let follow = async {
-                match &self.broadcast {
-                    Some(b) => b.follow(&self).await,
-                    None => {
-                        let mut tick = tokio::time::interval(CATCH_UP);
-                        loop {
-                            tick.tick().await;
-                            self.catch_up().await;
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                _ = stop.notified() => return,
-                r = follow => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "config broadcast lost its subscription; retrying");
-                    }
-                }
-            }
-            tokio::select! {
-                _ = stop.notified() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+    /// Follows other instances' changes until `cancel`: the broadcast when there is Redis, and
+    /// a periodic catch-up with the ledger in any case.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        broadcast::follow(self.broadcast.as_ref(), &*self, CATCH_UP, cancel).await;
     }
 
-    /// Reloads `path` on every SIGHUP until `stop` is notified.
+    /// Reloads `path` on every SIGHUP until `cancel`.
     pub async fn reload_on_sighup(
         self: Arc<Self>,
         path: PathBuf,
         mut hup: tokio::signal::unix::Signal,
-        stop: Arc<Notify>,
+        cancel: CancellationToken,
     ) {
         loop {
             tokio::select! {
-                _ = stop.notified() => return,
+                _ = cancel.cancelled() => return,
                 _ = hup.recv() => {}
             }
             tracing::info!(file = %path.display(), "SIGHUP: reloading the config file");
@@ -601,56 +568,22 @@ fn pools_for(cur: &Snapshot, new: &Config) -> Result<Arc<BTreeMap<String, Pool>>
     }
 }
 
-/// The config channel: version numbers, published after they are stored.
-struct Broadcast {
-    client: redis::Client,
-    channel: String,
-    /// Reconnects by itself after a Redis restart.
-    publisher: OnceCell<redis::aio::ConnectionManager>,
-}
-
-// === impl Broadcast ===
-
-impl Broadcast {
-    async fn publish(&self, version: i64) -> redis::RedisResult<()> {
-        let conn = self
-            .publisher
-            .get_or_try_init(|| self.client.get_connection_manager())
-            .await?;
-        let mut conn = conn.clone();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(version)
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+#[async_trait]
+impl Follower for LiveConfig {
+    async fn resync(&self) {
+        self.catch_up().await;
     }
 
-    async fn follow(&self, live: &LiveConfig) -> anyhow::Result<()> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.channel).await?;
-        // Anything published while we were not listening is in the ledger.
-        live.catch_up().await;
-        let mut messages = pubsub.on_message();
-        let mut tick = tokio::time::interval(CATCH_UP);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                msg = messages.next() => {
-                    let Some(msg) = msg else { anyhow::bail!("subscription closed") };
-                    let version: i64 = match msg.get_payload() {
-                        Ok(v) => v,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring a config broadcast that is not a version");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = live.follow(version).await {
-                        tracing::error!(error = %e, version, "config version not applied");
-                    }
-                }
-                _ = tick.tick() => live.catch_up().await,
+    async fn message(&self, msg: &redis::Msg) {
+        let version: i64 = match msg.get_payload() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a config broadcast that is not a version");
+                return;
             }
+        };
+        if let Err(e) = self.follow(version).await {
+            tracing::error!(error = %e, version, "config version not applied");
         }
     }
 }

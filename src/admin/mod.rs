@@ -5,18 +5,25 @@
 //! Owns: the admin HTTP surface and its JSON shapes. Must not touch: the request path's
 //! internals (it reads the same shared state the proxy reads).
 
-use crate::entitle::{Entitlement, Status};
+pub mod alerts;
+pub mod config;
+pub mod customers;
+pub mod openapi;
+pub mod stripe;
+pub mod usage;
+pub mod webhook;
+
+use crate::control::entitlement_sync::EntitlementSync;
 use crate::ledger::Ledger;
+use crate::proxy::respond::PROBLEM_TYPE_PREFIX;
+use crate::proxy::state::Shared;
 use crate::quota::QuotaStore;
-use crate::respond::PROBLEM_TYPE_PREFIX;
-use crate::state::Shared;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::sync::Arc;
 use utoipa::ToSchema;
 
@@ -29,12 +36,12 @@ pub struct AdminState {
     pub store: Arc<dyn QuotaStore>,
     /// `None` when the token env var is unset: every `/admin` call is then refused.
     pub token: Option<Arc<str>>,
-    /// Broadcasts entitlement changes to other instances (with Redis).
-    pub sync: Option<Arc<crate::sync::EntitlementSync>>,
+    /// The one entitlement writer (ledger → cache → audit → broadcast).
+    pub entitlements: Arc<EntitlementSync>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
     pub stripe: Option<Arc<crate::stripe::StripeWebhook>>,
     /// Live config: versions, validation, apply and broadcast (`admin_config` serves it).
-    pub live: Arc<crate::liveconfig::LiveConfig>,
+    pub live: Arc<crate::control::live_config::LiveConfig>,
 }
 
 /// The admin router (separate from `serve` so tests can call it directly).
@@ -45,15 +52,15 @@ pub fn app(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route(
             "/admin/customers/{id}",
-            get(crate::admin_customers::get_customer).put(put_customer),
+            get(customers::get_customer).put(customers::put_customer),
         )
-        .route("/webhooks/stripe", post(crate::stripe::webhook::receive))
-        .route("/admin/openapi.json", get(crate::openapi::serve))
-        .merge(crate::admin_config::routes())
-        .merge(crate::stripe::admin::routes())
-        .merge(crate::admin_customers::routes())
-        .merge(crate::admin_usage::routes())
-        .merge(crate::alerts::routes())
+        .route("/webhooks/stripe", post(crate::admin::webhook::receive))
+        .route("/admin/openapi.json", get(crate::admin::openapi::serve))
+        .merge(crate::admin::config::routes())
+        .merge(crate::admin::stripe::routes())
+        .merge(crate::admin::customers::routes())
+        .merge(crate::admin::usage::routes())
+        .merge(alerts::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -222,125 +229,4 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         s.shared.metrics.render(),
     )
         .into_response()
-}
-
-/// Body of `PUT /admin/customers/{id}`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CustomerPut {
-    /// A plan of the config; absent or null: the default plan.
-    pub plan: Option<String>,
-    /// Subscription status (Stripe's spelling); absent: `active`.
-    #[serde(default)]
-    #[schema(value_type = Option<Status>)]
-    pub status: Option<String>,
-    /// Billing period start; give both ends or neither (then the calendar month, UTC).
-    pub period_start: Option<DateTime<Utc>>,
-    pub period_end: Option<DateTime<Utc>>,
-    /// Operator suspension: the proxy answers 403 `suspended`.
-    #[serde(default)]
-    pub suspended: bool,
-    /// When the status began (defaults to now when the status changes).
-    pub status_since: Option<DateTime<Utc>>,
-    /// The subscription ends at `period_end` (informational, as from Stripe).
-    #[serde(default)]
-    pub cancel_at_period_end: bool,
-    /// End of the trial (informational, as from Stripe).
-    pub trial_end: Option<DateTime<Utc>>,
-}
-
-/// Sets a customer's entitlement (plan, status, period, suspension); audited and broadcast to
-/// every instance.
-#[utoipa::path(
-    put,
-    path = "/admin/customers/{id}",
-    tag = "customers",
-    params(("id" = String, Path, description = "the customer id (the JWT's customer claim)")),
-    request_body = CustomerPut,
-    responses(
-        (status = 200, description = "the stored entitlement", body = Entitlement),
-        (status = 400, description = "not JSON, an unknown field, an unknown plan or status, or a bad period", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
-    ),
-)]
-async fn put_customer(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let put: CustomerPut = match json_body(&body) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let snap = s.shared.snapshot.load_full();
-    let mut errors = Vec::new();
-    if let Some(p) = &put.plan {
-        if !snap.config.plans.contains_key(p) {
-            errors.push(format!("plan: unknown plan {p:?}"));
-        }
-    }
-    let status = match put.status.as_deref() {
-        None => Status::Active,
-        Some(st) => Status::parse(st).unwrap_or_else(|| {
-            errors.push(format!("status: unknown status {st:?}"));
-            Status::Active
-        }),
-    };
-    match (put.period_start, put.period_end) {
-        (Some(a), Some(b)) if a >= b => {
-            errors.push("period_end: must be after period_start".into())
-        }
-        (Some(_), None) | (None, Some(_)) => {
-            errors.push("period_start/period_end: give both or neither".into())
-        }
-        _ => {}
-    }
-    if !errors.is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
-    }
-    let now = Utc::now();
-    let previous = s.ledger.get_customer(&id).await.ok().flatten();
-    let status_since = put.status_since.or_else(|| match &previous {
-        Some(p) if p.status == status => p.status_since,
-        _ => Some(now),
-    });
-    let ent = Entitlement {
-        plan: put.plan,
-        status,
-        status_since,
-        period_start: put.period_start,
-        period_end: put.period_end,
-        suspended: put.suspended,
-        updated_at: now,
-        cancel_at_period_end: put.cancel_at_period_end,
-        trial_end: put.trial_end,
-    };
-    if let Err(e) = s.ledger.put_customer(&id, &ent).await {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger-unavailable",
-            e.to_string(),
-        );
-    }
-    s.shared.entitlements.put(&id, ent.clone());
-    let json = |e: &Entitlement| serde_json::to_string(e).ok();
-    let (before, after) = (previous.as_ref().and_then(json), json(&ent));
-    crate::admin_config::record_audit(
-        &s,
-        &headers,
-        "customer.put",
-        format!("customers/{id}"),
-        before,
-        after,
-    )
-    .await;
-    if let Some(sync) = &s.sync {
-        if let Err(e) = sync.publish(&id).await {
-            // The other instances still converge at their next full reload.
-            tracing::warn!(error = %e, customer = %id, "could not broadcast entitlement change");
-        }
-    }
-    tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
-    (StatusCode::OK, Json(ent)).into_response()
 }

@@ -22,10 +22,10 @@
 //! `liveconfig`'s.
 
 use crate::admin::{problem, AdminState, Problem};
-use crate::config::live::{Change, LiveDoc, Section};
+use crate::config::live_doc::{Change, LiveDoc, Section};
+use crate::control::live_config::{LiveError, Proposal, Write};
 use crate::ledger::ConfigVersion;
-use crate::liveconfig::{LiveError, Proposal, Write};
-use crate::respond::PROBLEM_TYPE_PREFIX;
+use crate::proxy::respond::PROBLEM_TYPE_PREFIX;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -151,6 +151,12 @@ fn page(q: &HashMap<String, String>) -> Result<(Option<i64>, i64), Box<Response>
     Ok((before, limit))
 }
 
+/// The actor of a change for its audit row: `admin:{X-Tollgate-Actor}`, or `admin` when the
+/// header is absent or unusable.
+pub(crate) fn actor(headers: &HeaderMap) -> String {
+    author(headers).unwrap_or_else(|_| "admin".into())
+}
+
 /// Records an admin mutation that is not a config version (customers, …) in `audit_log`, by the
 /// caller's actor. Best effort: the change is already made; a failure is logged, not answered.
 pub(crate) async fn record_audit(
@@ -161,7 +167,7 @@ pub(crate) async fn record_audit(
     before: Option<String>,
     after: Option<String>,
 ) {
-    let actor = author(headers).unwrap_or_else(|_| "admin".into());
+    let actor = actor(headers);
     let record = crate::ledger::AuditRecord {
         action: action.into(),
         target,

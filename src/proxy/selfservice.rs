@@ -11,14 +11,14 @@
 //! instance: [`Guard`] (10 a second, bursts of 20; a dashboard polls far less). Over it: 429
 //! `rate-limited` with `Retry-After`.
 //!
-//! Owns: this path, its JSON shape and its read limit (the usage summary is `admin_customers`'s, so operator and
+//! Owns: this path, its JSON shape and its read limit (the usage summary is `quota::usage_view`'s, so operator and
 //! customer see the same numbers). Must not touch: reservations, the usage pipeline.
 
-use crate::admin_customers::{plan_of, usage, MeterUsage};
 use crate::entitle::Status;
-use crate::quota::Period;
-use crate::respond::Denial;
-use crate::state::{Shared, Snapshot};
+use crate::entitle::{period_of, plan_of};
+use crate::proxy::respond::Denial;
+use crate::proxy::state::{Shared, Snapshot};
+use crate::quota::usage_view::{usage, MeterUsage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -121,23 +121,22 @@ pub async fn handle(
     let config = &snap.config;
     let ent = shared.entitlements.get(&identity.customer);
     let now = Utc::now();
-    let period = ent.as_deref().map_or_else(
-        || Period::calendar_month(now),
-        |e| Period::current(e.period_start, e.period_end, now),
-    );
+    let period = period_of(ent.as_deref(), now);
     let plan = identity
         .plan
         .as_deref()
         .and_then(|p| config.plans.get(p))
         .or_else(|| plan_of(config, ent.as_deref()));
     let meters = match plan {
-        Some(p) => match usage(shared.store.as_ref(), p, &identity.customer, period).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "self-service usage: quota store unavailable");
-                return Ok(Outcome::Denied(Denial::QuotaStoreUnavailable));
+        Some(p) => {
+            match usage(shared.store.as_ref(), &p.quotas, &identity.customer, period).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "self-service usage: quota store unavailable");
+                    return Ok(Outcome::Denied(Denial::QuotaStoreUnavailable));
+                }
             }
-        },
+        }
         None => Vec::new(),
     };
     let effective = crate::entitle::resolve(config, ent.as_deref(), identity.plan.as_deref(), now)

@@ -80,8 +80,10 @@ pub struct Entitlement {
 }
 
 use crate::config::{Config, Plan};
-use dashmap::DashMap;
-use std::sync::Arc;
+use crate::quota::Period;
+
+mod cache;
+pub use cache::Entitlements;
 
 /// Why a customer may not call at all (before features, rates and quotas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,37 +132,24 @@ pub fn resolve<'c>(
     }
 }
 
-/// The in-process entitlement cache the request path reads (never the ledger).
-#[derive(Default)]
-pub struct Entitlements {
-    map: DashMap<String, Arc<Entitlement>>,
+/// The plan whose quotas apply to a customer's counters: their stored plan, else the default
+/// plan. Unlike [`resolve`] it ignores status and suspension (a suspended customer's usage is
+/// still worth reading).
+pub fn plan_of<'c>(config: &'c Config, ent: Option<&Entitlement>) -> Option<&'c Plan> {
+    ent.and_then(|e| e.plan.as_deref())
+        .and_then(|p| config.plans.get(p))
+        .or_else(|| config.default_plan())
 }
 
-// === impl Entitlements ===
-
-impl Entitlements {
-    pub fn get(&self, customer: &str) -> Option<Arc<Entitlement>> {
-        self.map.get(customer).map(|e| e.clone())
-    }
-
-    /// Stores `e` unless what is cached is newer (`updated_at`), so late writes cannot win.
-    pub fn put(&self, customer: &str, e: Entitlement) {
-        let mut slot = self
-            .map
-            .entry(customer.to_string())
-            .or_insert_with(|| Arc::new(e.clone()));
-        if slot.updated_at <= e.updated_at {
-            *slot = Arc::new(e);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
+/// The quota period a customer is in at `now`: their subscription's billing period while `now`
+/// falls inside it, else the calendar month (UTC). The one place this choice is made: the
+/// request path, the admin API and self-service all count in the same period.
+pub fn period_of(ent: Option<&Entitlement>, now: DateTime<Utc>) -> Period {
+    Period::current(
+        ent.and_then(|e| e.period_start),
+        ent.and_then(|e| e.period_end),
+        now,
+    )
 }
 
 #[cfg(test)]

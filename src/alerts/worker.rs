@@ -1,39 +1,19 @@
-//! Threshold alerts (issue 4): when a charge takes a customer's meter across one of its plan's
-//! `alerts` percentages of `included`, one signed webhook goes to `[alerts] webhook_url`.
+//! Delivering threshold alerts: claims each crossing in the ledger (one claimer per alert across
+//! every instance), signs the payload (Stripe's scheme, our header) and sends it with retries
+//! and backoff, recording every attempt; takes over alerts other instances left undelivered and
+//! releases its own on a clean stop.
 //!
-//! Flow: the proxy calls [`Alerts::on_charge`] after a granted reservation. It is integer
-//! arithmetic on numbers the reservation already returned, and only a crossing allocates and
-//! `try_send`s into a bounded channel: the request path never waits. The [`AlertWorker`] (control
-//! runtime) claims each crossing in the ledger's `alert_deliveries` (unique per customer, meter,
-//! period and threshold, so across every instance, and even after a credit lets the counter
-//! cross again, an alert is sent at most once per period), logs it, and delivers it in a task of
-//! its own with retries and exponential backoff, recording every attempt in the same row.
-//!
-//! Signature (Stripe's scheme, our header): `Tollgate-Signature: t=<unix seconds>,v1=<hex
-//! HMAC-SHA256(secret, "<t>.<raw body>")>`. Receivers recompute it over the exact body bytes,
-//! compare in constant time and refuse a `t` too far from their clock (we suggest 300 s).
-//! `Tollgate-Alert-Id` is the delivery-log id: the same on every retry of one alert, so a
-//! receiver that got an attempt whose answer was lost can drop the repeat.
-//!
-//! Restarts lose nothing: the instance delivering an alert holds it in the ledger until a lease
-//! runs out (renewed at each attempt to cover the wait for the next, released on a clean stop).
-//! At start and every minute each instance takes over undelivered alerts whose lease ran out or
-//! was released (claimed in the last 7 days, attempts left) and goes on with their retries, same
-//! alert id. A receiver may see an alert twice only if an instance lost its ledger while
-//! delivering: `Tollgate-Alert-Id` tells the repeat.
-//!
-//! `GET /admin/alerts` serves the delivery log.
-//!
-//! Owns: crossing detection, the payload, signing and delivery. Must not touch: the counters.
+//! Runs on the control runtime. Must not touch: the counters, the request path, HTTP handlers.
 
-use crate::config::{AlertSettings, Plan, Quota};
+use super::Crossing;
+use crate::config::AlertSettings;
 use crate::ledger::{AlertClaim, AlertDelivery, Ledger};
-use crate::quota::Period;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub const SIGNATURE_HEADER: &str = "tollgate-signature";
 pub const ALERT_ID_HEADER: &str = "tollgate-alert-id";
@@ -50,114 +30,6 @@ const RESUME_WITHIN: chrono::Duration = chrono::Duration::days(7);
 /// The lease for a holder whose next attempt starts after `wait`.
 fn lease(wait: Duration) -> DateTime<Utc> {
     Utc::now() + chrono::Duration::from_std(wait + TIMEOUT + LEASE_MARGIN).unwrap_or_default()
-}
-
-/// Crossings waiting for the worker. A crossing is rare (a few per customer and period), so a
-/// full queue means the ledger is stuck: the crossing is dropped with a warning.
-const QUEUE: usize = 1024;
-
-/// One threshold crossed by one charge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Crossing {
-    pub customer: String,
-    pub meter: String,
-    pub plan: String,
-    pub period: Period,
-    pub threshold: u32,
-    pub used: u64,
-    pub included: u64,
-}
-
-/// The request path's handle: detects crossings and queues them.
-pub struct Alerts {
-    tx: mpsc::Sender<Crossing>,
-}
-
-/// The thresholds (percent of `included`) that a charge moving the counter from `before` to
-/// `after` crosses: `before < included × t / 100 ≤ after`, in integers.
-pub fn crossed(thresholds: &[u32], included: u64, before: u64, after: u64) -> Vec<u32> {
-    let (b, a, i) = (
-        u128::from(before) * 100,
-        u128::from(after) * 100,
-        u128::from(included),
-    );
-    thresholds
-        .iter()
-        .copied()
-        .filter(|&t| {
-            let mark = i * u128::from(t);
-            b < mark && mark <= a
-        })
-        .collect()
-}
-
-// === impl Alerts ===
-
-impl Alerts {
-    /// Called after a granted reservation of `cost` units that brought `meter` to `used`.
-    pub fn on_charge(
-        &self,
-        plan: &Plan,
-        customer: &str,
-        meter: &str,
-        period: Period,
-        cost: u64,
-        used: u64,
-    ) {
-        if plan.alerts.is_empty() {
-            return;
-        }
-        let Some(Quota::Limited { included, .. }) = plan.quotas.get(meter) else {
-            return;
-        };
-        let before = used.saturating_sub(cost);
-        // The common case, allocation-free: the charge stays below the lowest mark left.
-        if u128::from(used) * 100 < u128::from(*included) * u128::from(plan.alerts[0]) {
-            return;
-        }
-        for threshold in crossed(&plan.alerts, *included, before, used) {
-            let c = Crossing {
-                customer: customer.to_string(),
-                meter: meter.to_string(),
-                plan: plan.name.clone(),
-                period,
-                threshold,
-                used,
-                included: *included,
-            };
-            if self.tx.try_send(c).is_err() {
-                tracing::warn!(
-                    customer,
-                    meter,
-                    threshold,
-                    "alert queue full: threshold alert dropped"
-                );
-            }
-        }
-    }
-}
-
-/// Builds the request path's handle and the worker that delivers what it queues.
-pub fn pipeline(
-    settings: AlertSettings,
-    secret: Vec<u8>,
-    ledger: Arc<dyn Ledger>,
-) -> Result<(Alerts, AlertWorker), reqwest::Error> {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
-    Ok((
-        Alerts { tx },
-        AlertWorker {
-            rx,
-            inner: Arc::new(Deliverer {
-                settings,
-                secret,
-                ledger,
-                client,
-                in_flight: std::sync::Mutex::default(),
-            }),
-        },
-    ))
 }
 
 /// Claims crossings in the ledger and delivers the ones it won.
@@ -182,15 +54,34 @@ fn time(t: i64) -> DateTime<Utc> {
 // === impl AlertWorker ===
 
 impl AlertWorker {
-    /// Runs until `stop` is notified: claims and delivers queued crossings, and takes over
+    pub(super) fn new(
+        rx: mpsc::Receiver<Crossing>,
+        settings: AlertSettings,
+        secret: Vec<u8>,
+        ledger: Arc<dyn Ledger>,
+    ) -> Result<AlertWorker, reqwest::Error> {
+        let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+        Ok(AlertWorker {
+            rx,
+            inner: Arc::new(Deliverer {
+                settings,
+                secret,
+                ledger,
+                client,
+                in_flight: std::sync::Mutex::default(),
+            }),
+        })
+    }
+
+    /// Runs until `cancel`: claims and delivers queued crossings, and takes over
     /// abandoned alerts at start and every minute. On stop, alerts still retrying are released
     /// in the ledger so another instance (or the next start) resumes them at once.
-    pub async fn run(mut self, stop: Arc<Notify>) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut resume = tokio::time::interval(RESUME_EVERY);
         resume.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let c = tokio::select! {
-                _ = stop.notified() => break,
+                _ = cancel.cancelled() => break,
                 _ = resume.tick() => {
                     self.resume().await;
                     continue;
@@ -398,74 +289,10 @@ impl Deliverer {
     }
 }
 
-/// `GET /admin/alerts?limit=`: the delivery log, newest first (admin listener).
-pub fn routes() -> axum::Router<crate::admin::AdminState> {
-    axum::Router::new().route("/admin/alerts", axum::routing::get(delivery_log))
-}
-
-/// Answer of `GET /admin/alerts`.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct DeliveryLog {
-    /// Newest first.
-    pub deliveries: Vec<crate::ledger::AlertDelivery>,
-}
-
-/// The threshold-alert delivery log, newest first.
-#[utoipa::path(
-    get,
-    path = "/admin/alerts",
-    tag = "alerts",
-    params(("limit" = Option<i64>, Query, description = "rows, 1-500 (default 50)")),
-    responses(
-        (status = 200, description = "the newest deliveries", body = DeliveryLog),
-        (status = 400, description = "a bad `limit`", body = crate::admin::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the ledger is unavailable", body = crate::admin::Problem, content_type = "application/problem+json"),
-    ),
-)]
-async fn delivery_log(
-    axum::extract::State(s): axum::extract::State<crate::admin::AdminState>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> axum::response::Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
-        None => 50,
-        Some(Ok(l)) if (1..=500).contains(&l) => l,
-        Some(_) => {
-            return crate::admin::problem(
-                StatusCode::BAD_REQUEST,
-                "invalid-query",
-                "limit must be an integer from 1 to 500",
-            )
-        }
-    };
-    match s.ledger.alert_deliveries(limit).await {
-        Ok(rows) => axum::Json(DeliveryLog { deliveries: rows }).into_response(),
-        Err(e) => crate::admin::problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger-unavailable",
-            e.to_string(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A charge crosses every mark between its before and after counts, each exactly once.
-    #[test]
-    fn crossings() {
-        assert_eq!(crossed(&[80, 100], 10, 7, 8), vec![80]);
-        assert_eq!(crossed(&[80, 100], 10, 8, 9), Vec::<u32>::new());
-        assert_eq!(crossed(&[80, 100], 10, 7, 10), vec![80, 100]);
-        assert_eq!(crossed(&[80, 100], 10, 10, 15), Vec::<u32>::new());
-        // 80 % of 3 is 2.4 units: crossed by the third unit.
-        assert_eq!(crossed(&[80], 3, 2, 3), vec![80]);
-        assert_eq!(crossed(&[80], 3, 1, 2), Vec::<u32>::new());
-        assert_eq!(crossed(&[150], 10, 14, 15), vec![150]);
-        assert_eq!(crossed(&[80], 0, 0, 5), Vec::<u32>::new());
-    }
+    use hmac::{Hmac, KeyInit, Mac};
 
     /// The signature is Stripe's scheme: HMAC-SHA256 over "t.body", lower-case hex.
     #[test]

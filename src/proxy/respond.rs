@@ -2,9 +2,14 @@
 //! with a stable `type`, and the headers that go with it (`WWW-Authenticate`, `Retry-After`,
 //! `RateLimit-Policy`/`RateLimit` per the IETF httpapi draft, `X-RateLimit-*`).
 //!
-//! Owns: the wording and shape of every client-facing error. Must not decide anything: callers
-//! pass in what was decided.
+//! Owns: the wording and shape of every client-facing error, and writing it. Must not decide
+//! anything: callers pass in what was decided.
 
+use super::ctx::Ctx;
+use super::REQUEST_ID_HEADER;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
 use serde::Serialize;
 
 /// Why a request was not forwarded (or failed upstream).
@@ -288,6 +293,51 @@ impl Denial {
     }
 }
 
+/// Writes `denial` (problem+json, with the request id) and ends the response.
+pub(super) async fn write_problem(
+    session: &mut Session,
+    denial: &Denial,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let r = denial.render(Some(request_id));
+    let mut head = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
+    for (k, v) in r.headers {
+        head.insert_header(k, v)?;
+    }
+    head.insert_header(REQUEST_ID_HEADER, request_id)?;
+    session.write_response_header(Box::new(head), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(r.body)), true)
+        .await?;
+    Ok(())
+}
+
+/// Step 7: the RateLimit fields of the route's meter on an upstream's answer, counting the
+/// exact cost the upstream reported. Unlimited meters and unmetered routes get none.
+pub(super) fn insert_rate_limit(ctx: &Ctx, resp: &mut ResponseHeader) -> pingora::Result<()> {
+    let (Some(snap), Some(r)) = (&ctx.snapshot, &ctx.reserved) else {
+        return Ok(());
+    };
+    let (Some(route), Some(included)) = (ctx.route(snap), r.included) else {
+        return Ok(());
+    };
+    let used = match ctx.actual_cost {
+        Some(actual) => (r.used + actual).saturating_sub(r.units),
+        None => r.used,
+    };
+    let now = chrono::Utc::now().timestamp();
+    for (k, v) in rate_limit_headers(
+        &route.meter,
+        included,
+        included.saturating_sub(used),
+        r.period.length(),
+        r.period.seconds_left(now),
+    ) {
+        resp.insert_header(k, v)?;
+    }
+    Ok(())
+}
+
 /// `RateLimit-Policy`, `RateLimit` and `X-RateLimit-*` for one metered quota (DESIGN §7: item
 /// name = meter, `q` = included units, `w` = seconds in the period, `r` = remaining, `t` =
 /// seconds to reset; `X-RateLimit-Reset` is delta seconds too).
@@ -318,7 +368,7 @@ mod tests {
     /// policy; `r`,`t` for the state) is reproduced byte for byte by our formatter.
     #[test]
     fn header_syntax_matches_draft_examples() {
-        let tsv = include_str!("../tests/fixtures/ratelimit_headers_draft_examples.tsv");
+        let tsv = include_str!("../../tests/fixtures/ratelimit_headers_draft_examples.tsv");
         let mut checked = 0;
         for line in tsv.lines().filter(|l| !l.starts_with('#')) {
             let Some(field) = line.split('\t').nth(2) else {

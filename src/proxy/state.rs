@@ -6,9 +6,9 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::entitle::Entitlements;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::proxy::route::Router;
+use crate::proxy::upstream::Pool;
 use crate::quota::{memory::MemoryStore, QuotaStore};
-use crate::route::Router;
-use crate::upstream::Pool;
 use crate::usage::UsageSink;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -55,8 +55,12 @@ impl Snapshot {
     }
 }
 
+/// The config in force, swapped whole by live config; cloned as a handle by the parts that only
+/// read it (Stripe).
+pub type SnapshotCell = Arc<ArcSwap<Snapshot>>;
+
 pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
+    pub snapshot: SnapshotCell,
     pub verifier: Arc<Verifier>,
     pub entitlements: Arc<Entitlements>,
     /// Redis when configured, else the in-process store.
@@ -68,5 +72,5 @@ pub struct Shared {
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
     pub alerts: Option<crate::alerts::Alerts>,
     /// The read limit of `GET /_tollgate/usage`.
-    pub self_service: crate::selfservice::Guard,
+    pub self_service: super::selfservice::Guard,
 }

@@ -17,10 +17,11 @@
 //! `selfservice`). Entitlement writes go through the ledger, the in-process cache and the
 //! entitlement broadcast, exactly as `PUT /admin/customers/{id}` does.
 
-use crate::admin::{problem, AdminState, Problem};
-use crate::config::{Config, Plan, Quota};
+use crate::admin::{json_body, problem, AdminState, Problem};
+use crate::control::entitlement_sync::{Audit, LedgerWrite};
+use crate::entitle::{period_of, plan_of};
 use crate::entitle::{Entitlement, Status};
-use crate::quota::{Period, QuotaStore};
+use crate::quota::usage_view::{usage, MeterUsage};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,82 +44,6 @@ pub fn routes() -> Router<AdminState> {
         .route("/admin/customers/{id}/suspend", post(suspend))
         .route("/admin/customers/{id}/resume", post(resume))
         .route("/admin/customers/{id}/credit", post(credit))
-}
-
-/// One meter's usage in the current period.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
-pub struct MeterUsage {
-    pub meter: String,
-    pub used: u64,
-    /// `None` for an unlimited meter (and then `remaining` too).
-    pub included: Option<u64>,
-    pub remaining: Option<u64>,
-    /// Units past `included` (billed when the plan allows overage).
-    pub overage_units: u64,
-    /// `overage_units × unit_price_micros`, saturating (integer micros, never floats).
-    pub overage_amount_micros: u64,
-    pub unit_price_micros: u64,
-}
-
-// === impl MeterUsage ===
-
-impl MeterUsage {
-    pub fn of(meter: &str, quota: &Quota, used: u64) -> MeterUsage {
-        let (included, price) = match quota {
-            Quota::Limited {
-                included,
-                unit_price_micros,
-                ..
-            } => (Some(*included), *unit_price_micros),
-            Quota::Unlimited => (None, 0),
-        };
-        let overage_units = included.map_or(0, |i| used.saturating_sub(i));
-        MeterUsage {
-            meter: meter.to_string(),
-            used,
-            included,
-            remaining: included.map(|i| i.saturating_sub(used)),
-            overage_units,
-            overage_amount_micros: overage_units.saturating_mul(price),
-            unit_price_micros: price,
-        }
-    }
-
-    /// Nothing left of a limited meter: `used ≥ included`.
-    fn over(&self) -> bool {
-        self.included.is_some_and(|i| self.used >= i)
-    }
-
-    /// `used ≥ included × bp / 10000`, in integers: `used × 10000 ≥ included × bp`.
-    fn near(&self, basis_points: u64) -> bool {
-        self.included.is_some_and(|i| {
-            u128::from(self.used) * 10_000 >= u128::from(i) * u128::from(basis_points)
-        })
-    }
-}
-
-/// The plan whose quotas apply to a customer's counters: their stored plan, else the default
-/// plan. Unlike `entitle::resolve` it ignores status and suspension (a suspended customer's
-/// usage is still worth reading).
-pub fn plan_of<'c>(config: &'c Config, ent: Option<&Entitlement>) -> Option<&'c Plan> {
-    ent.and_then(|e| e.plan.as_deref())
-        .and_then(|p| config.plans.get(p))
-        .or_else(|| config.default_plan())
-}
-
-/// Per-meter usage of `customer` under `plan` in `period`, read from `store`.
-pub async fn usage(
-    store: &dyn QuotaStore,
-    plan: &Plan,
-    customer: &str,
-    period: Period,
-) -> Result<Vec<MeterUsage>, crate::quota::QuotaError> {
-    let mut out = Vec::with_capacity(plan.quotas.len());
-    for (meter, q) in &plan.quotas {
-        let used = store.used(customer, meter, period).await?;
-        out.push(MeterUsage::of(meter, q, used));
-    }
-    Ok(out)
 }
 
 fn rfc3339(t: i64) -> Option<DateTime<Utc>> {
@@ -189,14 +114,10 @@ async fn view_of(
     let snap = s.shared.snapshot.load_full();
     let config = &snap.config;
     let now = Utc::now();
-    let period = Period::current(
-        ent.and_then(|e| e.period_start),
-        ent.and_then(|e| e.period_end),
-        now,
-    );
+    let period = period_of(ent, now);
     let plan = plan_of(config, ent);
     let usage = match plan {
-        Some(p) => usage(s.store.as_ref(), p, id, period)
+        Some(p) => usage(s.store.as_ref(), &p.quotas, id, period)
             .await
             .map_err(ViewError::Store)?,
         None => Vec::new(),
@@ -378,8 +299,109 @@ async fn list_customers(
     .into_response()
 }
 
-/// Writes a changed entitlement like `PUT /admin/customers/{id}`: ledger, local cache, audit,
-/// broadcast to the other instances.
+/// Body of `PUT /admin/customers/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerPut {
+    /// A plan of the config; absent or null: the default plan.
+    pub plan: Option<String>,
+    /// Subscription status (Stripe's spelling); absent: `active`.
+    #[serde(default)]
+    #[schema(value_type = Option<Status>)]
+    pub status: Option<String>,
+    /// Billing period start; give both ends or neither (then the calendar month, UTC).
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
+    /// Operator suspension: the proxy answers 403 `suspended`.
+    #[serde(default)]
+    pub suspended: bool,
+    /// When the status began (defaults to now when the status changes).
+    pub status_since: Option<DateTime<Utc>>,
+    /// The subscription ends at `period_end` (informational, as from Stripe).
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// End of the trial (informational, as from Stripe).
+    pub trial_end: Option<DateTime<Utc>>,
+}
+
+/// Sets a customer's entitlement (plan, status, period, suspension); audited and broadcast to
+/// every instance.
+#[utoipa::path(
+    put,
+    path = "/admin/customers/{id}",
+    tag = "customers",
+    params(("id" = String, Path, description = "the customer id (the JWT's customer claim)")),
+    request_body = CustomerPut,
+    responses(
+        (status = 200, description = "the stored entitlement", body = Entitlement),
+        (status = 400, description = "not JSON, an unknown field, an unknown plan or status, or a bad period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn put_customer(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let put: CustomerPut = match json_body(&body) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let snap = s.shared.snapshot.load_full();
+    let mut errors = Vec::new();
+    if let Some(p) = &put.plan {
+        if !snap.config.plans.contains_key(p) {
+            errors.push(format!("plan: unknown plan {p:?}"));
+        }
+    }
+    let status = match put.status.as_deref() {
+        None => Status::Active,
+        Some(st) => Status::parse(st).unwrap_or_else(|| {
+            errors.push(format!("status: unknown status {st:?}"));
+            Status::Active
+        }),
+    };
+    match (put.period_start, put.period_end) {
+        (Some(a), Some(b)) if a >= b => {
+            errors.push("period_end: must be after period_start".into())
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            errors.push("period_start/period_end: give both or neither".into())
+        }
+        _ => {}
+    }
+    if !errors.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
+    }
+    let now = Utc::now();
+    let previous = s.ledger.get_customer(&id).await.ok().flatten();
+    let status_since = put.status_since.or_else(|| match &previous {
+        Some(p) if p.status == status => p.status_since,
+        _ => Some(now),
+    });
+    let ent = Entitlement {
+        plan: put.plan,
+        status,
+        status_since,
+        period_start: put.period_start,
+        period_end: put.period_end,
+        suspended: put.suspended,
+        updated_at: now,
+        cancel_at_period_end: put.cancel_at_period_end,
+        trial_end: put.trial_end,
+    };
+    if let Err(r) =
+        store_entitlement(&s, &headers, &id, "customer.put", previous.as_ref(), &ent).await
+    {
+        return r;
+    }
+    tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
+    (StatusCode::OK, Json(ent)).into_response()
+}
+
+/// Writes a changed entitlement through the one entitlement writer (ledger, local cache, audit
+/// by the caller's actor, broadcast to the other instances).
 async fn store_entitlement(
     s: &AdminState,
     headers: &HeaderMap,
@@ -388,30 +410,23 @@ async fn store_entitlement(
     previous: Option<&Entitlement>,
     ent: &Entitlement,
 ) -> Result<(), Response> {
-    s.ledger.put_customer(id, ent).await.map_err(|e| {
-        problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger-unavailable",
-            e.to_string(),
-        )
-    })?;
-    s.shared.entitlements.put(id, ent.clone());
-    let json = |e: &Entitlement| serde_json::to_string(e).ok();
-    crate::admin_config::record_audit(
-        s,
-        headers,
+    let actor = crate::admin::config::actor(headers);
+    let audit = Audit {
+        actor: &actor,
         action,
-        format!("customers/{id}"),
-        previous.and_then(json),
-        json(ent),
-    )
-    .await;
-    if let Some(sync) = &s.sync {
-        if let Err(e) = sync.publish(id).await {
-            // The other instances still converge at their next full reload.
-            tracing::warn!(error = %e, customer = %id, "could not broadcast entitlement change");
-        }
-    }
+        target: format!("customers/{id}"),
+        before: previous,
+    };
+    s.entitlements
+        .write(id, LedgerWrite::Replace(ent), Some(audit))
+        .await
+        .map_err(|e| {
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger-unavailable",
+                e.to_string(),
+            )
+        })?;
     Ok(())
 }
 
@@ -542,7 +557,7 @@ async fn credit(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let c: Credit = match crate::admin::json_body(&body) {
+    let c: Credit = match json_body(&body) {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -571,11 +586,7 @@ async fn credit(
     if !errors.is_empty() {
         return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
     }
-    let period = Period::current(
-        ent.as_ref().and_then(|e| e.period_start),
-        ent.as_ref().and_then(|e| e.period_end),
-        Utc::now(),
-    );
+    let period = period_of(ent.as_ref(), Utc::now());
     let used_before = meter.used;
     let used_after = match s
         .store
@@ -585,7 +596,7 @@ async fn credit(
         Ok(u) => u,
         Err(e) => return view_error(&id, ViewError::Store(e)),
     };
-    crate::admin_config::record_audit(
+    crate::admin::config::record_audit(
         &s,
         &headers,
         "customer.credit",
@@ -622,27 +633,5 @@ mod tests {
         for bad in ["", ".", "1.5", "0.12345", "-0.5", "abc", "0.8e1", "2"] {
             assert_eq!(basis_points(bad), None, "{bad:?}");
         }
-    }
-
-    /// Overage is units past `included` times the unit price, in integer micros.
-    #[test]
-    fn overage_in_micros() {
-        let q = Quota::Limited {
-            included: 1000,
-            overage: true,
-            unit_price_micros: 20_000,
-        };
-        let m = MeterUsage::of("api_calls", &q, 1003);
-        assert_eq!(
-            (m.remaining, m.overage_units, m.overage_amount_micros),
-            (Some(0), 3, 60_000)
-        );
-        assert!(m.over());
-        let m = MeterUsage::of("api_calls", &q, 800);
-        assert_eq!((m.remaining, m.overage_units), (Some(200), 0));
-        assert!(m.near(8000) && !m.near(8001) && !m.over());
-        let m = MeterUsage::of("tokens", &Quota::Unlimited, 5);
-        assert_eq!((m.included, m.remaining), (None, None));
-        assert!(!m.over() && !m.near(0));
     }
 }

@@ -1,0 +1,232 @@
+//! The request path, top to bottom (DESIGN §2). Each step is a call into its own module; this
+//! file only sequences them; per-request state is [`Ctx`].
+//!
+//! 1. route        `request_filter`: header size guard, (method, path) → route
+//! 2. authenticate `request_filter`: bearer JWT → customer               (auth)
+//! 3. entitle      `request_filter`: customer → plan, status policy      (entitle)
+//! 4. gate         `request_filter`: the route's feature must be in the plan
+//! 5. rate+reserve `request_filter`: one atomic call to the quota store  (quota)
+//! 6. forward      `upstream_peer` / `upstream_request_filter`: pick a peer, set identity headers
+//! 7. respond      `response_filter`: RateLimit headers, exact cost from the upstream header
+//! 8. settle       `logging`: refund on upstream failure, adjust to the exact cost, usage event
+//!
+//! Layout: [`admit`] steps 2–5 (and shadow mode), [`ctx`] per-request state, [`route`] the
+//! router, [`upstream`] pools and health checks, [`respond`] denials as problem+json and the
+//! RateLimit fields, [`settle`] step 8, [`selfservice`] `GET /_tollgate/usage`, [`state`] what
+//! every request shares (the config snapshot in force and the long-lived parts).
+//!
+//! Denials are written with our own `ResponseHeader` (not `respond_error`, which turns
+//! keep-alive off) and never reach the upstream. Nothing here awaits the ledger or Stripe.
+
+mod admit;
+mod ctx;
+pub mod respond;
+pub mod route;
+pub mod selfservice;
+mod settle;
+pub mod state;
+pub mod upstream;
+
+pub use ctx::Ctx;
+
+use crate::config::{RouteAuth, Unmatched};
+use async_trait::async_trait;
+use http::header::{AUTHORIZATION, HOST};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use respond::{write_problem, Decision, Denial};
+use selfservice::Outcome;
+use state::Shared;
+use std::sync::Arc;
+
+pub const CUSTOMER_HEADER: &str = "x-tollgate-customer";
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The proxy service: one per process, shared by all connections.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Writes a denial (problem+json) and ends the request without contacting the upstream.
+    async fn deny(&self, session: &mut Session, ctx: &mut Ctx, denial: Denial) -> Result<bool> {
+        ctx.decision = denial.decision();
+        write_problem(session, &denial, &ctx.request_id).await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(self.shared.clone())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = self.shared.snapshot.load_full();
+        ctx.snapshot = Some(snap.clone());
+        ctx.request_id = ctx::request_id(session.req_header());
+
+        // An oversized head is refused before anything parses it (the upstream never sees it).
+        let limit = snap.config.proxy.max_request_header_bytes;
+        let head_bytes: usize = session
+            .req_header()
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if head_bytes > limit {
+            session.set_keepalive(None);
+            return self
+                .deny(session, ctx, Denial::HeaderTooLarge { limit })
+                .await;
+        }
+
+        // Self-service usage (`GET /_tollgate/usage`): free, answered here, never forwarded.
+        match selfservice::handle(&self.shared, &snap, session, &ctx.request_id).await? {
+            Outcome::NotMine => {}
+            Outcome::Served => {
+                ctx.decision = Decision::Unmetered;
+                return Ok(true);
+            }
+            Outcome::Denied(d) => return self.deny(session, ctx, d).await,
+        }
+
+        // 1. route
+        let req = session.req_header();
+        ctx.route = snap.router.find(&req.method, req.uri.path());
+        let Some(route) = ctx.route(&snap) else {
+            return match &snap.config.proxy.unmatched {
+                Unmatched::Deny => self.deny(session, ctx, Denial::NoRoute).await,
+                Unmatched::Forward { upstream } => {
+                    ctx.upstream = Some(upstream.clone());
+                    ctx.decision = Decision::Unmetered;
+                    Ok(false)
+                }
+            };
+        };
+        if route.auth == RouteAuth::Public {
+            ctx.decision = Decision::Unmetered;
+            return Ok(false);
+        }
+
+        // 2–5. authenticate, entitle, gate, rate + reserve
+        if let Some(denial) = admit::admit(&self.shared, session, ctx, &snap, route).await {
+            // Unread request bodies would corrupt the next request on this connection.
+            if !session.is_body_empty() {
+                session.set_keepalive(None);
+            }
+            return self.deny(session, ctx, denial).await;
+        }
+        Ok(false)
+    }
+
+    // 6. forward
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let snap = ctx
+            .snapshot
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no config snapshot"))?;
+        let name = ctx
+            .upstream(&snap)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
+        let pool = snap
+            .pools
+            .get(name)
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "unknown upstream"))?;
+        let backend = pool
+            .lb
+            .select(ctx.request_id.as_bytes(), 256)
+            .ok_or_else(|| {
+                Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream target")
+            })?;
+        Ok(Box::new(HttpPeer::new(backend.addr, false, String::new())))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Never let a caller assert its own identity to the upstream.
+        up.remove_header(CUSTOMER_HEADER);
+        if let Some(c) = &ctx.customer {
+            up.insert_header(CUSTOMER_HEADER, c.as_str())?;
+        }
+        up.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        ctx.forwarded = true;
+        if let Some(snap) = &ctx.snapshot {
+            if snap.config.proxy.strip_authorization && ctx.customer.is_some() {
+                up.remove_header(&AUTHORIZATION);
+            }
+            if let Some(host) = ctx
+                .upstream(snap)
+                .and_then(|u| snap.pools.get(u))
+                .and_then(|p| p.host.as_deref())
+            {
+                up.insert_header(HOST, host)?;
+            }
+        }
+        Ok(())
+    }
+
+    // 7. respond
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        settle::exact_cost(ctx, resp);
+        respond::insert_rate_limit(ctx, resp)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if *e.esource() == ErrorSource::Downstream {
+            // The client hung up. Not an upstream failure: once the request went upstream, the
+            // upstream did (or began) the work and the charge stands, or hanging up would make
+            // calls free. Before that nothing happened: settled like an upstream failure.
+            ctx.decision = Decision::ClientClosed;
+            ctx.upstream_failed = !ctx.forwarded;
+            tracing::info!(request_id = %ctx.request_id, error = %e, forwarded = ctx.forwarded, "client closed the connection");
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        if ctx.upstream_status.is_none() {
+            ctx.upstream_failed = true;
+        }
+        ctx.decision = Decision::UpstreamUnavailable;
+        tracing::warn!(request_id = %ctx.request_id, error = %e, "upstream failed");
+        let mut code = 0;
+        if session.response_written().is_none() {
+            code = 502;
+            if let Err(e) =
+                write_problem(session, &Denial::UpstreamUnavailable, &ctx.request_id).await
+            {
+                tracing::debug!(error = %e, "could not write 502");
+                code = 0;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    // 8. settle
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        settle::settle(ctx, status).await;
+    }
+}

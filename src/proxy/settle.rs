@@ -1,0 +1,104 @@
+//! Settling a charge after the upstream answered (steps 7–8): the exact cost the upstream
+//! reports, the refund of a failed call on `charge = "success"` routes, the adjustment to the
+//! exact cost, the route's metrics and access-log line, and the request's ledger row.
+//!
+//! Owns: what a forwarded request finally costs. Must not touch: admission (the reservation is
+//! made in `admit`), HTTP writing.
+
+use super::ctx::{Ctx, Reserved};
+use super::respond::Decision;
+use crate::config::Charge;
+use crate::quota::QuotaStore;
+use pingora::http::ResponseHeader;
+
+/// Step 7: the exact cost from the route's `cost_from_response_header`, when the upstream sent a
+/// valid one (a non-negative integer); an invalid value keeps the reservation and is counted.
+pub(super) fn exact_cost(ctx: &mut Ctx, resp: &ResponseHeader) {
+    if ctx.reserved.is_none() {
+        return;
+    }
+    let Some(snap) = &ctx.snapshot else {
+        return;
+    };
+    let Some(header) = ctx
+        .route(snap)
+        .and_then(|r| r.cost_from_response_header.as_ref())
+    else {
+        return;
+    };
+    if let Some(v) = resp.headers.get(header) {
+        match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(actual) => ctx.actual_cost = Some(actual),
+            None => ctx.shared.metrics.cost_header_invalid.inc(),
+        }
+    }
+}
+
+/// Step 8 (`logging`): refund or adjust, count, log, and hand the ledger row to the usage
+/// pipeline. `status` is what was sent downstream (0: nothing).
+pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
+    let Some(snap) = ctx.snapshot.clone() else {
+        return;
+    };
+    let route = ctx.route(&snap);
+    let latency = ctx.started.elapsed();
+
+    // Refund on upstream failure (charge = "success"), or adjust to the exact cost.
+    let mut charged = None;
+    let reserved = ctx.reserved.take(); // settled here, so `Drop for Ctx` has nothing to do
+    if let (Some(r), Some(route)) = (&reserved, route) {
+        let failed = ctx.upstream_failed || ctx.upstream_status.is_some_and(|s| s >= 500);
+        let units = if failed && route.charge == Charge::Success {
+            0
+        } else {
+            ctx.actual_cost.unwrap_or(r.units)
+        };
+        let delta = units as i64 - r.units as i64;
+        if delta != 0 {
+            let customer = ctx.customer.as_deref().unwrap_or_default();
+            if let Err(e) = store_for(ctx, r)
+                .adjust(customer, &route.meter, r.period, delta)
+                .await
+            {
+                // The ledger row below still records what was charged.
+                ctx.shared.metrics.quota_store_errors.inc();
+                tracing::warn!(error = %e, request_id = %ctx.request_id, delta, "could not settle reservation");
+            }
+        }
+        charged = Some(units);
+    }
+
+    let m = match ctx.route {
+        Some(i) => &snap.route_metrics[i],
+        None => &snap.unmatched_metrics,
+    };
+    m.requests[ctx.decision.index()].inc();
+    m.duration.observe(latency.as_secs_f64());
+    tracing::info!(
+        target: "tollgate::access",
+        request_id = %ctx.request_id,
+        customer = ctx.customer.as_deref().unwrap_or("-"),
+        route = route.map_or("-", |r| r.name.as_str()),
+        decision = ctx.decision.as_str(),
+        shadow = ctx.shadowed.map_or("-", Decision::as_str),
+        cost = charged.unwrap_or(0),
+        status,
+        upstream_status = ctx.upstream_status.unwrap_or(0),
+        latency_us = latency.as_micros() as u64,
+    );
+
+    // One ledger row per forwarded request, with the units finally charged.
+    if let (Some(units), Some(route)) = (charged, route) {
+        let status = ctx.upstream_status.unwrap_or(status);
+        ctx.record_usage(route, units, status);
+    }
+}
+
+/// The store that holds the reservation: the local fallback when it took it (fail-open).
+fn store_for<'c>(ctx: &'c Ctx, r: &Reserved) -> &'c dyn QuotaStore {
+    if r.local {
+        ctx.shared.fallback.as_ref()
+    } else {
+        ctx.shared.store.as_ref()
+    }
+}
