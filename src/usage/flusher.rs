@@ -19,8 +19,9 @@ use super::spool::{Spool, SpoolFile};
 use super::{FlushStats, UsageCounters};
 use crate::ledger::{Ledger, LedgerError, UsageEvent};
 
-/// First retry after the ledger fails; doubles up to [`BACKOFF_MAX`] while it stays down.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// First retry after the ledger fails; doubles per further failure up to [`BACKOFF_MAX`] while it
+/// stays down (`crate::backoff::wait`).
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Longest one ledger insert may take before the flusher treats the ledger as down. A batch
@@ -44,32 +45,35 @@ pub struct Flusher {
 /// failed call per backoff step rather than one per batch.
 #[derive(Debug)]
 struct Health {
-    healthy: bool,
-    backoff: Duration,
+    /// Ledger calls failed in a row; 0 = healthy. The backoff is computed from it.
+    failures: u32,
     retry_at: Option<Instant>,
 }
 
 impl Health {
     fn new() -> Health {
         Health {
-            healthy: true,
-            backoff: BACKOFF_MIN,
+            failures: 0,
             retry_at: None,
         }
     }
 
+    fn healthy(&self) -> bool {
+        self.failures == 0
+    }
+
+    /// The wait before the next probe: 200 ms after the first failure, doubling, at most 30 s.
+    fn backoff(&self) -> Duration {
+        crate::backoff::wait(BACKOFF_FIRST, self.failures, BACKOFF_MAX)
+    }
+
     fn failed(&mut self) {
-        self.backoff = if self.healthy {
-            BACKOFF_MIN
-        } else {
-            (self.backoff * 2).min(BACKOFF_MAX)
-        };
-        self.healthy = false;
-        self.retry_at = Some(Instant::now() + self.backoff);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + self.backoff());
     }
 
     fn recovered(&mut self) {
-        if !self.healthy {
+        if !self.healthy() {
             tracing::info!("usage ledger writes recovered");
         }
         *self = Health::new();
@@ -165,10 +169,10 @@ impl Flusher {
                 self.flush(&mut batch, &mut health).await;
             }
             // Overflow while the ledger is fine: bring it in now, not at the next start.
-            if health.healthy && self.spool.take_pending() {
+            if health.healthy() && self.spool.take_pending() {
                 self.replay_or_back_off(&mut health).await;
             }
-            if health.healthy {
+            if health.healthy() {
                 self.counters.caught_up();
             }
             if closed {
@@ -179,7 +183,7 @@ impl Flusher {
         // Shutdown. A ledger known to be down gets one probe (the replay) instead of one failed
         // insert per remaining batch.
         self.rx.close();
-        if !health.healthy {
+        if !health.healthy() {
             self.replay_or_back_off(&mut health).await;
         }
         loop {
@@ -194,7 +198,7 @@ impl Flusher {
         if !batch.is_empty() {
             self.flush(&mut batch, &mut health).await;
         }
-        if health.healthy {
+        if health.healthy() {
             self.replay_or_back_off(&mut health).await;
         }
         let stats = self.counters.snapshot();
@@ -222,7 +226,7 @@ impl Flusher {
     /// Writes `batch` to the ledger, or to the spool if the ledger is down or fails now; leaves
     /// `batch` empty.
     async fn flush(&self, batch: &mut Vec<UsageEvent>, health: &mut Health) {
-        if health.healthy {
+        if health.healthy() {
             match self.insert(batch).await {
                 Ok(inserted) => {
                     self.counters.inserted_of(batch.len(), inserted);
@@ -350,6 +354,31 @@ mod tests {
     use crate::ledger::test_support::{events, PgSchema, TempDir};
     use crate::usage::tests::{rows, spawn, spool_files, wait_for};
     use crate::usage::{pipeline, Recorded};
+
+    /// The ledger is probed 200 ms after the first failure, then at double the wait each time up
+    /// to 30 s; a success resets it.
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut health = Health::new();
+        assert!(health.healthy());
+        assert_eq!(health.retry_at, None);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            health.failed();
+            assert!(!health.healthy());
+            assert!(health.retry_at.is_some());
+            waits.push(health.backoff().as_millis());
+        }
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000]
+        );
+        health.recovered();
+        assert!(health.healthy());
+        assert_eq!(health.retry_at, None);
+        health.failed();
+        assert_eq!(health.backoff(), BACKOFF_FIRST);
+    }
 
     async fn check_ten_thousand_through_small_channel(ledger: Arc<dyn Ledger>) {
         let dir = TempDir::new();
