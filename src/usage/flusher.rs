@@ -403,7 +403,10 @@ mod tests {
         assert!(spooled > 0, "a 16-slot channel must overflow");
         assert_eq!(queued + spooled, 10_000);
         // Overflow comes in while running (not only at shutdown).
-        wait_for(60, "all rows inserted", || counters.inserted() == 10_000).await;
+        wait_for(60, "all rows inserted", || {
+            counters.snapshot().inserted == 10_000
+        })
+        .await;
         let _ = stop.send(());
         let stats = handle.await.expect("flusher task");
         assert_eq!(rows(&ledger, "acme").await, 10_000);
@@ -493,14 +496,20 @@ mod tests {
         for ev in events(1000, "acme", "api_calls") {
             assert_ne!(sink.record(ev), Recorded::Lost);
         }
-        wait_for(30, "all events spooled", || counters.spooled() == 1000).await;
-        assert_eq!(counters.inserted(), 0);
-        assert!(counters.failed() > 0);
+        wait_for(30, "all events spooled", || {
+            counters.snapshot().spooled == 1000
+        })
+        .await;
+        assert_eq!(counters.snapshot().inserted, 0);
+        assert!(counters.snapshot().failed > 0);
         assert!(spool_files(&spool) > 0);
 
         // Bring the ledger back: recreate the schema and tables under the same pool.
         let _again = s.open().await;
-        wait_for(30, "replay after recovery", || counters.inserted() == 1000).await;
+        wait_for(30, "replay after recovery", || {
+            counters.snapshot().inserted == 1000
+        })
+        .await;
         let _ = stop.send(());
         let stats = handle.await.expect("flusher task");
         assert_eq!(rows(&ledger, "acme").await, 1000);

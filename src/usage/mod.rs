@@ -42,8 +42,10 @@ pub enum Recorded {
     Lost,
 }
 
-/// Event counters shared by the sink and the flusher, for metrics
-/// (`tollgate_usage_events_total{outcome}`, DESIGN §6). Monotonic; read them any time.
+/// Event counters shared by the sink and the flusher: the ledger lag behind
+/// `tollgate_ledger_lag_seconds` (DESIGN §6) and the [`FlushStats`] that [`Flusher::run`] returns.
+/// (`tollgate_usage_events_total{outcome}` is counted by the proxy from each [`Recorded`].)
+/// Monotonic; each count is one [`FlushStats`] field, which says what it counts.
 #[derive(Debug)]
 pub struct UsageCounters {
     queued: AtomicU64,
@@ -66,6 +68,7 @@ impl Default for UsageCounters {
             spooled: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            // Not 0: the lag is measured from start until the flusher's first check.
             caught_up_ms: AtomicI64::new(chrono::Utc::now().timestamp_millis()),
         }
     }
@@ -92,40 +95,16 @@ pub struct FlushStats {
 // === impl UsageCounters ===
 
 impl UsageCounters {
-    /// Events accepted into the channel.
-    pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
-    }
-    /// Ledger rows created (direct batches and spool replays).
-    pub fn inserted(&self) -> u64 {
-        self.inserted.load(Ordering::Relaxed)
-    }
-    /// Events the ledger already had when written (replays).
-    pub fn duplicates(&self) -> u64 {
-        self.duplicates.load(Ordering::Relaxed)
-    }
-    /// Events written to the spool (overflow and failed batches).
-    pub fn spooled(&self) -> u64 {
-        self.spooled.load(Ordering::Relaxed)
-    }
-    /// Events the flusher could not insert because the ledger was failing.
-    pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
-    }
-    /// Events gone for good (spool write failed, or an unreadable spool line).
-    pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
-    }
-
     /// All counters at once (each read individually; they may be a few events apart).
-    pub fn snapshot(&self) -> FlushStats {
+    pub(crate) fn snapshot(&self) -> FlushStats {
+        let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         FlushStats {
-            queued: self.queued(),
-            inserted: self.inserted(),
-            duplicates: self.duplicates(),
-            spooled: self.spooled(),
-            failed: self.failed(),
-            lost: self.lost(),
+            queued: n(&self.queued),
+            inserted: n(&self.inserted),
+            duplicates: n(&self.duplicates),
+            spooled: n(&self.spooled),
+            failed: n(&self.failed),
+            lost: n(&self.lost),
         }
     }
 
@@ -329,6 +308,6 @@ mod tests {
         let evs = events(2, "acme", "api_calls");
         assert_eq!(sink.record(evs[0].clone()), Recorded::Queued);
         assert_eq!(sink.record(evs[1].clone()), Recorded::Lost);
-        assert_eq!(sink.counters().lost(), 1);
+        assert_eq!(sink.counters().snapshot().lost, 1);
     }
 }
