@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::spool::{Spool, SpoolFile};
-use super::{FlushStats, UsageCounters};
+use super::{FlushStats, UsageCounters, UsageSink};
 use crate::ledger::{Ledger, LedgerError, UsageEvent};
 
 /// First retry after the ledger fails; doubles per further failure up to [`BACKOFF_MAX`] while it
@@ -101,23 +101,22 @@ impl std::fmt::Debug for Flusher {
 }
 
 impl Flusher {
-    /// The flusher half of [`super::pipeline`]. Raises a zero `batch_max` to 1 and a zero
-    /// `flush_every` to 1 ms: the shutdown drain stops at an empty receive of `batch_max` events.
+    /// The flusher half of [`super::pipeline`], sharing `sink`'s spool, counters and wake-up.
+    /// Raises a zero `batch_max` to 1 (the shutdown drain stops at an empty receive of up to
+    /// `batch_max` events) and a zero `flush_every` to 1 ms.
     pub(super) fn new(
         rx: mpsc::Receiver<UsageEvent>,
-        wake: Arc<Notify>,
+        sink: &UsageSink,
         ledger: Arc<dyn Ledger>,
-        spool: Arc<Spool>,
-        counters: Arc<UsageCounters>,
         batch_max: usize,
         flush_every: Duration,
     ) -> Flusher {
         Flusher {
             rx,
-            wake,
+            wake: sink.wake.clone(),
             ledger,
-            spool,
-            counters,
+            spool: sink.spool.clone(),
+            counters: sink.counters.clone(),
             batch_max: batch_max.max(1),
             flush_every: flush_every.max(Duration::from_millis(1)),
         }
@@ -349,11 +348,55 @@ enum ReplayError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant as StdInstant;
+
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
     use super::*;
     use crate::ledger::open;
     use crate::ledger::test_support::{events, PgSchema, TempDir};
-    use crate::usage::tests::{rows, spawn, spool_files, wait_for};
+    use crate::usage::tests::rows;
     use crate::usage::{pipeline, Recorded};
+
+    /// A pipeline on `ledger` spooling to `spool`, its flusher running on its own task: the
+    /// sink, the trigger that stops the flusher, and the flusher's join handle.
+    fn start(
+        ledger: &Arc<dyn Ledger>,
+        spool: &Path,
+        capacity: usize,
+        batch_max: usize,
+        flush_every: Duration,
+    ) -> (UsageSink, oneshot::Sender<()>, JoinHandle<FlushStats>) {
+        let (sink, flusher) = pipeline(
+            ledger.clone(),
+            capacity,
+            spool.to_path_buf(),
+            batch_max,
+            flush_every,
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(flusher.run(async {
+            let _ = stopped.await;
+        }));
+        (sink, stop, handle)
+    }
+
+    /// Spool files present in `dir`.
+    fn spool_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| d.filter(|e| e.is_ok()).count())
+            .unwrap_or(0)
+    }
+
+    /// Polls `cond` every 10 ms until it holds or `secs` pass.
+    async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = StdInstant::now() + Duration::from_secs(secs);
+        while !cond() {
+            assert!(StdInstant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     /// The ledger is probed 200 ms after the first failure, then at double the wait each time up
     /// to 30 s; a success resets it.
@@ -383,15 +426,8 @@ mod tests {
     async fn check_ten_thousand_through_small_channel(ledger: Arc<dyn Ledger>) {
         let dir = TempDir::new();
         let spool = dir.path().join("spool");
-        let (sink, flusher) = pipeline(
-            ledger.clone(),
-            16,
-            spool.clone(),
-            64,
-            Duration::from_millis(5),
-        );
+        let (sink, stop, handle) = start(&ledger, &spool, 16, 64, Duration::from_millis(5));
         let counters = sink.counters();
-        let (stop, handle) = spawn(flusher);
         let (mut queued, mut spooled) = (0u64, 0u64);
         for ev in events(10_000, "acme", "api_calls") {
             match sink.record(ev) {
@@ -427,14 +463,8 @@ mod tests {
     async fn check_shutdown_drains(ledger: Arc<dyn Ledger>) {
         let dir = TempDir::new();
         // Nothing would flush before shutdown on its own: big batches, an hour between ticks.
-        let (sink, flusher) = pipeline(
-            ledger.clone(),
-            4096,
-            dir.path().join("spool"),
-            10_000,
-            Duration::from_secs(3600),
-        );
-        let (stop, handle) = spawn(flusher);
+        let spool = dir.path().join("spool");
+        let (sink, stop, handle) = start(&ledger, &spool, 4096, 10_000, Duration::from_secs(3600));
         for ev in events(3000, "acme", "api_calls") {
             assert_eq!(sink.record(ev), Recorded::Queued);
         }
@@ -484,15 +514,8 @@ mod tests {
         s.drop_schema().await;
         let dir = TempDir::new();
         let spool = dir.path().join("spool");
-        let (sink, flusher) = pipeline(
-            ledger.clone(),
-            32,
-            spool.clone(),
-            50,
-            Duration::from_millis(5),
-        );
+        let (sink, stop, handle) = start(&ledger, &spool, 32, 50, Duration::from_millis(5));
         let counters = sink.counters();
-        let (stop, handle) = spawn(flusher);
         for ev in events(1000, "acme", "api_calls") {
             assert_ne!(sink.record(ev), Recorded::Lost);
         }
@@ -527,8 +550,7 @@ mod tests {
         let dir = TempDir::new();
         let spool = dir.path().join("spool");
 
-        let (sink, flusher) = pipeline(down, 8, spool.clone(), 20, Duration::from_millis(5));
-        let (stop, handle) = spawn(flusher);
+        let (sink, stop, handle) = start(&down, &spool, 8, 20, Duration::from_millis(5));
         for ev in events(500, "acme", "api_calls") {
             assert_ne!(sink.record(ev), Recorded::Lost);
         }

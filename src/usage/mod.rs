@@ -155,16 +155,13 @@ pub fn pipeline(
     flush_every: Duration,
 ) -> (UsageSink, Flusher) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let spool = Arc::new(Spool::new(spool_dir));
-    let counters = Arc::new(UsageCounters::default());
-    let wake = Arc::new(Notify::new());
     let sink = UsageSink {
         tx,
-        spool: spool.clone(),
-        counters: counters.clone(),
-        wake: wake.clone(),
+        spool: Arc::new(Spool::new(spool_dir)),
+        counters: Arc::default(),
+        wake: Arc::default(),
     };
-    let flusher = Flusher::new(rx, wake, ledger, spool, counters, batch_max, flush_every);
+    let flusher = Flusher::new(rx, &sink, ledger, batch_max, flush_every);
     (sink, flusher)
 }
 
@@ -215,13 +212,9 @@ impl UsageSink {
 
 #[cfg(test)]
 mod tests {
-    //! The sink's tests, and the helpers the flusher's and the spool's tests share.
-
-    use std::path::Path;
-    use std::time::Instant as StdInstant;
+    //! The sink's tests, and `rows`, which the flusher's and the spool's tests use too.
 
     use chrono::Duration as ChronoDuration;
-    use tokio::sync::oneshot;
 
     use super::*;
     use crate::ledger::open;
@@ -234,33 +227,6 @@ mod tests {
             .await
             .expect("totals")
             .1
-    }
-
-    /// Spool files present in `dir`.
-    pub(super) fn spool_files(dir: &Path) -> usize {
-        std::fs::read_dir(dir)
-            .map(|d| d.filter(|e| e.is_ok()).count())
-            .unwrap_or(0)
-    }
-
-    /// Polls `cond` every 10 ms until it holds or `secs` pass.
-    pub(super) async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = StdInstant::now() + std::time::Duration::from_secs(secs);
-        while !cond() {
-            assert!(StdInstant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Starts the flusher on its own task; returns the trigger and the join handle.
-    pub(super) fn spawn(
-        flusher: Flusher,
-    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<FlushStats>) {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(flusher.run(async {
-            let _ = stopped.await;
-        }));
-        (stop, handle)
     }
 
     /// A full channel spools (and reports it); a sink whose flusher is gone still spools; all of it
