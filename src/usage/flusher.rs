@@ -47,6 +47,7 @@ pub struct Flusher {
 struct Health {
     /// Ledger calls failed in a row; 0 = healthy. The backoff is computed from it.
     failures: u32,
+    /// When the backoff timer probes the ledger next; `None` while healthy.
     retry_at: Option<Instant>,
 }
 
@@ -135,9 +136,10 @@ impl Flusher {
     /// are replayed into the ledger at start and whenever the ledger works again, then deleted.
     ///
     /// On shutdown: closes intake (later `record`s go to the spool, kept for the next start),
-    /// drains the channel completely, flushes, replays the spool once, returns the counts. With
-    /// the ledger down this costs at most one failed ledger call; bound the whole with the
-    /// shutdown grace.
+    /// probes a ledger known to be down once (a replay), drains the channel completely, flushes,
+    /// replays the spool once more if the ledger works, returns the counts. With the ledger down
+    /// this costs at most one failed ledger call; with it up, the final replay takes as long as
+    /// the spool is big. Bound the whole with the shutdown grace.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> FlushStats {
         let mut health = Health::new();
         let mut batch = Vec::with_capacity(self.batch_max);
