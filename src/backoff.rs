@@ -1,5 +1,6 @@
-//! Exponential backoff, the one formula shared by the background senders (usage reports to
-//! Stripe, threshold alerts): the first wait, doubled per retry, never more than a cap.
+//! Exponential backoff, the one formula of every retry loop (usage flusher, Stripe usage reports
+//! and subscription pages, threshold alerts, the pub/sub follower): the first wait, doubled per
+//! retry, never more than a cap.
 //!
 //! Owns: that arithmetic. Must not touch: I/O; callers sleep and count.
 
