@@ -19,19 +19,24 @@
 //!   webhook endpoint, OpenAPI).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
 //! - [`metrics`], [`backoff`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
-pub mod admin;
-pub mod alerts;
+//!
+//! Public (for the binary, the integration tests and the benches): [`cli`], [`config`],
+//! [`server`], [`quota`] (periods), [`ledger`] (reading what was recorded) with [`entitle`]
+//! (its customer type), [`auth`]; the rest is
+//! crate-private, so the compiler reports what nothing uses.
+pub(crate) mod admin;
+pub(crate) mod alerts;
 pub mod auth;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod demo;
+pub(crate) mod control;
+pub(crate) mod demo;
 pub mod entitle;
 pub mod ledger;
-pub mod metrics;
-pub mod proxy;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
 pub mod quota;
 pub mod server;
-pub mod stripe;
-pub mod usage;
+pub(crate) mod stripe;
+pub(crate) mod usage;

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 mod worker;
-pub use worker::{signature, AlertWorker, ALERT_ID_HEADER, SIGNATURE_HEADER};
+pub use worker::AlertWorker;
 
 /// Crossings waiting for the worker. A crossing is rare (a few per customer and period), so a
 /// full queue means the ledger is stuck: the crossing is dropped with a warning.

@@ -6,8 +6,8 @@
 //! Owns: parsing, defaults, cross-references (route → upstream/meter/feature, plan → meter).
 //! Must not touch: secrets (only the *names* of env vars live here), the network, storage.
 
-pub mod live_doc;
-pub mod raw;
+pub(crate) mod live_doc;
+pub(crate) mod raw;
 mod validate;
 
 use validate::{key_path, one};

@@ -63,11 +63,6 @@ impl EntitlementSync {
         }
     }
 
-    /// The in-process cache this instance's writes land in.
-    pub fn cache(&self) -> &Arc<Entitlements> {
-        &self.cache
-    }
-
     /// The one entitlement write: ledger → cache → audit → broadcast. Returns the entitlement
     /// now stored, or `None` when the ledger kept newer state (nothing else happens then).
     /// Only the ledger write can fail the call: once it is made, an audit or broadcast failure is

@@ -8,10 +8,10 @@
 //! Must not touch: plans or entitlements (callers pass plain numbers and quotas), HTTP, the
 //! ledger.
 
-pub mod maintain;
-pub mod memory;
-pub mod redis;
-pub mod usage_view;
+pub(crate) mod maintain;
+pub(crate) mod memory;
+pub(crate) mod redis;
+pub(crate) mod usage_view;
 
 use crate::config::Rate;
 use async_trait::async_trait;

@@ -24,8 +24,7 @@ pub mod reconcile;
 pub mod report;
 pub mod webhook;
 
-pub use events::{parse_secrets, verify, Secret, Verified};
-pub use webhook::{Outcome, StripeWebhook};
+pub use webhook::StripeWebhook;
 
 /// Largest webhook body accepted (Stripe's events are a few KiB).
 pub const MAX_BODY: usize = 1024 * 1024;

@@ -123,11 +123,6 @@ impl Flusher {
         }
     }
 
-    /// The counters this pipeline updates.
-    pub fn counters(&self) -> Arc<UsageCounters> {
-        self.counters.clone()
-    }
-
     /// Runs until `shutdown` resolves (or every sink is dropped): batches (up to `batch_max`, or
     /// whatever is waiting every `flush_every`) → `ledger.insert_usage`.
     ///
