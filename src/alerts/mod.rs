@@ -92,15 +92,15 @@ impl Alerts {
         if plan.alerts.is_empty() {
             return;
         }
-        let Some(Quota::Limited { included, .. }) = plan.quotas.get(meter) else {
+        let Some(included) = plan.quotas.get(meter).and_then(Quota::included) else {
             return;
         };
         let before = used.saturating_sub(cost);
         // The common case, allocation-free: the charge stays below the lowest mark left.
-        if u128::from(used) * 100 < u128::from(*included) * u128::from(plan.alerts[0]) {
+        if u128::from(used) * 100 < u128::from(included) * u128::from(plan.alerts[0]) {
             return;
         }
-        for threshold in crossed(&plan.alerts, *included, before, used) {
+        for threshold in crossed(&plan.alerts, included, before, used) {
             let c = Crossing {
                 customer: customer.to_string(),
                 meter: meter.to_string(),
@@ -108,7 +108,7 @@ impl Alerts {
                 period,
                 threshold,
                 used,
-                included: *included,
+                included,
             };
             if self.tx.try_send(c).is_err() {
                 tracing::warn!(
