@@ -1,6 +1,7 @@
 //! The admin listener (axum, its own port): `/healthz`, `/readyz`, `/metrics`, and the operator
-//! API under `/admin/*`, guarded by a bearer token (env var named in the config, compared in
-//! constant time). Never served on the proxy listener.
+//! API under `/admin/*`, guarded by a bearer token (env var named in the config, held as a
+//! `SecretString` and compared in constant time with `subtle`). Never served on the proxy
+//! listener.
 //!
 //! Owns: the admin HTTP surface and its JSON shapes. Must not touch: the request path's
 //! internals (it reads the same shared state the proxy reads).
@@ -23,8 +24,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 /// What the admin handlers need.
@@ -34,8 +37,9 @@ pub struct AdminState {
     pub ledger: Arc<dyn Ledger>,
     /// A quota store handle living on the admin runtime (reads only).
     pub store: Arc<dyn QuotaStore>,
-    /// `None` when the token env var is unset: every `/admin` call is then refused.
-    pub token: Option<Arc<str>>,
+    /// `None` when the token env var is unset: every `/admin` call is then refused. Shared, so
+    /// cloning the state per request does not copy the secret.
+    pub token: Option<Arc<SecretString>>,
     /// The one entitlement writer (ledger → cache → audit → broadcast).
     pub entitlements: Arc<EntitlementSync>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
@@ -116,13 +120,6 @@ pub(crate) fn problem(status: StatusCode, suffix: &str, detail: impl Into<String
         .into_response()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A JSON request body, or the 400 `invalid-body` naming what is wrong with it.
 pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
@@ -143,7 +140,11 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response
                 .or_else(|| v.strip_prefix("bearer "))
         });
     match (&state.token, presented) {
-        (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.trim().as_bytes()) => Ok(()),
+        (Some(t), Some(p))
+            if bool::from(t.expose_secret().as_bytes().ct_eq(p.trim().as_bytes())) =>
+        {
+            Ok(())
+        }
         _ => Err(Box::new(problem(
             StatusCode::UNAUTHORIZED,
             "admin-unauthorized",
