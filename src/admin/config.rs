@@ -172,9 +172,7 @@ pub(crate) async fn get_config(State(s): State<AdminState>) -> Response {
     path = "/admin/config",
     tag = "config",
     params(
-        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
-        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
-        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+        Intent,
     ),
     request_body(
         description = "the whole live document, as `GET /admin/config` shows it, or the TOML file's text",
@@ -237,9 +235,7 @@ async fn patch_entry(
     tag = "config",
     params(
         ("name" = String, Path, description = "the route's name, or its `match` (URL-encoded, e.g. `GET%20%2Fsignals`)"),
-        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
-        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
-        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+        Intent,
     ),
     request_body(content = Value, description = "a JSON object of the fields to change (null removes one)", content_type = "application/json"),
     responses(
@@ -268,9 +264,7 @@ pub(crate) async fn patch_route(
     tag = "config",
     params(
         ("name" = String, Path, description = "the plan's name"),
-        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
-        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
-        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+        Intent,
     ),
     request_body(content = Value, description = "a JSON object of the fields to change (null removes one)", content_type = "application/json"),
     responses(
@@ -298,9 +292,7 @@ pub(crate) async fn patch_plan(
     tag = "config",
     params(
         ("version" = i64, Path, description = "the stored version to bring back"),
-        ("dry_run" = Option<bool>, Query, description = "answer what would change; store nothing"),
-        ("X-Tollgate-Actor" = Option<String>, Header, description = "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`"),
-        ("If-Match" = Option<String>, Header, description = "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is still in force"),
+        Intent,
     ),
     responses(
         (status = 200, description = "what changed, and the new version unless a dry run", body = ChangeAnswer),

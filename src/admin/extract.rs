@@ -12,6 +12,10 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::{RefOr, Required};
+use utoipa::PartialSchema;
 
 /// Header naming who makes a change.
 pub(crate) const ACTOR_HEADER: &str = "x-tollgate-actor";
@@ -40,6 +44,50 @@ impl<S: Send + Sync> FromRequestParts<S> for Intent {
             .unwrap_or_default();
         Ok(Intent::read(&parts.headers, &query))
     }
+}
+
+/// The three inputs in the OpenAPI document of every config change (`params(Intent, …)`), here
+/// beside the code that reads them.
+impl utoipa::IntoParams for Intent {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let optional = |name: &str, at: ParameterIn, description: &str, schema| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(at)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(schema))
+                .build()
+        };
+        vec![
+            optional(
+                "dry_run",
+                ParameterIn::Query,
+                "answer what would change; store nothing",
+                bool::schema(),
+            ),
+            optional(
+                "X-Tollgate-Actor",
+                ParameterIn::Header,
+                "who makes the change (1-64 printable ASCII), recorded as `admin:{actor}`",
+                nullable_string(),
+            ),
+            optional(
+                "If-Match",
+                ParameterIn::Header,
+                "the version the change is based on, e.g. `\"7\"`: refused with 412 unless it is \
+                 still in force",
+                nullable_string(),
+            ),
+        ]
+    }
+}
+
+/// `Option<String>` as the `params` tuples document it (`type: [string, null]`).
+fn nullable_string() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .into()
 }
 
 // === impl Intent ===
