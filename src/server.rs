@@ -305,11 +305,11 @@ fn server_conf(config: &Config) -> ServerConf {
 }
 
 /// The admin token from the env var the config names; `None` (logged) closes `/admin`.
-fn admin_token(config: &Config) -> Option<Arc<str>> {
+fn admin_token(config: &Config) -> Option<Arc<secrecy::SecretString>> {
     let token = std::env::var(&config.admin.token_env)
         .ok()
         .filter(|t| !t.is_empty())
-        .map(Arc::from);
+        .map(|t| Arc::new(t.into()));
     if token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
     }

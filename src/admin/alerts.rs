@@ -1,19 +1,25 @@
 //! `GET /admin/alerts`: the threshold-alert delivery log (admin listener, admin token).
 //!
-//! Owns: this route's HTTP shape. Delivery is `alerts`'.
+//! Owns: this route's HTTP shape. Must not touch: delivery (`alerts`'), the error mapping
+//! (`admin::error`).
 
-use super::{problem, AdminState, Problem};
+use crate::admin::error::{AdminError, Problem};
+use crate::admin::AdminState;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::collections::HashMap;
 
 /// `GET /admin/alerts?limit=`: the delivery log, newest first (admin listener).
-pub fn routes() -> axum::Router<AdminState> {
-    axum::Router::new().route("/admin/alerts", axum::routing::get(delivery_log))
+pub(crate) fn routes() -> Router<AdminState> {
+    Router::new().route("/admin/alerts", get(delivery_log))
 }
 
 /// Answer of `GET /admin/alerts`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct DeliveryLog {
+pub(crate) struct DeliveryLog {
     /// Newest first.
-    pub deliveries: Vec<crate::ledger::AlertDelivery>,
+    deliveries: Vec<crate::ledger::AlertDelivery>,
 }
 
 /// The threshold-alert delivery log, newest first.
@@ -29,28 +35,18 @@ pub struct DeliveryLog {
     ),
 )]
 pub(crate) async fn delivery_log(
-    axum::extract::State(s): axum::extract::State<AdminState>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> axum::response::Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<DeliveryLog>, AdminError> {
     let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
         None => 50,
         Some(Ok(l)) if (1..=500).contains(&l) => l,
         Some(_) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "invalid-query",
-                "limit must be an integer from 1 to 500",
-            )
+            return Err(AdminError::InvalidQuery(
+                "limit must be an integer from 1 to 500".into(),
+            ))
         }
     };
-    match s.ledger.alert_deliveries(limit).await {
-        Ok(rows) => axum::Json(DeliveryLog { deliveries: rows }).into_response(),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger-unavailable",
-            e.to_string(),
-        ),
-    }
+    let deliveries = s.ledger.alert_deliveries(limit).await?;
+    Ok(Json(DeliveryLog { deliveries }))
 }

@@ -13,18 +13,19 @@
 //! A customer is *known* when the ledger has their entitlement row or the quota store has usage
 //! for them this period; reads and credits of anyone else answer 404 `unknown-customer`.
 //!
-//! Owns: these HTTP shapes and the usage summary (also served to customers themselves by
-//! `selfservice`). Entitlement writes go through the ledger, the in-process cache and the
-//! entitlement broadcast, exactly as `PUT /admin/customers/{id}` does.
+//! Owns: these HTTP shapes and the customer view. Must not touch: the usage summary itself
+//! (`quota::usage_view`, also served to customers by self-service), entitlement writes and
+//! their audit rows (`control::entitlement_sync::EntitlementSync::write`: ledger, in-process
+//! cache, audit, broadcast), the error mapping (`admin::error`).
 
-use crate::admin::{json_body, problem, AdminState, Problem};
+use crate::admin::error::{AdminError, Problem, Unknown};
+use crate::admin::extract::{json_body, Intent};
+use crate::admin::{audit, AdminState};
 use crate::control::entitlement_sync::{Audit, LedgerWrite};
 use crate::entitle::{period_of, plan_of};
 use crate::entitle::{Entitlement, Status};
 use crate::quota::usage_view::{usage, MeterUsage};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -38,7 +39,7 @@ const PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
 /// The customer routes, merged into the admin router.
-pub fn routes() -> Router<AdminState> {
+pub(crate) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/admin/customers", get(list_customers))
         .route("/admin/customers/{id}/suspend", post(suspend))
@@ -52,78 +53,49 @@ fn rfc3339(t: i64) -> Option<DateTime<Utc>> {
 
 /// `GET /admin/customers/{id}`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct CustomerView {
-    pub id: String,
+pub(crate) struct CustomerView {
+    id: String,
     /// The stored plan; `None` means the default plan (as in `PUT /admin/customers/{id}`).
-    pub plan: Option<String>,
+    plan: Option<String>,
     /// The plan whose quotas `usage` is measured against: the stored plan if the config knows
     /// it, else the default plan.
-    pub quota_plan: Option<String>,
+    quota_plan: Option<String>,
     /// The plan requests are served under now; `None` when they are refused (suspended,
     /// not in good standing).
-    pub effective_plan: Option<String>,
-    pub status: Status,
-    pub status_since: Option<DateTime<Utc>>,
-    pub suspended: bool,
+    effective_plan: Option<String>,
+    status: Status,
+    status_since: Option<DateTime<Utc>>,
+    suspended: bool,
     /// The ledger has an entitlement row for the customer.
-    pub stored: bool,
+    stored: bool,
     /// The current quota period `[start, end)`.
-    pub period_start: Option<DateTime<Utc>>,
-    pub period_end: Option<DateTime<Utc>>,
+    period_start: Option<DateTime<Utc>>,
+    period_end: Option<DateTime<Utc>>,
     /// The subscription ends at the billing period's end (Stripe's `cancel_at_period_end`).
-    pub cancel_at_period_end: bool,
+    cancel_at_period_end: bool,
     /// End of the subscription's trial, if it had one (Stripe's `trial_end`).
-    pub trial_end: Option<DateTime<Utc>>,
-    pub usage: Vec<MeterUsage>,
+    trial_end: Option<DateTime<Utc>>,
+    usage: Vec<MeterUsage>,
 }
 
-/// What went wrong building a view.
-enum ViewError {
-    Unknown,
-    Ledger(crate::ledger::LedgerError),
-    Store(crate::quota::QuotaError),
-}
-
-fn view_error(id: &str, e: ViewError) -> Response {
-    match e {
-        ViewError::Unknown => problem(
-            StatusCode::NOT_FOUND,
-            "unknown-customer",
-            format!("no customer {id:?}: no entitlement and no usage this period"),
-        ),
-        ViewError::Ledger(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ledger-unavailable",
-            e.to_string(),
-        ),
-        ViewError::Store(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "quota-store-unavailable",
-            e.to_string(),
-        ),
-    }
-}
-
-/// The view of one customer given their stored entitlement (if any); `Unknown` when there is
-/// neither an entitlement nor usage this period.
+/// The view of one customer given their stored entitlement (if any); `unknown-customer` when
+/// there is neither an entitlement nor usage this period.
 async fn view_of(
     s: &AdminState,
     id: &str,
     ent: Option<&Entitlement>,
-) -> Result<CustomerView, ViewError> {
+) -> Result<CustomerView, AdminError> {
     let snap = s.shared.snapshot.load_full();
     let config = &snap.config;
     let now = Utc::now();
     let period = period_of(ent, now);
     let plan = plan_of(config, ent);
     let usage = match plan {
-        Some(p) => usage(s.store.as_ref(), &p.quotas, id, period)
-            .await
-            .map_err(ViewError::Store)?,
+        Some(p) => usage(s.store.as_ref(), &p.quotas, id, period).await?,
         None => Vec::new(),
     };
     if ent.is_none() && usage.iter().all(|m| m.used == 0) {
-        return Err(ViewError::Unknown);
+        return Err(AdminError::unknown_customer(id, Unknown::ThisPeriod));
     }
     let effective = crate::entitle::resolve(config, ent, None, now).ok();
     Ok(CustomerView {
@@ -143,10 +115,6 @@ async fn view_of(
     })
 }
 
-async fn stored(s: &AdminState, id: &str) -> Result<Option<Entitlement>, ViewError> {
-    s.ledger.get_customer(id).await.map_err(ViewError::Ledger)
-}
-
 /// `GET /admin/customers/{id}`.
 #[utoipa::path(
     get,
@@ -159,15 +127,12 @@ async fn stored(s: &AdminState, id: &str) -> Result<Option<Entitlement>, ViewErr
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-pub async fn get_customer(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
-    let ent = match stored(&s, &id).await {
-        Ok(e) => e,
-        Err(e) => return view_error(&id, e),
-    };
-    match view_of(&s, &id, ent.as_ref()).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => view_error(&id, e),
-    }
+pub(crate) async fn get_customer(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<CustomerView>, AdminError> {
+    let ent = s.ledger.get_customer(&id).await?;
+    Ok(Json(view_of(&s, &id, ent.as_ref()).await?))
 }
 
 /// The filter of `GET /admin/customers`: a customer matches when any limited meter matches
@@ -214,16 +179,12 @@ fn basis_points(s: &str) -> Option<u64> {
     (bp <= 10_000).then_some(bp)
 }
 
-fn bad_query(detail: String) -> Response {
-    problem(StatusCode::BAD_REQUEST, "invalid-query", detail)
-}
-
 /// Answer of `GET /admin/customers`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct CustomerPage {
-    pub customers: Vec<CustomerView>,
+pub(crate) struct CustomerPage {
+    customers: Vec<CustomerView>,
     /// `after` of the next page; null on the last.
-    pub next: Option<String>,
+    next: Option<String>,
 }
 
 /// `GET /admin/customers`: customers with an entitlement row, by id, paged with `after` (the
@@ -244,45 +205,45 @@ pub struct CustomerPage {
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn list_customers(
+pub(crate) async fn list_customers(
     State(s): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Response {
+) -> Result<Json<CustomerPage>, AdminError> {
     let mut filter = Filter::default();
     match q.get("over_limit").map(String::as_str) {
         None | Some("false") => {}
         Some("true") => filter.over_limit = true,
-        Some(o) => return bad_query(format!("over_limit must be true or false, got {o:?}")),
+        Some(o) => {
+            return Err(AdminError::InvalidQuery(format!(
+                "over_limit must be true or false, got {o:?}"
+            )))
+        }
     }
     if let Some(n) = q.get("near_limit") {
-        match basis_points(n) {
-            Some(bp) => filter.near_limit = Some(bp),
-            None => {
-                return bad_query(format!(
-                    "near_limit must be a fraction from 0 to 1 with at most 4 decimals, got {n:?}"
-                ))
-            }
-        }
+        let bp = basis_points(n).ok_or_else(|| {
+            AdminError::InvalidQuery(format!(
+                "near_limit must be a fraction from 0 to 1 with at most 4 decimals, got {n:?}"
+            ))
+        })?;
+        filter.near_limit = Some(bp);
     }
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => PAGE,
         Some(Ok(l)) if (1..=MAX_PAGE).contains(&l) => l,
-        Some(_) => return bad_query(format!("limit must be an integer from 1 to {MAX_PAGE}")),
+        Some(_) => {
+            return Err(AdminError::InvalidQuery(format!(
+                "limit must be an integer from 1 to {MAX_PAGE}"
+            )))
+        }
     };
     let after = q.get("after").cloned().unwrap_or_default();
-    let mut all = match s.ledger.all_customers().await {
-        Ok(a) => a,
-        Err(e) => return view_error("", ViewError::Ledger(e)),
-    };
+    let mut all = s.ledger.all_customers().await?;
     // Byte order, the order `after` compares in (a database collation may order differently).
     all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut page = Vec::new();
     let mut next = None;
     for (id, ent) in all.iter().filter(|(id, _)| id.as_str() > after.as_str()) {
-        let v = match view_of(&s, id, Some(ent)).await {
-            Ok(v) => v,
-            Err(e) => return view_error(id, e),
-        };
+        let v = view_of(&s, id, Some(ent)).await?;
         if !filter.matches(&v.usage) {
             continue;
         }
@@ -292,36 +253,35 @@ async fn list_customers(
         }
         page.push(v);
     }
-    Json(CustomerPage {
+    Ok(Json(CustomerPage {
         customers: page,
         next,
-    })
-    .into_response()
+    }))
 }
 
 /// Body of `PUT /admin/customers/{id}`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CustomerPut {
+pub(crate) struct CustomerPut {
     /// A plan of the config; absent or null: the default plan.
-    pub plan: Option<String>,
+    plan: Option<String>,
     /// Subscription status (Stripe's spelling); absent: `active`.
     #[serde(default)]
     #[schema(value_type = Option<Status>)]
-    pub status: Option<String>,
+    status: Option<String>,
     /// Billing period start; give both ends or neither (then the calendar month, UTC).
-    pub period_start: Option<DateTime<Utc>>,
-    pub period_end: Option<DateTime<Utc>>,
+    period_start: Option<DateTime<Utc>>,
+    period_end: Option<DateTime<Utc>>,
     /// Operator suspension: the proxy answers 403 `suspended`.
     #[serde(default)]
-    pub suspended: bool,
+    suspended: bool,
     /// When the status began (defaults to now when the status changes).
-    pub status_since: Option<DateTime<Utc>>,
+    status_since: Option<DateTime<Utc>>,
     /// The subscription ends at `period_end` (informational, as from Stripe).
     #[serde(default)]
-    pub cancel_at_period_end: bool,
+    cancel_at_period_end: bool,
     /// End of the trial (informational, as from Stripe).
-    pub trial_end: Option<DateTime<Utc>>,
+    trial_end: Option<DateTime<Utc>>,
 }
 
 /// Sets a customer's entitlement (plan, status, period, suspension); audited and broadcast to
@@ -340,14 +300,11 @@ pub struct CustomerPut {
 )]
 pub(crate) async fn put_customer(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let put: CustomerPut = match json_body(&body) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
+) -> Result<Json<Entitlement>, AdminError> {
+    let put: CustomerPut = json_body(&body)?;
     let snap = s.shared.snapshot.load_full();
     let mut errors = Vec::new();
     if let Some(p) = &put.plan {
@@ -372,7 +329,7 @@ pub(crate) async fn put_customer(
         _ => {}
     }
     if !errors.is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
+        return Err(AdminError::InvalidBody(errors.join("; ")));
     }
     let now = Utc::now();
     let previous = s.ledger.get_customer(&id).await.ok().flatten();
@@ -391,42 +348,30 @@ pub(crate) async fn put_customer(
         cancel_at_period_end: put.cancel_at_period_end,
         trial_end: put.trial_end,
     };
-    if let Err(r) =
-        store_entitlement(&s, &headers, &id, "customer.put", previous.as_ref(), &ent).await
-    {
-        return r;
-    }
+    store_entitlement(&s, &intent, &id, "customer.put", previous.as_ref(), &ent).await?;
     tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
-    (StatusCode::OK, Json(ent)).into_response()
+    Ok(Json(ent))
 }
 
 /// Writes a changed entitlement through the one entitlement writer (ledger, local cache, audit
 /// by the caller's actor, broadcast to the other instances).
 async fn store_entitlement(
     s: &AdminState,
-    headers: &HeaderMap,
+    intent: &Intent,
     id: &str,
     action: &str,
     previous: Option<&Entitlement>,
     ent: &Entitlement,
-) -> Result<(), Response> {
-    let actor = crate::admin::config::actor(headers);
+) -> Result<(), AdminError> {
     let audit = Audit {
-        actor: &actor,
+        actor: intent.actor(),
         action,
         target: format!("customers/{id}"),
         before: previous,
     };
     s.entitlements
         .write(id, LedgerWrite::Replace(ent), Some(audit))
-        .await
-        .map_err(|e| {
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ledger-unavailable",
-                e.to_string(),
-            )
-        })?;
+        .await?;
     Ok(())
 }
 
@@ -442,12 +387,12 @@ async fn store_entitlement(
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn suspend(
+pub(crate) async fn suspend(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(id): Path<String>,
-) -> Response {
-    set_suspended(s, headers, id, true).await
+) -> Result<Json<CustomerView>, AdminError> {
+    set_suspended(s, intent, id, true).await
 }
 
 /// `POST /admin/customers/{id}/resume`: 404 for a customer without an entitlement row.
@@ -462,19 +407,21 @@ async fn suspend(
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn resume(
+pub(crate) async fn resume(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(id): Path<String>,
-) -> Response {
-    set_suspended(s, headers, id, false).await
+) -> Result<Json<CustomerView>, AdminError> {
+    set_suspended(s, intent, id, false).await
 }
 
-async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended: bool) -> Response {
-    let previous = match stored(&s, &id).await {
-        Ok(p) => p,
-        Err(e) => return view_error(&id, e),
-    };
+async fn set_suspended(
+    s: AdminState,
+    intent: Intent,
+    id: String,
+    suspended: bool,
+) -> Result<Json<CustomerView>, AdminError> {
+    let previous = s.ledger.get_customer(&id).await?;
     let now = Utc::now();
     let mut ent = match (&previous, suspended) {
         (Some(p), _) => p.clone(),
@@ -489,7 +436,7 @@ async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended:
             cancel_at_period_end: false,
             trial_end: None,
         },
-        (None, false) => return view_error(&id, ViewError::Unknown),
+        (None, false) => return Err(AdminError::unknown_customer(&id, Unknown::ThisPeriod)),
     };
     ent.suspended = suspended;
     // Strictly newer than what the caches hold, so the change wins everywhere.
@@ -499,20 +446,15 @@ async fn set_suspended(s: AdminState, headers: HeaderMap, id: String, suspended:
     } else {
         "customer.resume"
     };
-    if let Err(r) = store_entitlement(&s, &headers, &id, action, previous.as_ref(), &ent).await {
-        return r;
-    }
+    store_entitlement(&s, &intent, &id, action, previous.as_ref(), &ent).await?;
     tracing::info!(customer = %id, suspended, "customer suspension set");
-    match view_of(&s, &id, Some(&ent)).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => view_error(&id, e),
-    }
+    Ok(Json(view_of(&s, &id, Some(&ent)).await?))
 }
 
 /// Body of `POST /admin/customers/{id}/credit`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Credit {
+pub(crate) struct Credit {
     /// A meter of the customer's plan.
     meter: String,
     /// Units to give back this period (≥ 1; the counter never goes below 0).
@@ -524,15 +466,15 @@ pub struct Credit {
 
 /// Answer of `POST /admin/customers/{id}/credit`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct CreditAnswer {
-    pub customer: String,
-    pub meter: String,
-    pub units: u64,
+pub(crate) struct CreditAnswer {
+    customer: String,
+    meter: String,
+    units: u64,
     /// The meter's counter this period, before and after the credit.
-    pub used_before: u64,
-    pub used_after: u64,
-    pub period_start: Option<DateTime<Utc>>,
-    pub period_end: Option<DateTime<Utc>>,
+    used_before: u64,
+    used_after: u64,
+    period_start: Option<DateTime<Utc>>,
+    period_end: Option<DateTime<Utc>>,
 }
 
 /// `POST /admin/customers/{id}/credit`: lowers the customer's counter for `meter` this period by
@@ -551,16 +493,13 @@ pub struct CreditAnswer {
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn credit(
+pub(crate) async fn credit(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let c: Credit = match json_body(&body) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
+) -> Result<Json<CreditAnswer>, AdminError> {
+    let c: Credit = json_body(&body)?;
     let mut errors = Vec::new();
     if c.units == 0 || c.units > i64::MAX as u64 {
         errors.push("units: must be an integer ≥ 1".to_string());
@@ -568,45 +507,35 @@ async fn credit(
     if c.reason.trim().is_empty() || c.reason.len() > 500 {
         errors.push("reason: must be 1-500 characters".to_string());
     }
-    let ent = match stored(&s, &id).await {
-        Ok(e) => e,
-        Err(e) => return view_error(&id, e),
-    };
-    let before = match view_of(&s, &id, ent.as_ref()).await {
-        Ok(v) => v,
-        Err(e) => return view_error(&id, e),
-    };
-    let Some(meter) = before.usage.iter().find(|m| m.meter == c.meter) else {
+    let ent = s.ledger.get_customer(&id).await?;
+    let before = view_of(&s, &id, ent.as_ref()).await?;
+    let meter = before.usage.iter().find(|m| m.meter == c.meter);
+    if meter.is_none() {
         errors.push(format!(
             "meter: {:?} is not a meter of the customer's plan",
             c.meter
         ));
-        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
-    };
-    if !errors.is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "invalid-body", errors.join("; "));
     }
+    let (Some(meter), true) = (meter, errors.is_empty()) else {
+        return Err(AdminError::InvalidBody(errors.join("; ")));
+    };
     let period = period_of(ent.as_ref(), Utc::now());
     let used_before = meter.used;
-    let used_after = match s
+    let used_after = s
         .store
         .adjust(&id, &c.meter, period, -(c.units as i64))
-        .await
-    {
-        Ok(u) => u,
-        Err(e) => return view_error(&id, ViewError::Store(e)),
-    };
-    crate::admin::config::record_audit(
+        .await?;
+    audit::record(
         &s,
-        &headers,
+        intent.actor(),
         "customer.credit",
         format!("customers/{id}"),
-        Some(json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_before}).to_string()),
-        Some(json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_after, "units": c.units, "reason": c.reason}).to_string()),
+        json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_before}),
+        json!({"meter": c.meter, "period_start": rfc3339(period.start), "used": used_after, "units": c.units, "reason": c.reason}),
     )
     .await;
     tracing::info!(customer = %id, meter = %c.meter, units = c.units, used_before, used_after, reason = %c.reason, "credit granted");
-    Json(CreditAnswer {
+    Ok(Json(CreditAnswer {
         customer: id,
         meter: c.meter,
         units: c.units,
@@ -614,8 +543,7 @@ async fn credit(
         used_after,
         period_start: rfc3339(period.start),
         period_end: rfc3339(period.end),
-    })
-    .into_response()
+    }))
 }
 
 #[cfg(test)]

@@ -1,17 +1,18 @@
 //! The admin listener's OpenAPI 3.1 document, derived from the handlers' own `#[utoipa::path]`
 //! annotations and their body types' `ToSchema`, served at `GET /admin/openapi.json`.
 //!
-//! Every `/admin/*` handler calls [`crate::admin::authorize`] first, so the bearer requirement
-//! and its 401 are added here, once, to every operation under `/admin/` (see [`AdminAuth`])
-//! rather than repeated on each annotation; `tests/openapi.rs` checks on a running listener
-//! that each of those operations really answers 401 without the token.
+//! Every `/admin/*` route is behind the admin router's token check (`require_token`), so the
+//! bearer requirement and its 401 are added here, once, to every operation under `/admin/` (see
+//! [`AdminAuth`]) rather than repeated on each annotation; `tests/openapi.rs` checks on a running
+//! listener that each of those operations really answers 401 without the token.
 //!
-//! Owns: the list of documented operations and the document's info and security. The shapes
-//! are the handler modules'. A route added to the admin router must be added to `paths(...)`
-//! below; `tests/openapi.rs` fails until it is.
+//! Owns: the list of documented operations and the document's info and security. Must not
+//! touch: the shapes (the handler modules'), the problem body (`proxy::respond::Problem`). A
+//! route added to the admin router must be added to `paths(...)` below; `tests/openapi.rs`
+//! fails until it is.
 
-use crate::admin::Problem;
-use axum::http::{header, StatusCode};
+use crate::admin::error::{AdminError, Problem};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use std::sync::LazyLock;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -19,7 +20,7 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, ResponseBuilder}
 use utoipa::{Modify, OpenApi};
 
 /// Name of the bearer security scheme in `components.securitySchemes`.
-pub const SECURITY_SCHEME: &str = "admin_token";
+const SECURITY_SCHEME: &str = "admin_token";
 
 /// The admin API's document. `info.version` is the crate's (`CARGO_PKG_VERSION`).
 #[derive(OpenApi)]
@@ -70,11 +71,11 @@ pub const SECURITY_SCHEME: &str = "admin_token";
         (name = "meta", description = "this document"),
     ),
 )]
-pub struct AdminApi;
+pub(crate) struct AdminApi;
 
 /// Adds the bearer scheme, and to every operation under `/admin/` the bearer requirement and
 /// its 401 `admin-unauthorized` problem.
-pub struct AdminAuth;
+struct AdminAuth;
 
 // === impl AdminAuth ===
 
@@ -140,15 +141,11 @@ static DOCUMENT: LazyLock<Result<String, String>> =
     tag = "meta",
     responses((status = 200, description = "the OpenAPI document", body = Object, content_type = "application/json")),
 )]
-pub(crate) async fn serve() -> Response {
-    match &*DOCUMENT {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json.as_str()).into_response(),
-        Err(e) => crate::admin::problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "openapi-unavailable",
-            e.clone(),
-        ),
-    }
+pub(crate) async fn serve() -> Result<Response, AdminError> {
+    let json = DOCUMENT
+        .as_ref()
+        .map_err(|e| AdminError::OpenapiUnavailable(e.clone()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json.as_str()).into_response())
 }
 
 #[cfg(test)]

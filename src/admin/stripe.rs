@@ -3,22 +3,23 @@
 //! `PUT /admin/customers/{id}/stripe` (link a tollgate customer to a Stripe customer) and
 //! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer),
 //! `POST /admin/stripe/reports/{identifier}/resolve` (settle a meter event left `uncertain`).
+//!
+//! Owns: these HTTP shapes. Must not touch: reconciling, linking and its audit row
+//! (`stripe::link`), the Stripe API (`stripe::api`), the error mapping (`admin::error`).
 
-use crate::admin::{json_body, problem, AdminState, Problem};
-use crate::ledger::LedgerError;
-use crate::stripe::reconcile::{SyncError, SyncReport};
-use crate::stripe::Control;
-use crate::stripe::Linked;
+use crate::admin::error::{AdminError, Problem, StripeMissing, Unknown};
+use crate::admin::extract::{json_body, Intent};
+use crate::admin::{audit, AdminState};
+use crate::stripe::reconcile::SyncReport;
+use crate::stripe::{Control, Linked, StripeWebhook};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// The routes, merged into the admin router.
-pub fn routes() -> Router<AdminState> {
+pub(crate) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/admin/stripe/sync", post(sync))
         .route("/admin/customers/{id}/stripe", put(link))
@@ -29,41 +30,19 @@ pub fn routes() -> Router<AdminState> {
         )
 }
 
-/// The Stripe API side, or the problem to answer when it is off.
-fn control(s: &AdminState) -> Result<&Control, Box<Response>> {
+/// The Stripe API side, or the 404 to answer when it is off.
+fn control(s: &AdminState) -> Result<&Control, AdminError> {
     s.stripe
         .as_ref()
         .and_then(|w| w.control.get())
-        .ok_or_else(|| {
-            Box::new(problem(
-                StatusCode::NOT_FOUND,
-                "stripe-not-configured",
-                "no [stripe] section, or its secret key env var is unset",
-            ))
-        })
+        .ok_or(AdminError::StripeNotConfigured(StripeMissing::SecretKey))
 }
 
 /// The `[stripe]` side, or the 404 to answer without one.
-fn section(s: &AdminState) -> Result<&std::sync::Arc<crate::stripe::StripeWebhook>, Box<Response>> {
-    s.stripe.as_ref().ok_or_else(|| {
-        Box::new(problem(
-            StatusCode::NOT_FOUND,
-            "stripe-not-configured",
-            "this instance has no [stripe] section",
-        ))
-    })
-}
-
-fn ledger_problem(e: &LedgerError) -> Response {
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "ledger-unavailable",
-        e.to_string(),
-    )
-}
-
-fn stripe_problem(detail: String) -> Response {
-    problem(StatusCode::BAD_GATEWAY, "stripe-unavailable", detail)
+fn section(s: &AdminState) -> Result<&StripeWebhook, AdminError> {
+    s.stripe
+        .as_deref()
+        .ok_or(AdminError::StripeNotConfigured(StripeMissing::Section))
 }
 
 /// Runs the Stripe reconciler now (one run at a time) and answers what it changed.
@@ -78,22 +57,14 @@ fn stripe_problem(detail: String) -> Response {
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn sync(State(s): State<AdminState>) -> Response {
-    let c = match control(&s) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    match c.reconciler.sync().await {
-        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
-        Err(SyncError::Stripe(e)) => stripe_problem(e),
-        Err(SyncError::Ledger(e)) => ledger_problem(&e),
-    }
+pub(crate) async fn sync(State(s): State<AdminState>) -> Result<Json<SyncReport>, AdminError> {
+    Ok(Json(control(&s)?.reconciler.sync().await?))
 }
 
 /// Body of `PUT /admin/customers/{id}/stripe`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct LinkBody {
+pub(crate) struct LinkBody {
     /// A Stripe customer id, `cus_…`.
     #[schema(example = "cus_NffrFeUfNV2Hib")]
     stripe_customer: String,
@@ -101,11 +72,11 @@ pub struct LinkBody {
 
 /// Answer of `PUT /admin/customers/{id}/stripe`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct LinkAnswer {
-    pub customer: String,
-    pub stripe_customer: String,
+pub(crate) struct LinkAnswer {
+    customer: String,
+    stripe_customer: String,
     /// The Stripe customer linked before, if any.
-    pub previous: Option<String>,
+    previous: Option<String>,
 }
 
 /// Links a tollgate customer to a Stripe customer (audited).
@@ -123,57 +94,44 @@ pub struct LinkAnswer {
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn link(
+pub(crate) async fn link(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let stripe = match section(&s) {
-        Ok(w) => w,
-        Err(r) => return *r,
-    };
-    let b: LinkBody = match json_body(&body) {
-        Ok(b) => b,
-        Err(r) => return *r,
-    };
+) -> Result<Json<LinkAnswer>, AdminError> {
+    let stripe = section(&s)?;
+    let b: LinkBody = json_body(&body)?;
     let cus = b.stripe_customer.trim();
     if !cus.starts_with("cus_") || cus.len() > 255 {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "invalid-body",
-            "stripe_customer: expected a Stripe customer id (cus_…)",
-        );
+        return Err(AdminError::InvalidBody(
+            "stripe_customer: expected a Stripe customer id (cus_…)".into(),
+        ));
     }
-    // By the caller's actor (X-Tollgate-Actor), like every admin mutation.
-    let actor = crate::admin::config::actor(&headers);
-    match crate::stripe::link(&*stripe.ledger, &id, cus, "admin", &actor).await {
-        Ok(Linked::Conflict { owner }) => problem(
-            StatusCode::CONFLICT,
-            "stripe-customer-linked",
-            format!("{cus} is already linked to customer {owner:?}"),
-        ),
-        Ok(linked) => {
-            let previous = match linked {
-                Linked::Changed { previous } => previous,
-                _ => Some(cus.to_string()),
-            };
-            tracing::info!(customer = %id, stripe_customer = %cus, ?previous, "Stripe customer linked by admin");
-            Json(LinkAnswer {
-                customer: id,
-                stripe_customer: cus.to_string(),
-                previous,
-            })
-            .into_response()
-        }
-        Err(e) => ledger_problem(&e),
-    }
+    // By the caller's actor (X-Tollgate-Actor), like every admin mutation; audited by `link`.
+    let previous =
+        match crate::stripe::link(&*stripe.ledger, &id, cus, "admin", intent.actor()).await? {
+            Linked::Conflict { owner } => {
+                return Err(AdminError::StripeCustomerLinked {
+                    stripe_customer: cus.to_string(),
+                    owner,
+                })
+            }
+            Linked::Changed { previous } => previous,
+            Linked::Unchanged => Some(cus.to_string()),
+        };
+    tracing::info!(customer = %id, stripe_customer = %cus, ?previous, "Stripe customer linked by admin");
+    Ok(Json(LinkAnswer {
+        customer: id,
+        stripe_customer: cus.to_string(),
+        previous,
+    }))
 }
 
 /// Body of `POST /admin/stripe/reports/{identifier}/resolve`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ResolveBody {
+pub(crate) struct ResolveBody {
     /// What Stripe shows for the event (Billing → Meters → the meter's events, by identifier):
     /// `true`, it was recorded (the rows are marked reported); `false`, it was not (the event
     /// is sent again, same identifier and value).
@@ -182,12 +140,12 @@ pub struct ResolveBody {
 
 /// Answer of `POST /admin/stripe/reports/{identifier}/resolve`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ResolveAnswer {
-    pub identifier: String,
+pub(crate) struct ResolveAnswer {
+    identifier: String,
     /// `delivered` or `pending` (sent at the reporter's next run).
-    pub state: &'static str,
+    state: &'static str,
     /// Usage rows marked reported.
-    pub rows_marked: u64,
+    rows_marked: u64,
 }
 
 /// Settles a usage report the reporter set `uncertain`: a try may have landed unanswered longer
@@ -205,69 +163,54 @@ pub struct ResolveAnswer {
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn resolve_report(
+pub(crate) async fn resolve_report(
     State(s): State<AdminState>,
-    headers: HeaderMap,
+    intent: Intent,
     Path(identifier): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let stripe = match section(&s) {
-        Ok(w) => w,
-        Err(r) => return *r,
-    };
-    let b: ResolveBody = match json_body(&body) {
-        Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let marked = match stripe
+) -> Result<Json<ResolveAnswer>, AdminError> {
+    let stripe = section(&s)?;
+    let b: ResolveBody = json_body(&body)?;
+    let Some(marked) = stripe
         .ledger
         .resolve_uncertain_report(&identifier, b.landed)
-        .await
-    {
-        Ok(Some(n)) => n,
-        Ok(None) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "unknown-report",
-                format!("no uncertain usage report {identifier:?}"),
-            )
-        }
-        Err(e) => return ledger_problem(&e),
+        .await?
+    else {
+        return Err(AdminError::UnknownReport(identifier));
     };
     let state = if b.landed { "delivered" } else { "pending" };
-    crate::admin::config::record_audit(
+    audit::record(
         &s,
-        &headers,
+        intent.actor(),
         "stripe.report.resolve",
         identifier.clone(),
-        Some(serde_json::json!({ "state": "uncertain" }).to_string()),
-        Some(serde_json::json!({ "state": state, "rows_marked": marked }).to_string()),
+        serde_json::json!({ "state": "uncertain" }),
+        serde_json::json!({ "state": state, "rows_marked": marked }),
     )
     .await;
     tracing::info!(%identifier, landed = b.landed, rows_marked = marked, "uncertain usage report resolved");
-    Json(ResolveAnswer {
+    Ok(Json(ResolveAnswer {
         identifier,
         state,
         rows_marked: marked,
-    })
-    .into_response()
+    }))
 }
 
 /// Body of `POST /admin/customers/{id}/portal-session` (optional).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PortalBody {
+pub(crate) struct PortalBody {
     /// Where the portal's "return" link leads (Stripe's default when absent).
     return_url: Option<String>,
 }
 
 /// Answer of `POST /admin/customers/{id}/portal-session`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct PortalAnswer {
-    pub customer: String,
-    pub stripe_customer: String,
+pub(crate) struct PortalAnswer {
+    customer: String,
+    stripe_customer: String,
     /// The billing portal session's URL (short-lived; hand it to the customer).
-    pub url: String,
+    url: String,
 }
 
 /// Creates a Stripe billing portal session for a linked customer.
@@ -285,41 +228,24 @@ pub struct PortalAnswer {
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn portal_session(
+pub(crate) async fn portal_session(
     State(s): State<AdminState>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Response {
-    let c = match control(&s) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
+) -> Result<Json<PortalAnswer>, AdminError> {
+    let c = control(&s)?;
     let b: PortalBody = if body.is_empty() {
         PortalBody::default()
     } else {
-        match json_body(&body) {
-            Ok(b) => b,
-            Err(r) => return *r,
-        }
+        json_body(&body)?
     };
-    let link = match s.ledger.stripe_link(Some(&id), None).await {
-        Ok(l) => l,
-        Err(e) => return ledger_problem(&e),
+    let Some((_, cus)) = s.ledger.stripe_link(Some(&id), None).await? else {
+        return Err(AdminError::unknown_customer(&id, Unknown::NotLinked));
     };
-    let Some((_, cus)) = link else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "unknown-customer",
-            format!("customer {id:?} is not linked to a Stripe customer"),
-        );
-    };
-    match c.api.portal_session(&cus, b.return_url.as_deref()).await {
-        Ok(url) => Json(PortalAnswer {
-            customer: id,
-            stripe_customer: cus,
-            url,
-        })
-        .into_response(),
-        Err(e) => stripe_problem(e.to_string()),
-    }
+    let url = c.api.portal_session(&cus, b.return_url.as_deref()).await?;
+    Ok(Json(PortalAnswer {
+        customer: id,
+        stripe_customer: cus,
+        url,
+    }))
 }

@@ -14,12 +14,14 @@
 //! Pagination is limit/offset over groups in key order: a report whose range is over is stable;
 //! one still receiving rows may shift between pages (use a `to` in the past for exports).
 //!
-//! Owns: this HTTP shape. The SQL is the ledger's (`Ledger::usage_report`).
+//! Owns: this HTTP shape and its query's syntax. Must not touch: the SQL (the ledger's,
+//! `Ledger::usage_report`), the error mapping (`admin::error`).
 
-use crate::admin::{problem, AdminState, Problem};
+use crate::admin::error::{AdminError, Problem, Unknown};
+use crate::admin::AdminState;
 use crate::ledger::{UsageGroup, UsageGroupBy, UsageQuery};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -35,20 +37,8 @@ const MAX_DAYS: i64 = 400;
 const DEFAULT_DAYS: i64 = 30;
 
 /// The usage-report route, merged into the admin router.
-pub fn routes() -> Router<AdminState> {
+pub(crate) fn routes() -> Router<AdminState> {
     Router::new().route("/admin/usage", get(usage))
-}
-
-fn bad(suffix: &str, detail: String) -> Response {
-    problem(StatusCode::BAD_REQUEST, suffix, detail)
-}
-
-fn unavailable(e: crate::ledger::LedgerError) -> Response {
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "ledger-unavailable",
-        e.to_string(),
-    )
 }
 
 /// RFC 3339, or a bare date meaning its midnight UTC.
@@ -75,7 +65,7 @@ fn group_name(g: UsageGroupBy) -> &'static str {
 fn parse(
     q: &HashMap<String, String>,
     now: DateTime<Utc>,
-) -> Result<(UsageQuery, i64, i64), Box<Response>> {
+) -> Result<(UsageQuery, i64, i64), AdminError> {
     let mut errors = Vec::new();
     let mut time = |key: &str| match q.get(key) {
         None => None,
@@ -115,20 +105,18 @@ fn parse(
     let limit = int("limit", PAGE, MAX_PAGE);
     let offset = int("offset", 0, i64::MAX);
     if !errors.is_empty() {
-        return Err(Box::new(bad("invalid-query", errors.join("; "))));
+        return Err(AdminError::InvalidQuery(errors.join("; ")));
     }
     let to = to.unwrap_or(now);
     let from = from.unwrap_or(to - Duration::days(DEFAULT_DAYS));
     if from >= to {
-        return Err(Box::new(bad(
-            "invalid-range",
-            format!("from ({from}) must be before to ({to})"),
+        return Err(AdminError::InvalidRange(format!(
+            "from ({from}) must be before to ({to})"
         )));
     }
     if to - from > Duration::days(MAX_DAYS) {
-        return Err(Box::new(bad(
-            "invalid-range",
-            format!("a report covers at most {MAX_DAYS} days; split the range"),
+        return Err(AdminError::InvalidRange(format!(
+            "a report covers at most {MAX_DAYS} days; split the range"
         )));
     }
     let text = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
@@ -195,48 +183,48 @@ fn csv(group_by: UsageGroupBy, rows: &[UsageGroup]) -> String {
 /// One group of a usage report: exactly one of `day`, `route`, `customer` is present (the
 /// `group_by`), then the meter and its sums.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct UsageRow {
+pub(crate) struct UsageRow {
     /// The UTC day, `YYYY-MM-DD` (`group_by=day`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub day: Option<String>,
+    day: Option<String>,
     /// The route name (`group_by=route`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub route: Option<String>,
+    route: Option<String>,
     /// The customer id (`group_by=customer`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub customer: Option<String>,
-    pub meter: String,
-    pub units: i64,
-    pub requests: i64,
+    customer: Option<String>,
+    meter: String,
+    units: i64,
+    requests: i64,
 }
 
 /// One meter's sums over the whole filtered range (every page).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct UsageTotal {
-    pub meter: String,
-    pub units: i64,
-    pub requests: i64,
+pub(crate) struct UsageTotal {
+    meter: String,
+    units: i64,
+    requests: i64,
 }
 
 /// Answer of `GET /admin/usage` as JSON.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct UsageReport {
-    pub from: DateTime<Utc>,
-    pub to: DateTime<Utc>,
+pub(crate) struct UsageReport {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
     /// `day`, `route` or `customer`.
-    pub group_by: String,
+    group_by: String,
     /// The filters applied (null: none).
-    pub customer: Option<String>,
-    pub meter: Option<String>,
-    pub route: Option<String>,
+    customer: Option<String>,
+    meter: Option<String>,
+    route: Option<String>,
     /// This page's groups, in key order.
-    pub rows: Vec<UsageRow>,
+    rows: Vec<UsageRow>,
     /// Per meter, over the whole range; equal to the sum of the matching ledger rows.
-    pub totals: Vec<UsageTotal>,
-    pub limit: i64,
-    pub offset: i64,
+    totals: Vec<UsageTotal>,
+    limit: i64,
+    offset: i64,
     /// `offset` of the next page; null on the last.
-    pub next_offset: Option<i64>,
+    next_offset: Option<i64>,
 }
 
 /// Usage report from the ledger, grouped by day, route or customer and split by meter; JSON, or
@@ -265,33 +253,19 @@ pub struct UsageReport {
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-async fn usage(
+pub(crate) async fn usage(
     State(s): State<AdminState>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let (query, limit, offset) = match parse(&q, Utc::now()) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
+) -> Result<Response, AdminError> {
+    let (query, limit, offset) = parse(&q, Utc::now())?;
     if let Some(c) = &query.customer {
-        match known(&s, c).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return problem(
-                    StatusCode::NOT_FOUND,
-                    "unknown-customer",
-                    format!("no customer {c:?}: no entitlement and no usage"),
-                )
-            }
-            Err(e) => return unavailable(e),
+        if !known(&s, c).await? {
+            return Err(AdminError::unknown_customer(c, Unknown::Ever));
         }
     }
     // One extra group says whether another page follows.
-    let mut rows = match s.ledger.usage_report(&query, limit + 1, offset).await {
-        Ok(r) => r,
-        Err(e) => return unavailable(e),
-    };
+    let mut rows = s.ledger.usage_report(&query, limit + 1, offset).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_offset = more.then_some(offset + limit);
@@ -304,16 +278,13 @@ async fn usage(
         if let Some(n) = next_offset {
             resp.headers_mut().insert("x-next-offset", n.into());
         }
-        return resp;
+        return Ok(resp);
     }
     let totals_query = UsageQuery {
         group_by: UsageGroupBy::Total,
         ..query.clone()
     };
-    let totals = match s.ledger.usage_report(&totals_query, 0, 0).await {
-        Ok(t) => t,
-        Err(e) => return unavailable(e),
-    };
+    let totals = s.ledger.usage_report(&totals_query, 0, 0).await?;
     let group_by = query.group_by;
     let rows = rows
         .into_iter()
@@ -337,7 +308,7 @@ async fn usage(
             requests: t.requests,
         })
         .collect();
-    Json(UsageReport {
+    Ok(Json(UsageReport {
         from: query.from,
         to: query.to,
         group_by: group_name(group_by).to_string(),
@@ -350,7 +321,7 @@ async fn usage(
         offset,
         next_offset,
     })
-    .into_response()
+    .into_response())
 }
 
 #[cfg(test)]

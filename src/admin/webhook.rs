@@ -1,24 +1,26 @@
-//! The HTTP side of `POST /webhooks/stripe`: body cap, header extraction, and the one mapping
-//! from [`StripeError`] / [`Outcome`] to status codes and problem+json.
+//! The HTTP side of `POST /webhooks/stripe`: body cap, header extraction, the answer.
+//!
+//! Owns: reading the delivery. Must not touch: what it means (`stripe::StripeWebhook`), the
+//! mapping of its refusals to statuses and problems (`From<StripeError> for AdminError`).
 
-use crate::admin::{problem, AdminState, Problem};
+use crate::admin::error::{AdminError, Problem, StripeMissing};
+use crate::admin::AdminState;
 use crate::stripe::{StripeError, MAX_BODY};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 /// Answer to a webhook Stripe may stop retrying.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct WebhookAnswer {
+pub(crate) struct WebhookAnswer {
     /// Always true.
-    pub received: bool,
+    received: bool,
     /// `applied`, `stale` (stored state was newer), `ignored` or `duplicate`.
     #[schema(example = "applied")]
-    pub outcome: &'static str,
+    outcome: &'static str,
 }
 
 /// `POST /webhooks/stripe` (admin listener; no admin token: the signature is the credential).
@@ -36,34 +38,35 @@ pub struct WebhookAnswer {
         (status = 503, description = "not processed (no webhook secret, or the ledger is unavailable): Stripe retries", body = Problem, content_type = "application/problem+json"),
     ),
 )]
-pub async fn receive(State(s): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
-    let Some(stripe) = s.stripe.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "stripe-not-configured",
-            "this instance has no [stripe] section",
-        );
-    };
-    let Some(bytes) = read_capped(body).await else {
-        return refuse(StripeError::TooLarge);
-    };
-    let Ok(payload) = std::str::from_utf8(&bytes) else {
-        return refuse(StripeError::BadBody("not UTF-8".into()));
-    };
+pub(crate) async fn receive(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<WebhookAnswer>, AdminError> {
+    let stripe = s
+        .stripe
+        .clone()
+        .ok_or(AdminError::StripeNotConfigured(StripeMissing::Section))?;
+    let bytes = read_capped(body).await.ok_or(StripeError::TooLarge)?;
+    let payload =
+        std::str::from_utf8(&bytes).map_err(|_| StripeError::BadBody("not UTF-8".into()))?;
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
-    match stripe.handle(payload, signature).await {
-        Ok(outcome) => (
-            StatusCode::OK,
-            Json(WebhookAnswer {
-                received: true,
-                outcome: outcome.as_str(),
-            }),
-        )
-            .into_response(),
-        Err(e) => refuse(e),
-    }
+    let outcome = stripe
+        .handle(payload, signature)
+        .await
+        .map_err(AdminError::from)
+        .inspect_err(|e| {
+            // Stripe retries these (no secret, the ledger down): worth a warning here.
+            if e.kind().0 == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(error = %e, "stripe webhook not processed");
+            }
+        })?;
+    Ok(Json(WebhookAnswer {
+        received: true,
+        outcome: outcome.as_str(),
+    }))
 }
 
 /// Past the cap we keep reading (and discarding) up to this much before answering, so that a
@@ -87,22 +90,4 @@ async fn read_capped(body: Body) -> Option<Vec<u8>> {
         }
     }
     (seen <= MAX_BODY).then_some(buf)
-}
-
-fn refuse(e: StripeError) -> Response {
-    let (status, suffix) = match &e {
-        StripeError::MissingSignature
-        | StripeError::MalformedSignature
-        | StripeError::BadSignature
-        | StripeError::Stale(_) => (StatusCode::BAD_REQUEST, "invalid-signature"),
-        StripeError::BadBody(_) => (StatusCode::BAD_REQUEST, "invalid-body"),
-        StripeError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
-        // Stripe retries non-2xx for days: a retry is what these need.
-        StripeError::NoSecrets(_) => (StatusCode::SERVICE_UNAVAILABLE, "stripe-not-configured"),
-        StripeError::Ledger(_) => (StatusCode::SERVICE_UNAVAILABLE, "ledger-unavailable"),
-    };
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        tracing::warn!(error = %e, "stripe webhook not processed");
-    }
-    problem(status, suffix, e.to_string())
 }

@@ -10,6 +10,7 @@ use crate::config::AlertSettings;
 use crate::ledger::{AlertClaim, AlertDelivery, Ledger};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretSlice};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -40,7 +41,8 @@ pub struct AlertWorker {
 
 struct Deliverer {
     settings: AlertSettings,
-    secret: Vec<u8>,
+    /// The signing secret, wiped on drop.
+    secret: SecretSlice<u8>,
     ledger: Arc<dyn Ledger>,
     client: reqwest::Client,
     /// Alerts this instance is delivering (released to the others when it stops).
@@ -65,7 +67,7 @@ impl AlertWorker {
             rx,
             inner: Arc::new(Deliverer {
                 settings,
-                secret,
+                secret: secret.into(),
                 ledger,
                 client,
                 in_flight: std::sync::Mutex::default(),
@@ -243,7 +245,10 @@ impl Deliverer {
                 .client
                 .post(&self.settings.webhook_url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(SIGNATURE_HEADER, signature(&self.secret, t, &body))
+                .header(
+                    SIGNATURE_HEADER,
+                    signature(self.secret.expose_secret(), t, &body),
+                )
                 .header(ALERT_ID_HEADER, id.to_string())
                 .body(body.clone())
                 .send()

@@ -2,8 +2,9 @@
 //! with a stable `type`, and the headers that go with it (`WWW-Authenticate`, `Retry-After`,
 //! `RateLimit-Policy`/`RateLimit` per the IETF httpapi draft, `X-RateLimit-*`).
 //!
-//! Owns: the wording and shape of every client-facing error, and writing it. Must not decide
-//! anything: callers pass in what was decided.
+//! Owns: the wording of every denial and writing it, and the problem body shape ([`Problem`])
+//! that the admin listener's errors share. Must not decide anything: callers pass in what was
+//! decided.
 
 use super::ctx::Ctx;
 use super::REQUEST_ID_HEADER;
@@ -117,25 +118,61 @@ impl Decision {
     }
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An error body: RFC 9457 problem details, sent as `application/problem+json` in one shape by
+/// both listeners (the proxy's denials, the admin API's errors). The proxy adds `instance`, and
+/// on quota and rate denials `meter`, `limit`, `used`, `resets_at` and `retry_after`; the admin
+/// API sends only the four members documented here.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Problem<'a> {
+    /// `urn:tollgate:problem:{kind}`, e.g. `urn:tollgate:problem:unknown-customer`.
     #[serde(rename = "type")]
+    #[schema(example = "urn:tollgate:problem:invalid-body")]
     kind: String,
+    /// The status code's reason phrase (on the proxy's denials, a short summary of the kind).
+    #[schema(example = "Bad Request")]
     title: &'a str,
     status: u16,
+    /// What was wrong, for a human.
     detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     instance: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     meter: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     used: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     resets_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     retry_after: Option<u64>,
+}
+
+// === impl Problem ===
+
+impl<'a> Problem<'a> {
+    /// A problem of kind `suffix` (its `type` is [`PROBLEM_TYPE_PREFIX`] + `suffix`) with only
+    /// the four members every problem has.
+    pub(crate) fn new(suffix: &str, title: &'a str, status: u16, detail: String) -> Problem<'a> {
+        Problem {
+            kind: format!("{PROBLEM_TYPE_PREFIX}{suffix}"),
+            title,
+            status,
+            detail,
+            instance: None,
+            meter: None,
+            limit: None,
+            used: None,
+            resets_at: None,
+            retry_after: None,
+        }
+    }
 }
 
 /// A rendered response: status, headers, body.
@@ -201,18 +238,13 @@ impl Denial {
             ("content-type", "application/problem+json".into()),
             ("cache-control", "no-store".into()),
         ];
-        let mut p = Problem {
-            kind: format!("{PROBLEM_TYPE_PREFIX}{}", self.decision().as_str()),
-            title: self.title(),
+        let mut p = Problem::new(
+            self.decision().as_str(),
+            self.title(),
             status,
-            detail: String::new(),
-            instance: request_id,
-            meter: None,
-            limit: None,
-            used: None,
-            resets_at: None,
-            retry_after: None,
-        };
+            String::new(),
+        );
+        p.instance = request_id;
         match self {
             Denial::InvalidToken {
                 description,

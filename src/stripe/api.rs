@@ -1,12 +1,13 @@
 //! Calls to Stripe's API (async-stripe's client pointed at `stripe.api_base`): meter events,
 //! subscription listing and retrieval, billing portal sessions. The secret key comes only from the env var
-//! named by `stripe.secret_key_env`.
+//! named by `stripe.secret_key_env`, read as a `SecretString`.
 //!
 //! Requests are sent once (async-stripe's `RequestStrategy::Once`, no `Idempotency-Key`): callers
 //! decide about retries. DESIGN §7: an `Idempotency-Key` reused after a 500 may replay the 500;
 //! meter events are deduplicated by their `identifier` instead.
 
 use crate::ledger::MeterReport;
+use secrecy::{ExposeSecret, SecretString};
 use std::time::Duration;
 
 /// Per-attempt timeout of a Stripe call: a hang is a failure, retried later.
@@ -38,12 +39,13 @@ impl std::fmt::Debug for StripeApi {
 impl StripeApi {
     /// Reads the secret key from the configured env var and points the client at `api_base`.
     pub fn from_settings(s: &crate::config::StripeSettings) -> Result<StripeApi, ApiSetupError> {
-        let key = std::env::var(&s.secret_key_env)
+        let key: SecretString = std::env::var(&s.secret_key_env)
             .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())
+            .map(|k| k.trim().into())
+            .filter(|k: &SecretString| !k.expose_secret().is_empty())
             .ok_or_else(|| ApiSetupError::NoKey(s.secret_key_env.clone()))?;
-        let client = stripe_api::ClientBuilder::new(key)
+        // The client keeps its own copy (it takes a `String`); ours is wiped when dropped.
+        let client = stripe_api::ClientBuilder::new(key.expose_secret())
             // The client appends `v1/…` to the base as given: it needs the trailing slash.
             .url(format!("{}/", s.api_base))
             .timeout(TIMEOUT)

@@ -7,11 +7,13 @@
 use super::StripeError;
 use crate::entitle::{Entitlement, Status};
 use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 
-/// A webhook signing secret (`whsec_…`). `Debug` never prints it.
+/// A webhook signing secret (`whsec_…`), held as a `SecretString` (wiped on drop). `Debug`
+/// never prints it.
 #[derive(Clone)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -25,7 +27,7 @@ pub fn parse_secrets(value: &str) -> Vec<Secret> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| Secret(s.to_string()))
+        .map(|s| Secret(s.into()))
         .collect()
 }
 
@@ -49,7 +51,7 @@ pub fn verify(
     use stripe_webhook::{Webhook, WebhookError};
     let mut last = StripeError::BadSignature;
     for s in secrets {
-        match Webhook::construct_event_with_timestamp(payload, header, &s.0, now) {
+        match Webhook::construct_event_with_timestamp(payload, header, s.0.expose_secret(), now) {
             Ok(_) => return Ok(Verified::Typed),
             Err(WebhookError::BadParse(_)) => return Ok(Verified::Untyped),
             // This secret does not match: try the next (rotation).
