@@ -11,7 +11,7 @@
 //!
 //! Layout:
 //! - `mod.rs`: the shared types, [`open`] / [`migrate`] (URL → backend) and their tests, run
-//!   against both backends.
+//!   against both backends (`test_support::contract!`).
 //! - [`postgres`]: [`PgLedger`], search-path isolation per schema.
 //! - [`sqlite`]: [`SqliteLedger`], times as integer microseconds.
 //!
@@ -19,6 +19,8 @@
 
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::sync::Arc;
 
@@ -722,144 +724,13 @@ where
     }
 }
 
-/// Shared fixtures: real Postgres schemas and real SQLite files, cleaned up on drop.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use std::path::{Path, PathBuf};
-    use std::sync::Arc;
-
-    use chrono::{DateTime, TimeZone, Utc};
-    use uuid::Uuid;
-
-    use super::{Ledger, UsageEvent};
-
-    /// The Postgres database tests use; each test works in its own schema.
-    pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-    /// A unique schema on [`PG_URL`], dropped (CASCADE) when this is dropped, even on panic.
-    pub struct PgSchema {
-        pub name: String,
-    }
-
-    impl PgSchema {
-        pub fn new() -> PgSchema {
-            PgSchema {
-                name: format!("t_{}", Uuid::now_v7().simple()),
-            }
-        }
-
-        pub async fn open(&self) -> Arc<dyn Ledger> {
-            super::open(PG_URL, Some(&self.name))
-                .await
-                .expect("open postgres ledger")
-        }
-
-        /// Drops the schema now (to make the ledger fail), from a plain connection.
-        pub async fn drop_schema(&self) {
-            drop_schema_named(&self.name).await;
-        }
-    }
-
-    impl Drop for PgSchema {
-        fn drop(&mut self) {
-            // Drop is sync and may run inside the test's runtime: clean up from a thread with a
-            // runtime of its own.
-            let name = self.name.clone();
-            let done = std::thread::spawn(move || {
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    rt.block_on(drop_schema_named(&name));
-                }
-            });
-            let _ = done.join();
-        }
-    }
-
-    async fn drop_schema_named(name: &str) {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(PG_URL)
-            .await
-            .expect("connect to drop schema");
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-            .execute(&mut conn)
-            .await
-            .expect("drop schema");
-        let _ = conn.close().await;
-    }
-
-    /// A fresh directory under the system temp dir, removed when this is dropped.
-    pub struct TempDir {
-        pub path: PathBuf,
-    }
-
-    impl TempDir {
-        pub fn new() -> TempDir {
-            let path =
-                std::env::temp_dir().join(format!("tollgate-test-{}", Uuid::now_v7().simple()));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir { path }
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.path
-        }
-
-        /// A `sqlite:` URL for a file inside this directory (in a subdirectory that does not
-        /// exist yet, so opening proves parent creation).
-        pub fn sqlite_url(&self) -> String {
-            format!(
-                "sqlite:{}",
-                self.path.join("db").join("ledger.db").display()
-            )
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-
-    /// A fixed base time with a microsecond part, so precision loss would show.
-    pub fn t0() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 3, 14, 15, 9, 26)
-            .single()
-            .expect("valid time")
-            + chrono::Duration::microseconds(535_897)
-    }
-
-    /// `n` events for one customer/meter, 1 ms apart from [`t0`], units 1..=3 cycling.
-    pub fn events(n: usize, customer: &str, meter: &str) -> Vec<UsageEvent> {
-        (0..n)
-            .map(|i| UsageEvent {
-                id: Uuid::now_v7(),
-                ts: t0() + chrono::Duration::milliseconds(i as i64),
-                customer: customer.to_string(),
-                meter: meter.to_string(),
-                units: (i % 3) as i64 + 1,
-                route: "GET /signals".to_string(),
-                status: 200,
-                latency_us: 1234 + i as i64,
-                request_id: format!("req-{i}"),
-            })
-            .collect()
-    }
-
-    /// Sum of units that [`events`] makes for `n` events.
-    pub fn units_of(n: usize) -> i64 {
-        (0..n).map(|i| (i % 3) as i64 + 1).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use chrono::Duration;
 
-    use super::test_support::{events, t0, units_of, PgSchema, TempDir, PG_URL};
+    use super::test_support::{contract, events, sub, t0, units_of, PgSchema, TempDir, PG_URL};
     use super::*;
     use crate::entitle::Status;
 
@@ -1024,20 +895,6 @@ mod tests {
             event_type: "customer.subscription.updated".into(),
             created,
             payload: format!("{{\"id\":\"{id}\"}}"),
-        }
-    }
-
-    fn sub(plan: &str, status: Status, at: DateTime<Utc>) -> Entitlement {
-        Entitlement {
-            plan: Some(plan.into()),
-            status,
-            status_since: Some(at),
-            period_start: None,
-            period_end: None,
-            suspended: false,
-            updated_at: at,
-            cancel_at_period_end: false,
-            trial_end: None,
         }
     }
 
@@ -1446,34 +1303,6 @@ mod tests {
             .is_empty());
     }
 
-    /// Postgres: usage is claimed into reports once, bounded per claim, finished once.
-    #[tokio::test]
-    async fn pg_usage_reports() {
-        let s = PgSchema::new();
-        check_usage_reports(s.open().await).await;
-    }
-
-    /// SQLite: usage is claimed into reports once, bounded per claim, finished once.
-    #[tokio::test]
-    async fn sqlite_usage_reports() {
-        let dir = TempDir::new();
-        check_usage_reports(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: Stripe events are stored once, claimed once, and never apply older state.
-    #[tokio::test]
-    async fn pg_stripe_events() {
-        let s = PgSchema::new();
-        check_stripe_events(s.open().await).await;
-    }
-
-    /// SQLite: Stripe events are stored once, claimed once, and never apply older state.
-    #[tokio::test]
-    async fn sqlite_stripe_events() {
-        let dir = TempDir::new();
-        check_stripe_events(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
     /// Alerts: claimed once; an undelivered alert is taken over only when its holder's lease
     /// ran out or was released, by one caller at a time, while attempts are left.
     async fn check_alert_resumption(ledger: Arc<dyn Ledger>) {
@@ -1602,34 +1431,6 @@ mod tests {
             .expect("a back"));
     }
 
-    /// Postgres: a lease has one holder at a time.
-    #[tokio::test]
-    async fn pg_leases() {
-        let s = PgSchema::new();
-        check_leases(s.open().await).await;
-    }
-
-    /// SQLite: a lease has one holder at a time.
-    #[tokio::test]
-    async fn sqlite_leases() {
-        let dir = TempDir::new();
-        check_leases(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: abandoned alerts are taken over once.
-    #[tokio::test]
-    async fn pg_alert_resumption() {
-        let s = PgSchema::new();
-        check_alert_resumption(s.open().await).await;
-    }
-
-    /// SQLite: abandoned alerts are taken over once.
-    #[tokio::test]
-    async fn sqlite_alert_resumption() {
-        let dir = TempDir::new();
-        check_alert_resumption(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
     /// Many concurrent links of one customer (concurrent deliveries of a webhook) all succeed:
     /// each read-then-write transaction takes the write lock up front, so none is refused for
     /// a stale read snapshot (SQLite's BUSY_SNAPSHOT).
@@ -1650,48 +1451,6 @@ mod tests {
         assert_eq!(ledger.stripe_links().await.expect("links").len(), 4);
     }
 
-    /// Postgres: concurrent links of the same customers all succeed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pg_concurrent_links() {
-        let s = PgSchema::new();
-        check_concurrent_links(s.open().await).await;
-    }
-
-    /// SQLite: concurrent links of the same customers all succeed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite_concurrent_links() {
-        let dir = TempDir::new();
-        check_concurrent_links(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: the reconciler's write never replaces newer state and keeps the operator's.
-    #[tokio::test]
-    async fn pg_apply_stripe_state() {
-        let s = PgSchema::new();
-        check_apply_stripe_state(s.open().await).await;
-    }
-
-    /// SQLite: the reconciler's write never replaces newer state and keeps the operator's.
-    #[tokio::test]
-    async fn sqlite_apply_stripe_state() {
-        let dir = TempDir::new();
-        check_apply_stripe_state(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: of 10 concurrent finishes of one event exactly one processes it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pg_stripe_finish_is_exclusive() {
-        let s = PgSchema::new();
-        check_stripe_finish_is_exclusive(s.open().await).await;
-    }
-
-    /// SQLite: of 10 concurrent finishes of one event exactly one processes it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite_stripe_finish_is_exclusive() {
-        let dir = TempDir::new();
-        check_stripe_finish_is_exclusive(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
     /// Postgres: migrations apply once (count 1, then 0) and opening twice is harmless.
     #[tokio::test]
     async fn pg_migrations_apply_and_are_idempotent() {
@@ -1704,48 +1463,6 @@ mod tests {
     async fn sqlite_migrations_apply_and_are_idempotent() {
         let dir = TempDir::new();
         check_migrations_idempotent(&dir.sqlite_url(), None).await;
-    }
-
-    /// Postgres: 1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.
-    #[tokio::test]
-    async fn pg_insert_usage_is_idempotent() {
-        let s = PgSchema::new();
-        check_insert_idempotent(s.open().await).await;
-    }
-
-    /// SQLite: 1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.
-    #[tokio::test]
-    async fn sqlite_insert_usage_is_idempotent() {
-        let dir = TempDir::new();
-        check_insert_idempotent(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: customers upsert, get and list back identically, timestamps to the microsecond.
-    #[tokio::test]
-    async fn pg_customers_round_trip() {
-        let s = PgSchema::new();
-        check_customers_round_trip(s.open().await).await;
-    }
-
-    /// SQLite: customers upsert, get and list back identically, timestamps to the microsecond.
-    #[tokio::test]
-    async fn sqlite_customers_round_trip() {
-        let dir = TempDir::new();
-        check_customers_round_trip(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
-
-    /// Postgres: usage_totals sums units and counts rows per customer/meter over [from, to).
-    #[tokio::test]
-    async fn pg_usage_totals() {
-        let s = PgSchema::new();
-        check_usage_totals(s.open().await).await;
-    }
-
-    /// SQLite: usage_totals sums units and counts rows per customer/meter over [from, to).
-    #[tokio::test]
-    async fn sqlite_usage_totals() {
-        let dir = TempDir::new();
-        check_usage_totals(open(&dir.sqlite_url(), None).await.expect("open")).await;
     }
 
     /// URLs: unknown schemes are refused without echoing credentials; a schema on SQLite is refused.
@@ -1860,17 +1577,82 @@ mod tests {
         assert_eq!(older.len(), 3);
     }
 
-    /// Postgres: config versions and the audit log.
-    #[tokio::test]
-    async fn pg_config_versions() {
-        let s = PgSchema::new();
-        check_config_versions(s.open().await).await;
-    }
+    contract!(
+        "usage is claimed into reports once, bounded per claim, finished once.",
+        check_usage_reports,
+        pg_usage_reports,
+        sqlite_usage_reports
+    );
 
-    /// SQLite: config versions and the audit log.
-    #[tokio::test]
-    async fn sqlite_config_versions() {
-        let dir = TempDir::new();
-        check_config_versions(open(&dir.sqlite_url(), None).await.expect("open")).await;
-    }
+    contract!(
+        "Stripe events are stored once, claimed once, and never apply older state.",
+        check_stripe_events,
+        pg_stripe_events,
+        sqlite_stripe_events
+    );
+
+    contract!(
+        "a lease has one holder at a time.",
+        check_leases,
+        pg_leases,
+        sqlite_leases
+    );
+
+    contract!(
+        "abandoned alerts are taken over once.",
+        check_alert_resumption,
+        pg_alert_resumption,
+        sqlite_alert_resumption
+    );
+
+    contract!(
+        "concurrent links of the same customers all succeed.",
+        check_concurrent_links,
+        pg_concurrent_links,
+        sqlite_concurrent_links,
+        multi_thread
+    );
+
+    contract!(
+        "the reconciler's write never replaces newer state and keeps the operator's.",
+        check_apply_stripe_state,
+        pg_apply_stripe_state,
+        sqlite_apply_stripe_state
+    );
+
+    contract!(
+        "of 10 concurrent finishes of one event exactly one processes it.",
+        check_stripe_finish_is_exclusive,
+        pg_stripe_finish_is_exclusive,
+        sqlite_stripe_finish_is_exclusive,
+        multi_thread
+    );
+
+    contract!(
+        "1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.",
+        check_insert_idempotent,
+        pg_insert_usage_is_idempotent,
+        sqlite_insert_usage_is_idempotent
+    );
+
+    contract!(
+        "customers upsert, get and list back identically, timestamps to the microsecond.",
+        check_customers_round_trip,
+        pg_customers_round_trip,
+        sqlite_customers_round_trip
+    );
+
+    contract!(
+        "usage_totals sums units and counts rows per customer/meter over [from, to).",
+        check_usage_totals,
+        pg_usage_totals,
+        sqlite_usage_totals
+    );
+
+    contract!(
+        "config versions and the audit log.",
+        check_config_versions,
+        pg_config_versions,
+        sqlite_config_versions
+    );
 }
