@@ -10,27 +10,39 @@
 //! tasks, the admin API and start-up call into this module.
 //!
 //! Layout:
-//! - `mod.rs`: the shared types, [`open`] / [`migrate`] (URL → backend) and their tests, run
-//!   against both backends (`test_support::contract!`).
+//! - `mod.rs`: the shared types, [`Ledger`] (the union of one trait per concern: `usage`,
+//!   `customers`, `stripe_events`, `reports`, `config_versions`, `alerts`), [`open`] /
+//!   [`migrate`] (URL → backend) and their tests, run against both backends
+//!   (`test_support::contract!`).
 //! - [`postgres`]: [`PgLedger`], search-path isolation per schema.
 //! - [`sqlite`]: [`SqliteLedger`], times as integer microseconds.
 //!
 //! Times are stored with microsecond precision on both backends; nanoseconds are truncated.
 
+mod alerts;
+mod config_versions;
+mod customers;
 pub mod postgres;
+mod reports;
 pub mod sqlite;
+mod stripe_events;
 #[cfg(test)]
 pub(crate) mod test_support;
+mod usage;
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entitle::Entitlement;
-
+pub use alerts::AlertLedger;
+pub use config_versions::ConfigLedger;
+pub use customers::CustomerLedger;
 pub use postgres::PgLedger;
+pub use reports::ReportLedger;
 pub use sqlite::SqliteLedger;
+pub use stripe_events::StripeEventLedger;
+pub use usage::UsageLedger;
 
 /// One forwarded request, as charged. `id` is UUIDv7 (primary key), made on the request path so
 /// that every retry or spool replay of the same event is a no-op in the ledger.
@@ -133,7 +145,7 @@ pub struct StripeEventRecord {
     pub payload: String,
 }
 
-/// What [`Ledger::record_stripe_event`] found.
+/// What [`StripeEventLedger::record_stripe_event`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StripeEventState {
     /// First delivery: stored now, not applied yet.
@@ -145,7 +157,7 @@ pub enum StripeEventState {
     Processed,
 }
 
-/// What [`Ledger::finish_stripe_event`] did.
+/// What [`StripeEventLedger::finish_stripe_event`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StripeFinish {
     /// Another delivery finished first: nothing written.
@@ -155,199 +167,22 @@ pub enum StripeFinish {
     Processed { changed: bool },
 }
 
-/// Tollgate's durable store. Object-safe so that start-up picks the backend from the URL.
+/// Tollgate's durable store: every concern's trait, plus a health check. Object-safe so that
+/// start-up picks the backend from the URL; an `Arc<dyn Ledger>` answers every concern's methods.
 #[async_trait::async_trait]
-pub trait Ledger: Send + Sync + 'static {
-    /// Multi-row insert (chunked to stay under bind-parameter limits), ON CONFLICT (id) DO NOTHING,
-    /// in one transaction. Returns rows actually inserted (duplicates are not errors).
-    async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError>;
-    /// The stored entitlement of a customer, `None` if unknown.
-    async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError>;
-    /// Insert or replace a customer's entitlement (last write wins; no `updated_at` guard here).
-    async fn put_customer(&self, id: &str, e: &Entitlement) -> Result<(), LedgerError>;
-    /// Every customer, ordered by id: loaded into the entitlement cache at start.
-    async fn all_customers(&self) -> Result<Vec<(String, Entitlement)>, LedgerError>;
-    /// Stores a verified Stripe event unless its id is already stored (ON CONFLICT DO NOTHING),
-    /// and says whether it is new, stored but unprocessed, or processed.
-    async fn record_stripe_event(
-        &self,
-        event: &StripeEventRecord,
-    ) -> Result<StripeEventState, LedgerError>;
-    /// In one transaction: claims the stored event `id` (sets `processed_at` only if it is still
-    /// NULL, so of several concurrent deliveries exactly one gets here), then applies `apply`
-    /// with [`Ledger`]'s Stripe upsert rule: the customer row is written only if its
-    /// `updated_at` ≤ the entitlement's (`updated_at` = the event's `created`), so an older event
-    /// never overwrites newer state; `suspended` (the operator's) is kept; `status_since` is kept
-    /// when the status does not change. A failure rolls the claim back (the event stays pending).
-    async fn finish_stripe_event(
-        &self,
-        id: &str,
-        apply: Option<(&str, &Entitlement)>,
-    ) -> Result<StripeFinish, LedgerError>;
+pub trait Ledger:
+    UsageLedger
+    + CustomerLedger
+    + StripeEventLedger
+    + ReportLedger
+    + ConfigLedger
+    + AlertLedger
+    + Send
+    + Sync
+    + 'static
+{
     /// One round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), LedgerError>;
-    /// Sum of `units` and row count for a customer/meter in [from, to): for admin and tests.
-    async fn usage_totals(
-        &self,
-        customer: &str,
-        meter: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<(i64, i64), LedgerError>;
-    /// In one transaction: stores `document` as the next config version, written by `author`,
-    /// and its `audit_log` row (actor = `author`). Returns the stored version (its number is
-    /// the ledger's sequence, so versions from several instances never collide).
-    async fn insert_config_version(
-        &self,
-        author: &str,
-        document: &str,
-        audit: &AuditRecord,
-    ) -> Result<ConfigVersion, LedgerError>;
-    /// One stored config version, `None` if there is no such version.
-    async fn config_version(&self, version: i64) -> Result<Option<ConfigVersion>, LedgerError>;
-    /// The newest config version; with `author_prefix`, the newest whose author starts with it.
-    async fn latest_config_version(
-        &self,
-        author_prefix: Option<&str>,
-    ) -> Result<Option<ConfigVersion>, LedgerError>;
-    /// Config versions, newest first, without their documents (`document` is empty): at most
-    /// `limit`, only those older than `before` when given (pagination).
-    async fn config_versions(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<ConfigVersion>, LedgerError>;
-    /// Appends one `audit_log` row (admin mutations other than config versions).
-    async fn insert_audit(&self, actor: &str, record: &AuditRecord) -> Result<(), LedgerError>;
-    /// `audit_log` rows, newest first: at most `limit`, only ids below `before` when given.
-    async fn audit_entries(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<AuditEntry>, LedgerError>;
-    /// Links `customer` to the Stripe customer `stripe_customer` (`source` says who did it).
-    /// Returns the Stripe customer it was linked to before, if any. A Stripe customer linked to
-    /// another tollgate customer is an error (`LinkConflict`): an operator must unlink it first.
-    async fn link_stripe_customer(
-        &self,
-        customer: &str,
-        stripe_customer: &str,
-        source: &str,
-    ) -> Result<Option<String>, LedgerError>;
-    /// Every (tollgate customer, Stripe customer) link, ordered by customer.
-    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError>;
-    /// In one transaction: takes up to `claim.max_rows` unreported, unclaimed usage rows of
-    /// linked customers on reported meters with `ts < claim.until` (oldest first), groups them
-    /// with [`group_reports`] and stores each group as a [`MeterReport`] whose identifier the rows
-    /// then carry (`report_id`). Safe against concurrent claimers (a row is claimed once).
-    async fn claim_usage_reports(
-        &self,
-        claim: &ReportClaim,
-    ) -> Result<Vec<MeterReport>, LedgerError>;
-    /// Reports still to send (state `pending`) that are due at `now` (no backoff running: see
-    /// [`Ledger::usage_report_failed`]), oldest first.
-    async fn pending_usage_reports(
-        &self,
-        limit: i64,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<MeterReport>, LedgerError>;
-    /// Ends a pending report: `Delivered` marks its rows reported (`reported_at`); `TooOld`
-    /// leaves them unreported. Returns the rows marked. A report no longer pending is left alone.
-    async fn finish_usage_report(
-        &self,
-        identifier: &str,
-        state: ReportState,
-    ) -> Result<u64, LedgerError>;
-    /// Counts a failed delivery attempt of a pending report, keeps the error for operators, and
-    /// holds the report back until `retry_at`. `ambiguous`: the try may have landed (timeout,
-    /// 5xx); the first such failure's time is kept in `ambiguous_since`.
-    async fn usage_report_failed(
-        &self,
-        identifier: &str,
-        error: &str,
-        retry_at: DateTime<Utc>,
-        ambiguous: bool,
-    ) -> Result<(), LedgerError>;
-    /// An operator's verdict on an `uncertain` report: `landed` (Stripe has it) marks it
-    /// delivered and its rows reported; otherwise it is pending again with no ambiguity, to be
-    /// resent. `None` when there is no uncertain report `identifier`; else the rows marked.
-    async fn resolve_uncertain_report(
-        &self,
-        identifier: &str,
-        landed: bool,
-    ) -> Result<Option<u64>, LedgerError>;
-    /// Writes a Stripe-derived entitlement with the same rule as [`Ledger::finish_stripe_event`]
-    /// (only over older state; `suspended` and an unchanged status' `status_since` kept), without
-    /// an event (the reconciler). Returns whether the row was written.
-    async fn apply_stripe_state(
-        &self,
-        customer: &str,
-        e: &Entitlement,
-    ) -> Result<bool, LedgerError>;
-    /// Unreported usage rows on `meters` of customers with no Stripe link (they wait for one).
-    async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError>;
-    /// One link, looked up from either side: `(customer, stripe customer)` of the link whose
-    /// tollgate customer is `customer`, or (when `customer` is `None`) whose Stripe customer is
-    /// `stripe_customer`.
-    async fn stripe_link(
-        &self,
-        customer: Option<&str>,
-        stripe_customer: Option<&str>,
-    ) -> Result<Option<(String, String)>, LedgerError>;
-    /// `usage_events` summed per group and meter over `[query.from, query.to)`, with the
-    /// optional customer/meter/route filters: ordered by key then meter, at most `limit` groups
-    /// after skipping `offset` (`limit` ≤ 0: all). [`UsageGroupBy::Total`] gives one row per meter.
-    async fn usage_report(
-        &self,
-        query: &UsageQuery,
-        limit: i64,
-        offset: i64,
-    ) -> Result<Vec<UsageGroup>, LedgerError>;
-    /// Inserts the alert's row unless one exists for its customer/meter/period/threshold
-    /// (ON CONFLICT DO NOTHING): `Some(id)` when this call inserted it and so owns the delivery,
-    /// `None` when the alert was claimed before (by this or another instance). The claimer holds
-    /// the delivery until `lease_until`.
-    async fn claim_alert(
-        &self,
-        alert: &AlertClaim,
-        lease_until: DateTime<Utc>,
-    ) -> Result<Option<i64>, LedgerError>;
-    /// Records one delivery attempt of alert `id`: the HTTP status (`None`: no answer), the
-    /// error if any, and whether it was delivered (sets `delivered_at` once). The deliverer's
-    /// hold is renewed to `lease_until`, or released with `None` (no retry to come).
-    async fn record_alert_attempt(
-        &self,
-        id: i64,
-        status: Option<u16>,
-        error: Option<&str>,
-        delivered: bool,
-        lease_until: Option<DateTime<Utc>>,
-    ) -> Result<(), LedgerError>;
-    /// Takes over (for this caller, until `lease_until`) up to `limit` alerts that are not
-    /// delivered, have had fewer than `max_attempts` attempts, were claimed after `since`, and
-    /// whose holder's lease ran out (a crashed instance) or was released (a clean stop).
-    /// Safe across instances: each alert goes to one caller.
-    async fn resume_alerts(
-        &self,
-        now: DateTime<Utc>,
-        since: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        max_attempts: i64,
-        limit: i64,
-    ) -> Result<Vec<AlertDelivery>, LedgerError>;
-    /// Releases the hold on alerts `ids` (a stopping instance), so another can resume them now.
-    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError>;
-    /// Takes the lease `name` for `holder` until `until` if it is free, already `holder`'s, or
-    /// its holder's time ran out (as of `now`); says whether `holder` has it now.
-    async fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<bool, LedgerError>;
-    /// The alert delivery log, newest first, at most `limit` rows.
-    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<AlertDelivery>, LedgerError>;
 }
 
 /// A threshold crossing to claim in `alert_deliveries`.
@@ -380,7 +215,7 @@ pub struct AlertDelivery {
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
-/// How [`Ledger::usage_report`] groups rows (each group is further split by meter).
+/// How [`UsageLedger::usage_report`] groups rows (each group is further split by meter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageGroupBy {
     /// UTC calendar day, key `YYYY-MM-DD`.
@@ -433,7 +268,7 @@ pub(crate) fn usage_report_sql(group_by: UsageGroupBy, day: &str, p: [&str; 7]) 
     )
 }
 
-/// What [`Ledger::claim_usage_reports`] takes.
+/// What [`ReportLedger::claim_usage_reports`] takes.
 #[derive(Debug, Clone)]
 pub struct ReportClaim {
     /// Meter name → Stripe meter `event_name`; rows of other meters are not reported.
@@ -732,7 +567,7 @@ mod tests {
 
     use super::test_support::{contract, events, sub, t0, units_of, PgSchema, TempDir, PG_URL};
     use super::*;
-    use crate::entitle::Status;
+    use crate::entitle::{Entitlement, Status};
 
     // Each behaviour is one generic check, run once per backend below.
 

@@ -155,7 +155,7 @@ impl PgLedger {
 }
 
 #[async_trait::async_trait]
-impl super::Ledger for PgLedger {
+impl super::UsageLedger for PgLedger {
     async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError> {
         if events.len() <= INSERT_CHUNK {
             // One statement is atomic on its own: skip BEGIN/COMMIT round trips.
@@ -180,6 +180,63 @@ impl super::Ledger for PgLedger {
         Ok(inserted)
     }
 
+    async fn usage_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(i64, i64), LedgerError> {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT COALESCE(SUM(units), 0)::int8, COUNT(*) FROM usage_events \
+             WHERE customer = $1 AND meter = $2 AND ts >= $3 AND ts < $4",
+        )
+        .bind(customer)
+        .bind(meter)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_totals"))
+    }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            ["$1", "$2", "$3::text", "$4::text", "$5::text", "$6", "$7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(query.from)
+            .bind(query.to)
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT NULL is "no limit" on Postgres.
+            .bind((limit > 0).then_some(limit))
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::CustomerLedger for PgLedger {
     async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError> {
         let row = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
@@ -233,238 +290,16 @@ impl super::Ledger for PgLedger {
         rows.iter().map(customer_from_row).collect()
     }
 
-    async fn record_stripe_event(
-        &self,
-        event: &StripeEventRecord,
-    ) -> Result<StripeEventState, LedgerError> {
-        let inserted = sqlx::query(
-            "INSERT INTO stripe_events (id, type, created, payload) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&event.id)
-        .bind(&event.event_type)
-        .bind(event.created)
-        .bind(&event.payload)
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("record_stripe_event"))?;
-        if inserted.rows_affected() == 1 {
-            return Ok(StripeEventState::New);
-        }
-        let processed: Option<DateTime<Utc>> =
-            sqlx::query_scalar("SELECT processed_at FROM stripe_events WHERE id = $1")
-                .bind(&event.id)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(LedgerError::query("record_stripe_event"))?;
-        Ok(match processed {
-            Some(_) => StripeEventState::Processed,
-            None => StripeEventState::Pending,
-        })
-    }
-
-    async fn finish_stripe_event(
-        &self,
-        id: &str,
-        apply: Option<(&str, &Entitlement)>,
-    ) -> Result<StripeFinish, LedgerError> {
-        let op = "finish_stripe_event";
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
-        // The claim: a concurrent delivery blocks on this row until we commit, then finds
-        // processed_at set and claims nothing.
-        let claimed = sqlx::query(
-            "UPDATE stripe_events SET processed_at = now() \
-             WHERE id = $1 AND processed_at IS NULL",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        if claimed.rows_affected() == 0 {
-            return Ok(StripeFinish::AlreadyProcessed);
-        }
-        let mut changed = false;
-        if let Some((customer, e)) = apply {
-            let done = bind_stripe_upsert(customer, e)
-                .execute(&mut *tx)
-                .await
-                .map_err(LedgerError::query(op))?;
-            changed = done.rows_affected() == 1;
-        }
-        tx.commit().await.map_err(LedgerError::query(op))?;
-        Ok(StripeFinish::Processed { changed })
-    }
-
-    async fn ping(&self) -> Result<(), LedgerError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(LedgerError::query("ping"))?;
-        Ok(())
-    }
-
-    async fn usage_totals(
+    async fn apply_stripe_state(
         &self,
         customer: &str,
-        meter: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<(i64, i64), LedgerError> {
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT COALESCE(SUM(units), 0)::int8, COUNT(*) FROM usage_events \
-             WHERE customer = $1 AND meter = $2 AND ts >= $3 AND ts < $4",
-        )
-        .bind(customer)
-        .bind(meter)
-        .bind(from)
-        .bind(to)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(LedgerError::query("usage_totals"))
-    }
-
-    async fn insert_config_version(
-        &self,
-        author: &str,
-        document: &str,
-        audit: &super::AuditRecord,
-    ) -> Result<super::ConfigVersion, LedgerError> {
-        let op = "insert_config_version";
-        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
-        let (version, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
-            "INSERT INTO config_versions (author, document) VALUES ($1, $2) \
-             RETURNING version, created_at",
-        )
-        .bind(author)
-        .bind(document)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, before, after) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(author)
-        .bind(&audit.action)
-        .bind(&audit.target)
-        .bind(&audit.before)
-        .bind(&audit.after)
-        .execute(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        tx.commit().await.map_err(LedgerError::query(op))?;
-        Ok(super::ConfigVersion {
-            version,
-            created_at,
-            author: author.to_string(),
-            document: document.to_string(),
-        })
-    }
-
-    async fn config_version(
-        &self,
-        version: i64,
-    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
-            "SELECT version, created_at, author, document FROM config_versions WHERE version = $1",
-        )
-        .bind(version)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(LedgerError::query("config_version"))
-        .map(|r| r.map(pg_config_version))
-    }
-
-    async fn latest_config_version(
-        &self,
-        author_prefix: Option<&str>,
-    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
-            "SELECT version, created_at, author, document FROM config_versions \
-             WHERE $1::text IS NULL OR left(author, length($1)) = $1 \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(author_prefix)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(LedgerError::query("latest_config_version"))
-        .map(|r| r.map(pg_config_version))
-    }
-
-    async fn config_versions(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
-            "SELECT version, created_at, author, '' FROM config_versions \
-             WHERE $1::int8 IS NULL OR version < $1 ORDER BY version DESC LIMIT $2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("config_versions"))
-        .map(|rows| rows.into_iter().map(pg_config_version).collect())
-    }
-
-    async fn insert_audit(
-        &self,
-        actor: &str,
-        record: &super::AuditRecord,
-    ) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO audit_log (actor, action, target, before, after) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(actor)
-        .bind(&record.action)
-        .bind(&record.target)
-        .bind(&record.before)
-        .bind(&record.after)
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("insert_audit"))?;
-        Ok(())
-    }
-
-    async fn audit_entries(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
-        type Row = (
-            i64,
-            DateTime<Utc>,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, at, actor, action, target, before, after FROM audit_log \
-             WHERE $1::int8 IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("audit_entries"))?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, at, actor, action, target, before, after)| super::AuditEntry {
-                    id,
-                    at,
-                    actor,
-                    action,
-                    target,
-                    before,
-                    after,
-                },
-            )
-            .collect())
+        e: &Entitlement,
+    ) -> Result<bool, LedgerError> {
+        let done = bind_stripe_upsert(customer, e)
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("apply_stripe_state"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn link_stripe_customer(
@@ -531,6 +366,91 @@ impl super::Ledger for PgLedger {
         .map_err(LedgerError::query("stripe_links"))
     }
 
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers \
+             WHERE ($1::text IS NOT NULL AND customer = $1) \
+                OR ($1::text IS NULL AND stripe_customer_id = $2)",
+        )
+        .bind(customer)
+        .bind(stripe_customer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_link"))
+    }
+}
+
+#[async_trait::async_trait]
+impl super::StripeEventLedger for PgLedger {
+    async fn record_stripe_event(
+        &self,
+        event: &StripeEventRecord,
+    ) -> Result<StripeEventState, LedgerError> {
+        let inserted = sqlx::query(
+            "INSERT INTO stripe_events (id, type, created, payload) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .bind(&event.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("record_stripe_event"))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(StripeEventState::New);
+        }
+        let processed: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT processed_at FROM stripe_events WHERE id = $1")
+                .bind(&event.id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(LedgerError::query("record_stripe_event"))?;
+        Ok(match processed {
+            Some(_) => StripeEventState::Processed,
+            None => StripeEventState::Pending,
+        })
+    }
+
+    async fn finish_stripe_event(
+        &self,
+        id: &str,
+        apply: Option<(&str, &Entitlement)>,
+    ) -> Result<StripeFinish, LedgerError> {
+        let op = "finish_stripe_event";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        // The claim: a concurrent delivery blocks on this row until we commit, then finds
+        // processed_at set and claims nothing.
+        let claimed = sqlx::query(
+            "UPDATE stripe_events SET processed_at = now() \
+             WHERE id = $1 AND processed_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if claimed.rows_affected() == 0 {
+            return Ok(StripeFinish::AlreadyProcessed);
+        }
+        let mut changed = false;
+        if let Some((customer, e)) = apply {
+            let done = bind_stripe_upsert(customer, e)
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::query(op))?;
+            changed = done.rows_affected() == 1;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(StripeFinish::Processed { changed })
+    }
+}
+
+#[async_trait::async_trait]
+impl super::ReportLedger for PgLedger {
     async fn claim_usage_reports(
         &self,
         claim: &ReportClaim,
@@ -754,18 +674,6 @@ impl super::Ledger for PgLedger {
         Ok(Some(marked))
     }
 
-    async fn apply_stripe_state(
-        &self,
-        customer: &str,
-        e: &Entitlement,
-    ) -> Result<bool, LedgerError> {
-        let done = bind_stripe_upsert(customer, e)
-            .execute(&self.pool)
-            .await
-            .map_err(LedgerError::query("apply_stripe_state"))?;
-        Ok(done.rows_affected() == 1)
-    }
-
     async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
         sqlx::query_scalar(
             "SELECT COUNT(*) FROM usage_events u \
@@ -777,58 +685,157 @@ impl super::Ledger for PgLedger {
         .await
         .map_err(LedgerError::query("unlinked_usage_rows"))
     }
+}
 
-    async fn stripe_link(
+#[async_trait::async_trait]
+impl super::ConfigLedger for PgLedger {
+    async fn insert_config_version(
         &self,
-        customer: Option<&str>,
-        stripe_customer: Option<&str>,
-    ) -> Result<Option<(String, String)>, LedgerError> {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT customer, stripe_customer_id FROM stripe_customers \
-             WHERE ($1::text IS NOT NULL AND customer = $1) \
-                OR ($1::text IS NULL AND stripe_customer_id = $2)",
+        author: &str,
+        document: &str,
+        audit: &super::AuditRecord,
+    ) -> Result<super::ConfigVersion, LedgerError> {
+        let op = "insert_config_version";
+        let mut tx = self.pool.begin().await.map_err(LedgerError::query(op))?;
+        let (version, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
+            "INSERT INTO config_versions (author, document) VALUES ($1, $2) \
+             RETURNING version, created_at",
         )
-        .bind(customer)
-        .bind(stripe_customer)
+        .bind(author)
+        .bind(document)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, before, after) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(author)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.before)
+        .bind(&audit.after)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(super::ConfigVersion {
+            version,
+            created_at,
+            author: author.to_string(),
+            document: document.to_string(),
+        })
+    }
+
+    async fn config_version(
+        &self,
+        version: i64,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions WHERE version = $1",
+        )
+        .bind(version)
         .fetch_optional(&self.pool)
         .await
-        .map_err(LedgerError::query("stripe_link"))
+        .map_err(LedgerError::query("config_version"))
+        .map(|r| r.map(pg_config_version))
     }
 
-    async fn usage_report(
+    async fn latest_config_version(
         &self,
-        query: &super::UsageQuery,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions \
+             WHERE $1::text IS NULL OR left(author, length($1)) = $1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(author_prefix)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("latest_config_version"))
+        .map(|r| r.map(pg_config_version))
+    }
+
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
         limit: i64,
-        offset: i64,
-    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
-        let sql = super::usage_report_sql(
-            query.group_by,
-            "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-            ["$1", "$2", "$3::text", "$4::text", "$5::text", "$6", "$7"],
+    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, DateTime<Utc>, String, String)>(
+            "SELECT version, created_at, author, '' FROM config_versions \
+             WHERE $1::int8 IS NULL OR version < $1 ORDER BY version DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_versions"))
+        .map(|rows| rows.into_iter().map(pg_config_version).collect())
+    }
+
+    async fn insert_audit(
+        &self,
+        actor: &str,
+        record: &super::AuditRecord,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, target, before, after) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(actor)
+        .bind(&record.action)
+        .bind(&record.target)
+        .bind(&record.before)
+        .bind(&record.after)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
+        type Row = (
+            i64,
+            DateTime<Utc>,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
         );
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
-            .bind(query.from)
-            .bind(query.to)
-            .bind(&query.customer)
-            .bind(&query.meter)
-            .bind(&query.route)
-            // LIMIT NULL is "no limit" on Postgres.
-            .bind((limit > 0).then_some(limit))
-            .bind(offset.max(0))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(LedgerError::query("usage_report"))?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log \
+             WHERE $1::int8 IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("audit_entries"))?;
         Ok(rows
             .into_iter()
-            .map(|(key, meter, units, requests)| super::UsageGroup {
-                key,
-                meter,
-                units,
-                requests,
-            })
+            .map(
+                |(id, at, actor, action, target, before, after)| super::AuditEntry {
+                    id,
+                    at,
+                    actor,
+                    action,
+                    target,
+                    before,
+                    after,
+                },
+            )
             .collect())
     }
+}
 
+#[async_trait::async_trait]
+impl super::AlertLedger for PgLedger {
     async fn claim_alert(
         &self,
         a: &super::AlertClaim,
@@ -881,17 +888,6 @@ impl super::Ledger for PgLedger {
         Ok(())
     }
 
-    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT $1"
-        ))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("alert_deliveries"))?;
-        Ok(rows.iter().map(alert_from_row).collect())
-    }
-
     async fn resume_alerts(
         &self,
         now: DateTime<Utc>,
@@ -922,6 +918,18 @@ impl super::Ledger for PgLedger {
         Ok(out)
     }
 
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE alert_deliveries SET lease_until = NULL \
+             WHERE id = ANY($1) AND delivered_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("release_alerts"))?;
+        Ok(())
+    }
+
     async fn try_lease(
         &self,
         name: &str,
@@ -944,15 +952,25 @@ impl super::Ledger for PgLedger {
         Ok(taken.rows_affected() == 1)
     }
 
-    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
-        sqlx::query(
-            "UPDATE alert_deliveries SET lease_until = NULL \
-             WHERE id = ANY($1) AND delivered_at IS NULL",
-        )
-        .bind(ids)
-        .execute(&self.pool)
+    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
         .await
-        .map_err(LedgerError::query("release_alerts"))?;
+        .map_err(LedgerError::query("alert_deliveries"))?;
+        Ok(rows.iter().map(alert_from_row).collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ledger for PgLedger {
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("ping"))?;
         Ok(())
     }
 }
@@ -1114,7 +1132,7 @@ async fn create_schema(base: &PgConnectOptions, name: &str) -> Result<(), Ledger
 mod tests {
     use super::*;
     use crate::ledger::test_support::{events, PgSchema, PG_URL};
-    use crate::ledger::{open, Ledger};
+    use crate::ledger::{open, UsageLedger};
 
     /// Every pooled connection (not just the first) has the test schema as its search_path.
     #[tokio::test]

@@ -143,7 +143,7 @@ pub(crate) fn from_micros(us: i64) -> Option<DateTime<Utc>> {
 }
 
 #[async_trait::async_trait]
-impl super::Ledger for SqliteLedger {
+impl super::UsageLedger for SqliteLedger {
     async fn insert_usage(&self, events: &[UsageEvent]) -> Result<u64, LedgerError> {
         if events.is_empty() {
             return Ok(0);
@@ -184,6 +184,63 @@ impl super::Ledger for SqliteLedger {
         Ok(inserted)
     }
 
+    async fn usage_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(i64, i64), LedgerError> {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT COALESCE(SUM(units), 0), COUNT(*) FROM usage_events \
+             WHERE customer = ?1 AND meter = ?2 AND ts >= ?3 AND ts < ?4",
+        )
+        .bind(customer)
+        .bind(meter)
+        .bind(to_micros(from))
+        .bind(to_micros(to))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(LedgerError::query("usage_totals"))
+    }
+
+    async fn usage_report(
+        &self,
+        query: &super::UsageQuery,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
+        let sql = super::usage_report_sql(
+            query.group_by,
+            "strftime('%Y-%m-%d', ts / 1000000, 'unixepoch')",
+            ["?1", "?2", "?3", "?4", "?5", "?6", "?7"],
+        );
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(to_micros(query.from))
+            .bind(to_micros(query.to))
+            .bind(&query.customer)
+            .bind(&query.meter)
+            .bind(&query.route)
+            // LIMIT -1 is "no limit" on SQLite.
+            .bind(if limit > 0 { limit } else { -1 })
+            .bind(offset.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(LedgerError::query("usage_report"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, meter, units, requests)| super::UsageGroup {
+                key,
+                meter,
+                units,
+                requests,
+            })
+            .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::CustomerLedger for SqliteLedger {
     async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError> {
         let row = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?1"
@@ -236,6 +293,93 @@ impl super::Ledger for SqliteLedger {
         rows.iter().map(customer_from_row).collect()
     }
 
+    async fn apply_stripe_state(
+        &self,
+        customer: &str,
+        e: &Entitlement,
+    ) -> Result<bool, LedgerError> {
+        let done = bind_stripe_upsert(customer, e)
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("apply_stripe_state"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn link_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_customer: &str,
+        source: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let op = "link_stripe_customer";
+        let mut tx = self.write_tx(op).await?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT customer FROM stripe_customers WHERE stripe_customer_id = ?",
+        )
+        .bind(stripe_customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if let Some(owner) = owner.filter(|o| o != customer) {
+            return Err(LedgerError::LinkConflict {
+                stripe_customer: stripe_customer.to_string(),
+                customer: owner,
+            });
+        }
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT stripe_customer_id FROM stripe_customers WHERE customer = ?",
+        )
+        .bind(customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        if before.as_deref() != Some(stripe_customer) {
+            sqlx::query(
+                "INSERT INTO stripe_customers (customer, stripe_customer_id, source, linked_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (customer) DO UPDATE SET \
+                   stripe_customer_id = excluded.stripe_customer_id, source = excluded.source, \
+                   linked_at = excluded.linked_at",
+            )
+            .bind(customer)
+            .bind(stripe_customer)
+            .bind(source)
+            .bind(to_micros(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+        }
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(before)
+    }
+
+    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers ORDER BY customer",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_links"))
+    }
+
+    async fn stripe_link(
+        &self,
+        customer: Option<&str>,
+        stripe_customer: Option<&str>,
+    ) -> Result<Option<(String, String)>, LedgerError> {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT customer, stripe_customer_id FROM stripe_customers \
+             WHERE (?1 IS NOT NULL AND customer = ?1) OR (?1 IS NULL AND stripe_customer_id = ?2)",
+        )
+        .bind(customer)
+        .bind(stripe_customer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("stripe_link"))
+    }
+}
+
+#[async_trait::async_trait]
+impl super::StripeEventLedger for SqliteLedger {
     async fn record_stripe_event(
         &self,
         event: &StripeEventRecord,
@@ -299,240 +443,10 @@ impl super::Ledger for SqliteLedger {
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(StripeFinish::Processed { changed })
     }
+}
 
-    async fn ping(&self) -> Result<(), LedgerError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(LedgerError::query("ping"))?;
-        Ok(())
-    }
-
-    async fn usage_totals(
-        &self,
-        customer: &str,
-        meter: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<(i64, i64), LedgerError> {
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT COALESCE(SUM(units), 0), COUNT(*) FROM usage_events \
-             WHERE customer = ?1 AND meter = ?2 AND ts >= ?3 AND ts < ?4",
-        )
-        .bind(customer)
-        .bind(meter)
-        .bind(to_micros(from))
-        .bind(to_micros(to))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(LedgerError::query("usage_totals"))
-    }
-
-    async fn insert_config_version(
-        &self,
-        author: &str,
-        document: &str,
-        audit: &super::AuditRecord,
-    ) -> Result<super::ConfigVersion, LedgerError> {
-        let op = "insert_config_version";
-        let now = to_micros(Utc::now());
-        let mut tx = self.write_tx(op).await?;
-        let version: i64 = sqlx::query_scalar(
-            "INSERT INTO config_versions (created_at, author, document) VALUES (?1, ?2, ?3) \
-             RETURNING version",
-        )
-        .bind(now)
-        .bind(author)
-        .bind(document)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        sqlx::query(
-            "INSERT INTO audit_log (at, actor, action, target, before, after) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(now)
-        .bind(author)
-        .bind(&audit.action)
-        .bind(&audit.target)
-        .bind(&audit.before)
-        .bind(&audit.after)
-        .execute(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        tx.commit().await.map_err(LedgerError::query(op))?;
-        sqlite_config_version((version, now, author.to_string(), document.to_string()))
-    }
-
-    async fn config_version(
-        &self,
-        version: i64,
-    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, i64, String, String)>(
-            "SELECT version, created_at, author, document FROM config_versions WHERE version = ?1",
-        )
-        .bind(version)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(LedgerError::query("config_version"))?
-        .map(sqlite_config_version)
-        .transpose()
-    }
-
-    async fn latest_config_version(
-        &self,
-        author_prefix: Option<&str>,
-    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, i64, String, String)>(
-            "SELECT version, created_at, author, document FROM config_versions \
-             WHERE ?1 IS NULL OR substr(author, 1, length(?1)) = ?1 \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(author_prefix)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(LedgerError::query("latest_config_version"))?
-        .map(sqlite_config_version)
-        .transpose()
-    }
-
-    async fn config_versions(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
-        sqlx::query_as::<_, (i64, i64, String, String)>(
-            "SELECT version, created_at, author, '' FROM config_versions \
-             WHERE ?1 IS NULL OR version < ?1 ORDER BY version DESC LIMIT ?2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("config_versions"))?
-        .into_iter()
-        .map(sqlite_config_version)
-        .collect()
-    }
-
-    async fn insert_audit(
-        &self,
-        actor: &str,
-        record: &super::AuditRecord,
-    ) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO audit_log (at, actor, action, target, before, after) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(to_micros(Utc::now()))
-        .bind(actor)
-        .bind(&record.action)
-        .bind(&record.target)
-        .bind(&record.before)
-        .bind(&record.after)
-        .execute(&self.pool)
-        .await
-        .map_err(LedgerError::query("insert_audit"))?;
-        Ok(())
-    }
-
-    async fn audit_entries(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
-        type Row = (
-            i64,
-            i64,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, at, actor, action, target, before, after FROM audit_log \
-             WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("audit_entries"))?;
-        rows.into_iter()
-            .map(|(id, at, actor, action, target, before, after)| {
-                Ok(super::AuditEntry {
-                    id,
-                    at: from_micros(at).ok_or_else(|| LedgerError::Corrupt {
-                        table: "audit_log",
-                        detail: format!("entry {id} has at out of range: {at}"),
-                    })?,
-                    actor,
-                    action,
-                    target,
-                    before,
-                    after,
-                })
-            })
-            .collect()
-    }
-
-    async fn link_stripe_customer(
-        &self,
-        customer: &str,
-        stripe_customer: &str,
-        source: &str,
-    ) -> Result<Option<String>, LedgerError> {
-        let op = "link_stripe_customer";
-        let mut tx = self.write_tx(op).await?;
-        let owner: Option<String> = sqlx::query_scalar(
-            "SELECT customer FROM stripe_customers WHERE stripe_customer_id = ?",
-        )
-        .bind(stripe_customer)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        if let Some(owner) = owner.filter(|o| o != customer) {
-            return Err(LedgerError::LinkConflict {
-                stripe_customer: stripe_customer.to_string(),
-                customer: owner,
-            });
-        }
-        let before: Option<String> = sqlx::query_scalar(
-            "SELECT stripe_customer_id FROM stripe_customers WHERE customer = ?",
-        )
-        .bind(customer)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(LedgerError::query(op))?;
-        if before.as_deref() != Some(stripe_customer) {
-            sqlx::query(
-                "INSERT INTO stripe_customers (customer, stripe_customer_id, source, linked_at) \
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (customer) DO UPDATE SET \
-                   stripe_customer_id = excluded.stripe_customer_id, source = excluded.source, \
-                   linked_at = excluded.linked_at",
-            )
-            .bind(customer)
-            .bind(stripe_customer)
-            .bind(source)
-            .bind(to_micros(Utc::now()))
-            .execute(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
-        }
-        tx.commit().await.map_err(LedgerError::query(op))?;
-        Ok(before)
-    }
-
-    async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT customer, stripe_customer_id FROM stripe_customers ORDER BY customer",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("stripe_links"))
-    }
-
+#[async_trait::async_trait]
+impl super::ReportLedger for SqliteLedger {
     async fn claim_usage_reports(
         &self,
         claim: &ReportClaim,
@@ -771,18 +685,6 @@ impl super::Ledger for SqliteLedger {
         Ok(Some(marked))
     }
 
-    async fn apply_stripe_state(
-        &self,
-        customer: &str,
-        e: &Entitlement,
-    ) -> Result<bool, LedgerError> {
-        let done = bind_stripe_upsert(customer, e)
-            .execute(&self.pool)
-            .await
-            .map_err(LedgerError::query("apply_stripe_state"))?;
-        Ok(done.rows_affected() == 1)
-    }
-
     async fn unlinked_usage_rows(&self, meters: &[String]) -> Result<i64, LedgerError> {
         let meters = serde_json::to_string(meters).map_err(|e| LedgerError::Corrupt {
             table: "usage_events",
@@ -799,57 +701,162 @@ impl super::Ledger for SqliteLedger {
         .await
         .map_err(LedgerError::query("unlinked_usage_rows"))
     }
+}
 
-    async fn stripe_link(
+#[async_trait::async_trait]
+impl super::ConfigLedger for SqliteLedger {
+    async fn insert_config_version(
         &self,
-        customer: Option<&str>,
-        stripe_customer: Option<&str>,
-    ) -> Result<Option<(String, String)>, LedgerError> {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT customer, stripe_customer_id FROM stripe_customers \
-             WHERE (?1 IS NOT NULL AND customer = ?1) OR (?1 IS NULL AND stripe_customer_id = ?2)",
+        author: &str,
+        document: &str,
+        audit: &super::AuditRecord,
+    ) -> Result<super::ConfigVersion, LedgerError> {
+        let op = "insert_config_version";
+        let now = to_micros(Utc::now());
+        let mut tx = self.write_tx(op).await?;
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO config_versions (created_at, author, document) VALUES (?1, ?2, ?3) \
+             RETURNING version",
         )
-        .bind(customer)
-        .bind(stripe_customer)
+        .bind(now)
+        .bind(author)
+        .bind(document)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(now)
+        .bind(author)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.before)
+        .bind(&audit.after)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        sqlite_config_version((version, now, author.to_string(), document.to_string()))
+    }
+
+    async fn config_version(
+        &self,
+        version: i64,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions WHERE version = ?1",
+        )
+        .bind(version)
         .fetch_optional(&self.pool)
         .await
-        .map_err(LedgerError::query("stripe_link"))
+        .map_err(LedgerError::query("config_version"))?
+        .map(sqlite_config_version)
+        .transpose()
     }
 
-    async fn usage_report(
+    async fn latest_config_version(
         &self,
-        query: &super::UsageQuery,
-        limit: i64,
-        offset: i64,
-    ) -> Result<Vec<super::UsageGroup>, LedgerError> {
-        let sql = super::usage_report_sql(
-            query.group_by,
-            "strftime('%Y-%m-%d', ts / 1000000, 'unixepoch')",
-            ["?1", "?2", "?3", "?4", "?5", "?6", "?7"],
-        );
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&sql)
-            .bind(to_micros(query.from))
-            .bind(to_micros(query.to))
-            .bind(&query.customer)
-            .bind(&query.meter)
-            .bind(&query.route)
-            // LIMIT -1 is "no limit" on SQLite.
-            .bind(if limit > 0 { limit } else { -1 })
-            .bind(offset.max(0))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(LedgerError::query("usage_report"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(key, meter, units, requests)| super::UsageGroup {
-                key,
-                meter,
-                units,
-                requests,
-            })
-            .collect())
+        author_prefix: Option<&str>,
+    ) -> Result<Option<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, document FROM config_versions \
+             WHERE ?1 IS NULL OR substr(author, 1, length(?1)) = ?1 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(author_prefix)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(LedgerError::query("latest_config_version"))?
+        .map(sqlite_config_version)
+        .transpose()
     }
 
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::ConfigVersion>, LedgerError> {
+        sqlx::query_as::<_, (i64, i64, String, String)>(
+            "SELECT version, created_at, author, '' FROM config_versions \
+             WHERE ?1 IS NULL OR version < ?1 ORDER BY version DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("config_versions"))?
+        .into_iter()
+        .map(sqlite_config_version)
+        .collect()
+    }
+
+    async fn insert_audit(
+        &self,
+        actor: &str,
+        record: &super::AuditRecord,
+    ) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(to_micros(Utc::now()))
+        .bind(actor)
+        .bind(&record.action)
+        .bind(&record.target)
+        .bind(&record.before)
+        .bind(&record.after)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<super::AuditEntry>, LedgerError> {
+        type Row = (
+            i64,
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log \
+             WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(LedgerError::query("audit_entries"))?;
+        rows.into_iter()
+            .map(|(id, at, actor, action, target, before, after)| {
+                Ok(super::AuditEntry {
+                    id,
+                    at: from_micros(at).ok_or_else(|| LedgerError::Corrupt {
+                        table: "audit_log",
+                        detail: format!("entry {id} has at out of range: {at}"),
+                    })?,
+                    actor,
+                    action,
+                    target,
+                    before,
+                    after,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl super::AlertLedger for SqliteLedger {
     async fn claim_alert(
         &self,
         a: &super::AlertClaim,
@@ -904,17 +911,6 @@ impl super::Ledger for SqliteLedger {
         Ok(())
     }
 
-    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT ?1"
-        ))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(LedgerError::query("alert_deliveries"))?;
-        rows.iter().map(alert_from_row).collect()
-    }
-
     async fn resume_alerts(
         &self,
         now: DateTime<Utc>,
@@ -948,6 +944,22 @@ impl super::Ledger for SqliteLedger {
         Ok(out)
     }
 
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        let ids = serde_json::to_string(ids).map_err(|e| LedgerError::Corrupt {
+            table: "alert_deliveries",
+            detail: e.to_string(),
+        })?;
+        sqlx::query(
+            "UPDATE alert_deliveries SET lease_until = NULL \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(LedgerError::query("release_alerts"))?;
+        Ok(())
+    }
+
     async fn try_lease(
         &self,
         name: &str,
@@ -970,19 +982,25 @@ impl super::Ledger for SqliteLedger {
         Ok(taken.rows_affected() == 1)
     }
 
-    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
-        let ids = serde_json::to_string(ids).map_err(|e| LedgerError::Corrupt {
-            table: "alert_deliveries",
-            detail: e.to_string(),
-        })?;
-        sqlx::query(
-            "UPDATE alert_deliveries SET lease_until = NULL \
-             WHERE id IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL",
-        )
-        .bind(ids)
-        .execute(&self.pool)
+    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<super::AlertDelivery>, LedgerError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT ?1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
         .await
-        .map_err(LedgerError::query("release_alerts"))?;
+        .map_err(LedgerError::query("alert_deliveries"))?;
+        rows.iter().map(alert_from_row).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ledger for SqliteLedger {
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(LedgerError::query("ping"))?;
         Ok(())
     }
 }
@@ -1108,7 +1126,7 @@ fn customer_from_row(row: &SqliteRow) -> Result<(String, Entitlement), LedgerErr
 mod tests {
     use super::*;
     use crate::ledger::test_support::{events, t0, TempDir};
-    use crate::ledger::{open, Ledger};
+    use crate::ledger::{open, CustomerLedger, UsageLedger};
 
     /// `sqlite:PATH` creates the missing parent directories and the file itself.
     #[tokio::test]
