@@ -1,11 +1,37 @@
-//! The alerts concern of the ledger: threshold-alert deliveries (`alert_deliveries`) and named
-//! leases (`leases`). Implemented by both backends.
+//! Threshold alerts (`alert_deliveries`: claimed once per customer/meter/period/threshold, then
+//! the delivery log) and named leases (`leases`: which instance runs a job shared by all). Both
+//! hand work to one instance at a time through a time-limited hold. The SQL here is written once
+//! for both backends.
 //!
 //! Must not decide when an alert is due or what it says: that is `crate::alerts`'.
 
 use chrono::{DateTime, Utc};
 
-use super::{AlertClaim, AlertDelivery, LedgerError};
+use super::dialect::{read_error, Backend, List, ReadRow, Time};
+use super::{AlertClaim, AlertDelivery, LedgerError, SqlLedger};
+
+// Postgres' `integer` columns are read as BIGINT, the one integer type both backends decode.
+const ALERT_COLUMNS: &str = "id, customer, meter, period_start, period_end, \
+     CAST(threshold AS BIGINT) AS threshold, plan, used, included, created_at, \
+     CAST(attempts AS BIGINT) AS attempts, last_attempt_at, \
+     CAST(last_status AS BIGINT) AS last_status, last_error, delivered_at";
+
+/// The unique key makes the first claimer the only one; `created_at` is the column default.
+const CLAIM: &str = "INSERT INTO alert_deliveries \
+       (customer, meter, period_start, threshold, plan, used, included, period_end, lease_until) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+     ON CONFLICT (customer, meter, period_start, threshold) DO NOTHING RETURNING id";
+
+const ATTEMPT: &str = "UPDATE alert_deliveries SET attempts = attempts + 1, last_attempt_at = $2, \
+       last_status = $3, last_error = $4, \
+       delivered_at = CASE WHEN $5 AND delivered_at IS NULL THEN $2 ELSE delivered_at END, \
+       lease_until = $6 \
+     WHERE id = $1";
+
+/// Taken when free, already the holder's, or the holder's time ran out (`$3` is now).
+const TRY_LEASE: &str = "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $4) \
+     ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until \
+     WHERE leases.holder = EXCLUDED.holder OR leases.until < $3";
 
 /// Alert deliveries (claimed once, retried, resumed after a crash) and leases.
 #[async_trait::async_trait]
@@ -55,4 +81,158 @@ pub trait AlertLedger: Send + Sync {
     ) -> Result<bool, LedgerError>;
     /// The alert delivery log, newest first, at most `limit` rows.
     async fn alert_deliveries(&self, limit: i64) -> Result<Vec<AlertDelivery>, LedgerError>;
+}
+
+#[async_trait::async_trait]
+impl<DB: Backend> AlertLedger for SqlLedger<DB> {
+    async fn claim_alert(
+        &self,
+        a: &AlertClaim,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<i64>, LedgerError> {
+        let op = "claim_alert";
+        let row = DB::sql(CLAIM)
+            .bind(a.customer.as_str())
+            .bind(a.meter.as_str())
+            .bind(Time(a.period_start))
+            // The column is a Postgres `integer`; thresholds are 1–1000 (config).
+            .bind(a.threshold as i32)
+            .bind(a.plan.as_str())
+            .bind(a.used)
+            .bind(a.included)
+            .bind(a.period_end.map(Time))
+            .bind(Time(lease_until))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        row.map(|r| r.col("id"))
+            .transpose()
+            .map_err(LedgerError::query(op))
+    }
+
+    async fn record_alert_attempt(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: Option<&str>,
+        delivered: bool,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<(), LedgerError> {
+        DB::sql(ATTEMPT)
+            .bind(id)
+            .bind(Time(Utc::now()))
+            .bind(status.map(i32::from))
+            .bind(error)
+            .bind(delivered)
+            .bind(lease_until.map(Time))
+            .execute(self.pool())
+            .await
+            .map_err(LedgerError::query("record_alert_attempt"))?;
+        Ok(())
+    }
+
+    async fn resume_alerts(
+        &self,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<AlertDelivery>, LedgerError> {
+        let op = "resume_alerts";
+        // One statement: on Postgres, SKIP LOCKED makes instances resuming at once take
+        // different alerts; on SQLite, writers run one at a time.
+        let sql = format!(
+            "UPDATE alert_deliveries SET lease_until = $3 WHERE id IN ( \
+               SELECT id FROM alert_deliveries \
+               WHERE delivered_at IS NULL AND attempts < $4 AND created_at > $2 \
+                 AND (lease_until IS NULL OR lease_until < $1) \
+               ORDER BY id LIMIT $5{}) \
+             RETURNING {ALERT_COLUMNS}",
+            DB::skip_locked("alert_deliveries"),
+        );
+        let rows = DB::sql(&sql)
+            .bind(Time(now))
+            .bind(Time(since))
+            .bind(Time(lease_until))
+            .bind(max_attempts)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        let mut out = rows
+            .iter()
+            .map(|r| alert_from_row(r, op))
+            .collect::<Result<Vec<_>, _>>()?;
+        // RETURNING gives no order.
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    async fn release_alerts(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        let sql = format!(
+            "UPDATE alert_deliveries SET lease_until = NULL WHERE {} AND delivered_at IS NULL",
+            DB::in_list("id", "$1"),
+        );
+        DB::sql(&sql)
+            .bind_list(List::Int(ids))
+            .execute(self.pool())
+            .await
+            .map_err(LedgerError::query("release_alerts"))?;
+        Ok(())
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let taken = DB::sql(TRY_LEASE)
+            .bind(name)
+            .bind(holder)
+            .bind(Time(now))
+            .bind(Time(until))
+            .execute(self.pool())
+            .await
+            .map_err(LedgerError::query("try_lease"))?;
+        Ok(taken == 1)
+    }
+
+    async fn alert_deliveries(&self, limit: i64) -> Result<Vec<AlertDelivery>, LedgerError> {
+        let op = "alert_deliveries";
+        let sql = format!("SELECT {ALERT_COLUMNS} FROM alert_deliveries ORDER BY id DESC LIMIT $1");
+        let rows = DB::sql(&sql)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter().map(|r| alert_from_row(r, op)).collect()
+    }
+}
+
+fn alert_from_row(r: &impl ReadRow, op: &'static str) -> Result<AlertDelivery, LedgerError> {
+    let read = || -> Result<AlertDelivery, sqlx::Error> {
+        Ok(AlertDelivery {
+            id: r.col("id")?,
+            alert: AlertClaim {
+                customer: r.col("customer")?,
+                meter: r.col("meter")?,
+                period_start: r.time("period_start")?,
+                period_end: r.opt_time("period_end")?,
+                threshold: r.col::<i64>("threshold")?.clamp(0, i64::from(u32::MAX)) as u32,
+                plan: r.col("plan")?,
+                used: r.col("used")?,
+                included: r.col("included")?,
+            },
+            created_at: r.time("created_at")?,
+            attempts: r.col("attempts")?,
+            last_attempt_at: r.opt_time("last_attempt_at")?,
+            last_status: r.col("last_status")?,
+            last_error: r.col("last_error")?,
+            delivered_at: r.opt_time("delivered_at")?,
+        })
+    };
+    read().map_err(read_error(op, "alert_deliveries"))
 }

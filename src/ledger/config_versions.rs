@@ -1,9 +1,27 @@
-//! The config-history concern of the ledger (`config_versions`) and the admin audit log
-//! (`audit_log`). Implemented by both backends.
+//! Config history (`config_versions`: every live-config document stored, numbered by the
+//! ledger's sequence) and the admin audit log (`audit_log`). The SQL here is written once for
+//! both backends.
 //!
 //! Must not interpret documents: they are stored and returned as text (`liveconfig` parses).
 
-use super::{AuditEntry, AuditRecord, ConfigVersion, LedgerError};
+use chrono::Utc;
+
+use super::dialect::{read_error, Backend, ReadRow, Time};
+use super::{AuditEntry, AuditRecord, ConfigVersion, LedgerError, SqlLedger};
+
+const INSERT_VERSION: &str = "INSERT INTO config_versions (created_at, author, document) \
+     VALUES ($1, $2, $3) RETURNING version, created_at";
+
+const INSERT_AUDIT: &str = "INSERT INTO audit_log (at, actor, action, target, before, after) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+const VERSION_COLUMNS: &str = "version, created_at, author, document";
+
+const VERSIONS: &str = "SELECT version, created_at, author, '' AS document FROM config_versions \
+     WHERE $1 IS NULL OR version < $1 ORDER BY version DESC LIMIT $2";
+
+const AUDIT_ENTRIES: &str = "SELECT id, at, actor, action, target, before, after FROM audit_log \
+     WHERE $1 IS NULL OR id < $1 ORDER BY id DESC LIMIT $2";
 
 /// Config versions and the audit log of admin mutations.
 #[async_trait::async_trait]
@@ -39,4 +57,146 @@ pub trait ConfigLedger: Send + Sync {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, LedgerError>;
+}
+
+#[async_trait::async_trait]
+impl<DB: Backend> ConfigLedger for SqlLedger<DB> {
+    async fn insert_config_version(
+        &self,
+        author: &str,
+        document: &str,
+        audit: &AuditRecord,
+    ) -> Result<ConfigVersion, LedgerError> {
+        let op = "insert_config_version";
+        let now = Utc::now();
+        let mut tx = DB::begin_write(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        let row = DB::sql(INSERT_VERSION)
+            .bind(Time(now))
+            .bind(author)
+            .bind(document)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+        let read =
+            || -> Result<_, sqlx::Error> { Ok((row.col("version")?, row.time("created_at")?)) };
+        let (version, created_at) = read().map_err(read_error(op, "config_versions"))?;
+        DB::sql(INSERT_AUDIT)
+            .bind(Time(now))
+            .bind(author)
+            .bind(audit.action.as_str())
+            .bind(audit.target.as_str())
+            .bind(audit.before.as_deref())
+            .bind(audit.after.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::query(op))?;
+        tx.commit().await.map_err(LedgerError::query(op))?;
+        Ok(ConfigVersion {
+            version,
+            created_at,
+            author: author.to_string(),
+            document: document.to_string(),
+        })
+    }
+
+    async fn config_version(&self, version: i64) -> Result<Option<ConfigVersion>, LedgerError> {
+        let op = "config_version";
+        let sql = format!("SELECT {VERSION_COLUMNS} FROM config_versions WHERE version = $1");
+        let row = DB::sql(&sql)
+            .bind(version)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        row.map(|r| version_from_row(&r, op)).transpose()
+    }
+
+    async fn latest_config_version(
+        &self,
+        author_prefix: Option<&str>,
+    ) -> Result<Option<ConfigVersion>, LedgerError> {
+        let op = "latest_config_version";
+        // `substr`, not `LIKE`: a prefix holding `%` or `_` matches only itself.
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM config_versions \
+             WHERE $1 IS NULL OR substr(author, 1, length($1)) = $1 \
+             ORDER BY version DESC LIMIT 1"
+        );
+        let row = DB::sql(&sql)
+            .bind(author_prefix)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        row.map(|r| version_from_row(&r, op)).transpose()
+    }
+
+    async fn config_versions(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ConfigVersion>, LedgerError> {
+        let op = "config_versions";
+        let rows = DB::sql(VERSIONS)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter().map(|r| version_from_row(r, op)).collect()
+    }
+
+    async fn insert_audit(&self, actor: &str, record: &AuditRecord) -> Result<(), LedgerError> {
+        DB::sql(INSERT_AUDIT)
+            .bind(Time(Utc::now()))
+            .bind(actor)
+            .bind(record.action.as_str())
+            .bind(record.target.as_str())
+            .bind(record.before.as_deref())
+            .bind(record.after.as_deref())
+            .execute(self.pool())
+            .await
+            .map_err(LedgerError::query("insert_audit"))?;
+        Ok(())
+    }
+
+    async fn audit_entries(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, LedgerError> {
+        let op = "audit_entries";
+        let rows = DB::sql(AUDIT_ENTRIES)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.col("id")?,
+                    at: r.time("at")?,
+                    actor: r.col("actor")?,
+                    action: r.col("action")?,
+                    target: r.col("target")?,
+                    before: r.col("before")?,
+                    after: r.col("after")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(read_error(op, "audit_log"))
+    }
+}
+
+fn version_from_row(r: &impl ReadRow, op: &'static str) -> Result<ConfigVersion, LedgerError> {
+    let read = || -> Result<ConfigVersion, sqlx::Error> {
+        Ok(ConfigVersion {
+            version: r.col("version")?,
+            created_at: r.time("created_at")?,
+            author: r.col("author")?,
+            document: r.col("document")?,
+        })
+    };
+    read().map_err(read_error(op, "config_versions"))
 }

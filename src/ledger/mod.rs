@@ -9,26 +9,37 @@
 //! cache (`entitle`) and hands usage to `usage::UsageSink`, which never awaits. Only background
 //! tasks, the admin API and start-up call into this module.
 //!
-//! Layout:
-//! - `mod.rs`: the shared types, [`Ledger`] (the union of one trait per concern: `usage`,
-//!   `customers`, `stripe_events`, `reports`, `config_versions`, `alerts`), [`open`] /
-//!   [`migrate`] (URL → backend) and their tests, run against both backends
-//!   (`test_support::contract!`).
-//! - [`postgres`]: [`PgLedger`], search-path isolation per schema.
-//! - [`sqlite`]: [`SqliteLedger`], times as integer microseconds.
+//! Layout — each query is written once, for both backends:
+//! - `mod.rs`: the record types, [`LedgerError`], [`Ledger`] (every concern's trait), [`open`] /
+//!   [`migrate`] (URL → backend) and [`SqlLedger`], the one ledger type behind both backends.
+//! - one module per concern, each with its trait and its SQL: `usage` ([`UsageLedger`]: usage
+//!   rows), `customers` ([`CustomerLedger`]: entitlements, the one Stripe upsert, Stripe links),
+//!   `stripe_events` ([`StripeEventLedger`]: webhook events), `reports` ([`ReportLedger`]: usage
+//!   reports to Stripe), `config_versions` ([`ConfigLedger`]: config history and the audit log),
+//!   `alerts` ([`AlertLedger`]: alert deliveries and leases).
+//! - `dialect`: what differs between the backends (SQL fragments, time encoding, the two
+//!   statements written per backend) and the thin layer shared code runs queries through.
+//! - `test_support` (tests only): fixtures, and `contract!`, which runs a check on both backends
+//!   (the contract checks are in this file's tests).
+//! - [`postgres`] / [`sqlite`]: the pools, connect and migrate, and their dialect.
 //!
 //! Times are stored with microsecond precision on both backends; nanoseconds are truncated.
+//! Every time tollgate writes is bound from the instance's clock (SQLite has no `now()`); only
+//! column defaults (`created_at` of alerts and of Postgres' meter reports, `received_at`) come
+//! from the database's.
 
 mod alerts;
 mod config_versions;
 mod customers;
+mod dialect;
 pub mod postgres;
 mod reports;
 pub mod sqlite;
 mod stripe_events;
+mod usage;
+
 #[cfg(test)]
 pub(crate) mod test_support;
-mod usage;
 
 use std::sync::Arc;
 
@@ -39,7 +50,7 @@ pub use alerts::AlertLedger;
 pub use config_versions::ConfigLedger;
 pub use customers::CustomerLedger;
 pub use postgres::PgLedger;
-pub use reports::ReportLedger;
+pub use reports::{group_reports, ReportLedger};
 pub use sqlite::SqliteLedger;
 pub use stripe_events::StripeEventLedger;
 pub use usage::UsageLedger;
@@ -248,26 +259,6 @@ pub struct UsageGroup {
     pub requests: i64,
 }
 
-/// The `SELECT … GROUP BY` of a usage report, given the backend's day expression and its
-/// numbered placeholders for from, to, customer, meter, route, limit, offset (in that order).
-pub(crate) fn usage_report_sql(group_by: UsageGroupBy, day: &str, p: [&str; 7]) -> String {
-    let (key, group) = match group_by {
-        UsageGroupBy::Day => (day, "k, meter"),
-        UsageGroupBy::Route => ("route", "k, meter"),
-        UsageGroupBy::Customer => ("customer", "k, meter"),
-        UsageGroupBy::Total => ("''", "meter"),
-    };
-    let [from, to, customer, meter, route, limit, offset] = p;
-    format!(
-        "SELECT {key} AS k, meter, CAST(COALESCE(SUM(units), 0) AS BIGINT) AS units, COUNT(*) AS requests \
-         FROM usage_events WHERE ts >= {from} AND ts < {to} \
-         AND ({customer} IS NULL OR customer = {customer}) \
-         AND ({meter} IS NULL OR meter = {meter}) \
-         AND ({route} IS NULL OR route = {route}) \
-         GROUP BY {group} ORDER BY {group} LIMIT {limit} OFFSET {offset}"
-    )
-}
-
 /// What [`ReportLedger::claim_usage_reports`] takes.
 #[derive(Debug, Clone)]
 pub struct ReportClaim {
@@ -356,61 +347,6 @@ pub struct MeterReport {
     pub ambiguous_since: Option<DateTime<Utc>>,
 }
 
-/// Groups claimed rows into reports: one per (customer, meter, UTC window of `window_secs`,
-/// too old or not). Rows of meters missing from `meters` are dropped. Pure: both backends use it.
-pub fn group_reports(
-    rows: &[ReportRow],
-    meters: &std::collections::BTreeMap<String, String>,
-    window_secs: i64,
-    too_old_before: DateTime<Utc>,
-) -> Vec<MeterReport> {
-    use std::collections::BTreeMap;
-    let window = window_secs.max(1);
-    let mut groups: BTreeMap<(&str, &str, i64, bool), Vec<&ReportRow>> = BTreeMap::new();
-    for r in rows {
-        if !meters.contains_key(&r.meter) {
-            continue;
-        }
-        let w = r.ts.timestamp().div_euclid(window);
-        let old = r.ts < too_old_before;
-        groups
-            .entry((r.customer.as_str(), r.meter.as_str(), w, old))
-            .or_default()
-            .push(r);
-    }
-    let mut out: Vec<MeterReport> = groups
-        .into_iter()
-        .filter_map(|((customer, meter, _, old), mut rows)| {
-            rows.sort_by_key(|r| (r.ts, r.id));
-            let first = rows.first()?;
-            let value: i64 = rows.iter().map(|r| r.units).sum();
-            let state = if old {
-                ReportState::TooOld
-            } else if value == 0 {
-                ReportState::Zero
-            } else {
-                ReportState::Pending
-            };
-            Some(MeterReport {
-                identifier: format!("tg_{}", first.id.simple()),
-                customer: customer.to_string(),
-                stripe_customer: first.stripe_customer.clone(),
-                meter: meter.to_string(),
-                event_name: meters.get(meter)?.clone(),
-                ts: DateTime::from_timestamp(first.ts.timestamp(), 0)?,
-                value,
-                rows: rows.len() as i64,
-                state,
-                row_ids: rows.iter().map(|r| r.id).collect(),
-                attempts: 0,
-                ambiguous_since: None,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| (a.ts, &a.identifier).cmp(&(b.ts, &b.identifier)));
-    out
-}
-
 /// One row of `config_versions`: a live-config document (JSON) and who stored it when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigVersion {
@@ -444,23 +380,69 @@ pub struct AuditEntry {
     pub after: Option<String>,
 }
 
+/// A ledger on one SQL backend: [`PgLedger`] (`SqlLedger<Postgres>`) or [`SqliteLedger`]
+/// (`SqlLedger<Sqlite>`). Every concern's trait is implemented once, for both. Cheap to clone
+/// (the pool is shared).
+pub struct SqlLedger<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+}
+
+impl<DB: sqlx::Database> SqlLedger<DB> {
+    pub(crate) fn from_pool(pool: sqlx::Pool<DB>) -> Self {
+        SqlLedger { pool }
+    }
+
+    /// The pool, for modules that own other tables (Stripe events, config history, audit log).
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+}
+
+// Not derived: a derive would ask `DB: Clone`, which the driver markers are not.
+impl<DB: sqlx::Database> Clone for SqlLedger<DB> {
+    fn clone(&self) -> Self {
+        SqlLedger {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for SqlLedger<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlLedger")
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl<DB: dialect::Backend> Ledger for SqlLedger<DB> {
+    async fn ping(&self) -> Result<(), LedgerError> {
+        DB::sql("SELECT 1")
+            .execute(self.pool())
+            .await
+            .map_err(LedgerError::query("ping"))?;
+        Ok(())
+    }
+}
+
 /// Rows per INSERT statement. 9 columns × 1000 = 9000 parameters: under SQLite's 32766 and far
 /// under Postgres' 65535 (Postgres binds columns as arrays anyway), and small enough that one
 /// statement never holds a lock for long.
 pub(crate) const INSERT_CHUNK: usize = 1000;
 
 /// The backend a URL names.
-enum Backend {
+enum Scheme {
     Postgres,
     Sqlite,
 }
 
-fn backend(url: &str) -> Result<Backend, LedgerError> {
+fn scheme(url: &str) -> Result<Scheme, LedgerError> {
     let lower = url.get(..14).unwrap_or(url).to_ascii_lowercase();
     if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-        Ok(Backend::Postgres)
+        Ok(Scheme::Postgres)
     } else if lower.starts_with("sqlite:") {
-        Ok(Backend::Sqlite)
+        Ok(Scheme::Sqlite)
     } else {
         // Only the scheme: the rest may hold credentials.
         let scheme = url.split_once(':').map_or("", |(s, _)| s).to_string();
@@ -474,13 +456,13 @@ fn backend(url: &str) -> Result<Backend, LedgerError> {
 /// `schema`: Postgres only — created if missing and set as the `search_path` of every pooled
 /// connection (tests isolate by schema); an error on SQLite. Runs the migrations before returning.
 pub async fn open(url: &str, schema: Option<&str>) -> Result<Arc<dyn Ledger>, LedgerError> {
-    match backend(url)? {
-        Backend::Postgres => {
+    match scheme(url)? {
+        Scheme::Postgres => {
             let ledger = PgLedger::connect(url, schema).await?;
             ledger.migrate().await?;
             Ok(Arc::new(ledger))
         }
-        Backend::Sqlite => {
+        Scheme::Sqlite => {
             refuse_schema(schema)?;
             let ledger = SqliteLedger::connect(url).await?;
             ledger.migrate().await?;
@@ -492,14 +474,14 @@ pub async fn open(url: &str, schema: Option<&str>) -> Result<Arc<dyn Ledger>, Le
 /// Same as [`open`], but only runs the migrations and reports how many were applied now
 /// (for `tollgate migrate`). The pool is closed before returning.
 pub async fn migrate(url: &str, schema: Option<&str>) -> Result<usize, LedgerError> {
-    match backend(url)? {
-        Backend::Postgres => {
+    match scheme(url)? {
+        Scheme::Postgres => {
             let ledger = PgLedger::connect(url, schema).await?;
             let applied = ledger.migrate().await;
             ledger.pool().close().await;
             applied
         }
-        Backend::Sqlite => {
+        Scheme::Sqlite => {
             refuse_schema(schema)?;
             let ledger = SqliteLedger::connect(url).await?;
             let applied = ledger.migrate().await;
