@@ -236,3 +236,156 @@ fn alert_from_row(r: &impl ReadRow, op: &'static str) -> Result<AlertDelivery, L
     };
     read().map_err(read_error(op, "alert_deliveries"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Duration;
+
+    use super::*;
+    use crate::ledger::test_support::{contract, t0};
+    use crate::ledger::Ledger;
+
+    /// Alerts: claimed once; an undelivered alert is taken over only when its holder's lease
+    /// ran out or was released, by one caller at a time, while attempts are left.
+    async fn check_alert_resumption(ledger: Arc<dyn Ledger>) {
+        let t = Utc::now();
+        let claim = |threshold: u32| AlertClaim {
+            customer: "acme".into(),
+            meter: "api_calls".into(),
+            period_start: t0(),
+            period_end: Some(t0() + Duration::days(30)),
+            threshold,
+            plan: "pro".into(),
+            used: 8,
+            included: 10,
+        };
+        let lease = t + Duration::seconds(70);
+        let a = ledger
+            .claim_alert(&claim(80), lease)
+            .await
+            .expect("claim")
+            .expect("new");
+        assert_eq!(
+            ledger.claim_alert(&claim(80), lease).await.expect("again"),
+            None
+        );
+        let b = ledger
+            .claim_alert(&claim(100), lease)
+            .await
+            .expect("claim")
+            .expect("new");
+        let resume = |now: DateTime<Utc>, max: i64| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .resume_alerts(
+                        now,
+                        t - Duration::days(7),
+                        now + Duration::seconds(70),
+                        max,
+                        10,
+                    )
+                    .await
+                    .expect("resume")
+                    .into_iter()
+                    .map(|d| (d.id, d.attempts, d.alert.period_end.is_some()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Held: nobody takes them over.
+        assert_eq!(resume(t, 6).await, vec![]);
+        // a fails once (retry to come, lease renewed); b is delivered.
+        ledger
+            .record_alert_attempt(
+                a,
+                Some(500),
+                Some("boom"),
+                false,
+                Some(t + Duration::seconds(90)),
+            )
+            .await
+            .expect("attempt a");
+        ledger
+            .record_alert_attempt(b, Some(200), None, true, None)
+            .await
+            .expect("attempt b");
+        assert_eq!(resume(t + Duration::seconds(80), 6).await, vec![]);
+        // The holder is gone: a is taken over once, with its attempt count.
+        let later = t + Duration::seconds(100);
+        assert_eq!(resume(later, 6).await, vec![(a, 1, true)]);
+        assert_eq!(resume(later, 6).await, vec![]);
+        // Released by a stopping instance: available at once.
+        ledger.release_alerts(&[a, b]).await.expect("release");
+        assert_eq!(resume(later, 6).await, vec![(a, 1, true)]);
+        ledger.release_alerts(&[a]).await.expect("release");
+        // No attempts left, or claimed too long ago: left alone.
+        assert_eq!(resume(later, 1).await, vec![]);
+        assert_eq!(
+            ledger
+                .resume_alerts(later, t + Duration::days(1), later, 6, 10)
+                .await
+                .expect("resume")
+                .len(),
+            0
+        );
+    }
+
+    /// A lease goes to one holder until its time runs out; its holder may renew it.
+    async fn check_leases(ledger: Arc<dyn Ledger>) {
+        let t = t0();
+        let until = t + Duration::seconds(60);
+        assert!(ledger.try_lease("job", "a", t, until).await.expect("a"));
+        assert!(!ledger.try_lease("job", "b", t, until).await.expect("b"));
+        assert!(ledger
+            .try_lease("other", "b", t, until)
+            .await
+            .expect("other job"));
+        assert!(ledger
+            .try_lease(
+                "job",
+                "a",
+                t + Duration::seconds(30),
+                until + Duration::seconds(30)
+            )
+            .await
+            .expect("renew"));
+        assert!(!ledger
+            .try_lease("job", "b", t + Duration::seconds(70), until)
+            .await
+            .expect("b, a renewed"));
+        assert!(ledger
+            .try_lease(
+                "job",
+                "b",
+                t + Duration::seconds(91),
+                t + Duration::seconds(150)
+            )
+            .await
+            .expect("b, a gone"));
+        assert!(!ledger
+            .try_lease(
+                "job",
+                "a",
+                t + Duration::seconds(92),
+                t + Duration::seconds(150)
+            )
+            .await
+            .expect("a back"));
+    }
+
+    contract!(
+        "a lease has one holder at a time.",
+        check_leases,
+        pg_leases,
+        sqlite_leases
+    );
+
+    contract!(
+        "abandoned alerts are taken over once.",
+        check_alert_resumption,
+        pg_alert_resumption,
+        sqlite_alert_resumption
+    );
+}

@@ -200,3 +200,98 @@ fn version_from_row(r: &impl ReadRow, op: &'static str) -> Result<ConfigVersion,
     };
     read().map_err(read_error(op, "config_versions"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ledger::test_support::contract;
+    use crate::ledger::Ledger;
+
+    /// Config versions: numbered in order, read back whole, listed newest first in pages, the
+    /// newest by author prefix (no LIKE wildcards), each with its audit row.
+    async fn check_config_versions(ledger: Arc<dyn Ledger>) {
+        assert_eq!(
+            ledger.latest_config_version(None).await.expect("latest"),
+            None
+        );
+        let audit = |n: usize| AuditRecord {
+            action: format!("config.test.{n}"),
+            target: "config".into(),
+            before: None,
+            after: Some(format!("{{\"n\":{n}}}")),
+        };
+        let mut stored = Vec::new();
+        for (n, author) in ["file:/etc/t.toml", "admin:alice", "file_x", "admin"]
+            .iter()
+            .enumerate()
+        {
+            let v = ledger
+                .insert_config_version(author, &format!("{{\"n\":{n}}}"), &audit(n))
+                .await
+                .expect("insert");
+            assert_eq!(v.author, *author);
+            stored.push(v);
+        }
+        assert!(stored.windows(2).all(|w| w[0].version < w[1].version));
+        let back = ledger
+            .config_version(stored[1].version)
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(back, stored[1]);
+        assert_eq!(ledger.config_version(-5).await.expect("get"), None);
+        let newest = |p| ledger.latest_config_version(p);
+        assert_eq!(newest(None).await.expect("latest"), Some(stored[3].clone()));
+        assert_eq!(
+            newest(Some("file:")).await.expect("file"),
+            Some(stored[0].clone())
+        );
+        assert_eq!(
+            newest(Some("file")).await.expect("file"),
+            Some(stored[2].clone())
+        );
+        assert_eq!(newest(Some("%")).await.expect("wildcard"), None);
+
+        let page = ledger.config_versions(None, 3).await.expect("page");
+        let numbers: Vec<i64> = page.iter().map(|v| v.version).collect();
+        let want: Vec<i64> = stored.iter().rev().take(3).map(|v| v.version).collect();
+        assert_eq!(numbers, want);
+        assert!(
+            page.iter().all(|v| v.document.is_empty()),
+            "listings leave documents out"
+        );
+        let rest = ledger
+            .config_versions(Some(numbers[2]), 3)
+            .await
+            .expect("next page");
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].version, stored[0].version);
+
+        ledger
+            .insert_audit("admin:bob", &audit(9))
+            .await
+            .expect("audit");
+        let entries = ledger.audit_entries(None, 10).await.expect("audit log");
+        assert_eq!(entries.len(), 5);
+        assert_eq!(
+            (entries[0].actor.as_str(), entries[0].action.as_str()),
+            ("admin:bob", "config.test.9")
+        );
+        assert_eq!(entries[4].actor, "file:/etc/t.toml");
+        assert_eq!(entries[4].after.as_deref(), Some("{\"n\":0}"));
+        let older = ledger
+            .audit_entries(Some(entries[1].id), 10)
+            .await
+            .expect("older");
+        assert_eq!(older.len(), 3);
+    }
+
+    contract!(
+        "config versions and the audit log.",
+        check_config_versions,
+        pg_config_versions,
+        sqlite_config_versions
+    );
+}

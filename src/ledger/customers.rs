@@ -294,3 +294,194 @@ fn customer_from_row(row: &impl ReadRow) -> Result<(String, Entitlement), Ledger
     };
     Ok((id, read().map_err(get)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Duration;
+
+    use super::*;
+    use crate::ledger::test_support::{contract, sub, t0};
+    use crate::ledger::Ledger;
+
+    async fn check_customers_round_trip(ledger: Arc<dyn Ledger>) {
+        assert_eq!(ledger.get_customer("nobody").await.expect("get"), None);
+        let full = Entitlement {
+            plan: Some("pro".into()),
+            status: Status::PastDue,
+            status_since: Some(t0()),
+            period_start: Some(t0() - Duration::days(3) + Duration::microseconds(1)),
+            period_end: Some(t0() + Duration::days(27) - Duration::microseconds(1)),
+            suspended: true,
+            updated_at: t0() + Duration::microseconds(999_999),
+            cancel_at_period_end: true,
+            trial_end: Some(t0() - Duration::days(1) + Duration::microseconds(7)),
+        };
+        let empty = Entitlement {
+            plan: None,
+            status: Status::Active,
+            status_since: None,
+            period_start: None,
+            period_end: None,
+            suspended: false,
+            updated_at: t0(),
+            cancel_at_period_end: false,
+            trial_end: None,
+        };
+        ledger.put_customer("cus_b", &full).await.expect("put b");
+        ledger.put_customer("cus_a", &empty).await.expect("put a");
+        assert_eq!(
+            ledger.get_customer("cus_b").await.expect("get b"),
+            Some(full.clone())
+        );
+        assert_eq!(
+            ledger.get_customer("cus_a").await.expect("get a"),
+            Some(empty.clone())
+        );
+
+        // Upsert replaces every field, including back to NULL.
+        let changed = Entitlement {
+            plan: None,
+            status: Status::Canceled,
+            suspended: false,
+            period_end: None,
+            cancel_at_period_end: false,
+            trial_end: None,
+            ..full.clone()
+        };
+        ledger
+            .put_customer("cus_b", &changed)
+            .await
+            .expect("update b");
+        assert_eq!(
+            ledger.get_customer("cus_b").await.expect("get b"),
+            Some(changed.clone())
+        );
+
+        let all = ledger.all_customers().await.expect("all");
+        assert_eq!(
+            all,
+            vec![("cus_a".to_string(), empty), ("cus_b".to_string(), changed)]
+        );
+    }
+
+    /// The reconciler's write follows the webhook's rule: only over older (or same-time) state,
+    /// the operator's suspension and an unchanged status' start kept, the terms written.
+    async fn check_apply_stripe_state(ledger: Arc<dyn Ledger>) {
+        let t = t0();
+        let mut operator = sub("pro", Status::Active, t);
+        operator.suspended = true;
+        ledger.put_customer("acme", &operator).await.expect("put");
+        let older = sub("free", Status::Canceled, t - Duration::seconds(1));
+        assert!(!ledger
+            .apply_stripe_state("acme", &older)
+            .await
+            .expect("older"));
+        let mut same_status = sub("team", Status::Active, t + Duration::seconds(3));
+        same_status.cancel_at_period_end = true;
+        same_status.trial_end = Some(t + Duration::days(7));
+        assert!(ledger
+            .apply_stripe_state("acme", &same_status)
+            .await
+            .expect("newer"));
+        let got = ledger
+            .get_customer("acme")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(
+            got,
+            Entitlement {
+                suspended: true,
+                status_since: Some(t),
+                ..same_status.clone()
+            }
+        );
+        // Same time again: written (the caller settled which state is right), status start kept.
+        let canceled = sub("team", Status::Canceled, t + Duration::seconds(3));
+        assert!(ledger
+            .apply_stripe_state("acme", &canceled)
+            .await
+            .expect("same time"));
+        let got = ledger
+            .get_customer("acme")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(
+            (got.status, got.cancel_at_period_end),
+            (Status::Canceled, false)
+        );
+        // A new customer gets a row, not suspended.
+        assert!(ledger
+            .apply_stripe_state("globex", &same_status)
+            .await
+            .expect("new"));
+        assert_eq!(
+            ledger.get_customer("globex").await.expect("get"),
+            Some(same_status)
+        );
+    }
+
+    /// Many concurrent links of one customer (concurrent deliveries of a webhook) all succeed:
+    /// each read-then-write transaction takes the write lock up front, so none is refused for
+    /// a stale read snapshot (SQLite's BUSY_SNAPSHOT).
+    async fn check_concurrent_links(ledger: Arc<dyn Ledger>) {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let l = ledger.clone();
+                tokio::spawn(async move {
+                    let customer = format!("c{}", i % 4);
+                    let cus = format!("cus_{customer}");
+                    l.link_stripe_customer(&customer, &cus, "webhook").await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("join").expect("link");
+        }
+        assert_eq!(ledger.stripe_links().await.expect("links").len(), 4);
+    }
+
+    /// A row with a status tollgate does not know is reported as corrupt, not silently mapped.
+    async fn check_unknown_status_is_corrupt<DB: Backend>(ledger: SqlLedger<DB>) {
+        DB::sql("INSERT INTO customers (id, status, updated_at) VALUES ('c', 'weird', $1)")
+            .bind(Time(t0()))
+            .execute(ledger.pool())
+            .await
+            .expect("insert");
+        let err = ledger.get_customer("c").await.expect_err("corrupt");
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
+    }
+
+    contract!(
+        "customers upsert, get and list back identically, timestamps to the microsecond.",
+        check_customers_round_trip,
+        pg_customers_round_trip,
+        sqlite_customers_round_trip
+    );
+
+    contract!(
+        "the reconciler's write never replaces newer state and keeps the operator's.",
+        check_apply_stripe_state,
+        pg_apply_stripe_state,
+        sqlite_apply_stripe_state
+    );
+
+    contract!(
+        "concurrent links of the same customers all succeed.",
+        check_concurrent_links,
+        pg_concurrent_links,
+        sqlite_concurrent_links,
+        multi_thread
+    );
+
+    contract!(
+        "a customer row with an unknown status is corrupt.",
+        check_unknown_status_is_corrupt,
+        pg_unknown_status_is_corrupt,
+        sqlite_unknown_status_is_corrupt,
+        typed
+    );
+}

@@ -368,3 +368,78 @@ pub(crate) fn read_error(
         _ => LedgerError::Query { op, cause },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Duration, TimeZone, Utc};
+
+    use super::*;
+    use crate::ledger::test_support::{contract, t0};
+    use crate::ledger::SqlLedger;
+
+    /// Times that must come back exactly as bound, on both backends.
+    fn exact_times() -> Vec<DateTime<Utc>> {
+        let moon = Utc
+            .with_ymd_and_hms(1969, 7, 20, 20, 17, 40)
+            .single()
+            .expect("valid");
+        let last = Utc
+            .with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
+            .single()
+            .expect("valid");
+        vec![
+            t0(),
+            DateTime::UNIX_EPOCH,
+            moon + Duration::microseconds(1),
+            last + Duration::microseconds(999_999),
+        ]
+    }
+
+    /// [`Time`] binds and reads back the same instant, as a parameter and through a stored
+    /// column, NULL included; nanoseconds are dropped.
+    async fn check_time_round_trip<DB: Backend>(ledger: SqlLedger<DB>) {
+        for t in exact_times() {
+            let row = DB::sql("SELECT $1 AS t")
+                .bind(Time(t))
+                .fetch_one(ledger.pool())
+                .await
+                .expect("select");
+            assert_eq!(row.time("t").expect("t"), t);
+        }
+        let row = DB::sql("SELECT $1 AS t")
+            .bind(Time(t0() + Duration::nanoseconds(999)))
+            .fetch_one(ledger.pool())
+            .await
+            .expect("select nanos");
+        assert_eq!(row.time("t").expect("t"), t0(), "nanoseconds are truncated");
+        let row = DB::sql("SELECT $1 AS t")
+            .bind(None::<Time>)
+            .fetch_one(ledger.pool())
+            .await
+            .expect("select null");
+        assert_eq!(row.opt_time("t").expect("t"), None);
+
+        for (i, t) in exact_times().into_iter().enumerate() {
+            DB::sql("INSERT INTO leases (name, holder, until) VALUES ($1, 'test', $2)")
+                .bind(format!("l{i}").as_str())
+                .bind(Time(t))
+                .execute(ledger.pool())
+                .await
+                .expect("insert");
+            let row = DB::sql("SELECT until FROM leases WHERE name = $1")
+                .bind(format!("l{i}").as_str())
+                .fetch_one(ledger.pool())
+                .await
+                .expect("select stored");
+            assert_eq!(row.time("until").expect("until"), t);
+        }
+    }
+
+    contract!(
+        "times bind and read back exactly, to the microsecond.",
+        check_time_round_trip,
+        pg_time_round_trip,
+        sqlite_time_round_trip,
+        typed
+    );
+}

@@ -344,3 +344,244 @@ fn report_from_row(r: &impl ReadRow, op: &'static str) -> Result<MeterReport, Le
     };
     read().map_err(read_error(op, table))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Duration;
+
+    use super::*;
+    use crate::ledger::test_support::{contract, events, t0, units_of};
+    use crate::ledger::Ledger;
+
+    async fn check_usage_reports(ledger: Arc<dyn Ledger>) {
+        // Links: new, same again (no change), a conflicting Stripe customer refused.
+        assert_eq!(
+            ledger
+                .link_stripe_customer("acme", "cus_a", "test")
+                .await
+                .expect("link"),
+            None
+        );
+        assert_eq!(
+            ledger
+                .link_stripe_customer("acme", "cus_a", "test")
+                .await
+                .expect("relink"),
+            Some("cus_a".into())
+        );
+        let err = ledger
+            .link_stripe_customer("globex", "cus_a", "test")
+            .await
+            .expect_err("conflict");
+        assert!(matches!(err, LedgerError::LinkConflict { .. }), "{err}");
+        assert_eq!(
+            ledger.stripe_links().await.expect("links"),
+            vec![("acme".to_string(), "cus_a".to_string())]
+        );
+        let link = Some(("acme".to_string(), "cus_a".to_string()));
+        assert_eq!(
+            ledger
+                .stripe_link(Some("acme"), None)
+                .await
+                .expect("by customer"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(None, Some("cus_a"))
+                .await
+                .expect("by cus"),
+            link
+        );
+        assert_eq!(
+            ledger
+                .stripe_link(Some("globex"), None)
+                .await
+                .expect("none"),
+            None
+        );
+        assert_eq!(
+            ledger.stripe_link(None, Some("cus_x")).await.expect("none"),
+            None
+        );
+
+        // 100 rows of acme (linked) and 9 of globex (not linked), in one 60 s window from t0.
+        let evs = events(100, "acme", "api_calls");
+        ledger.insert_usage(&evs).await.expect("insert");
+        ledger
+            .insert_usage(&events(9, "globex", "api_calls"))
+            .await
+            .expect("insert globex");
+        let claim = ReportClaim {
+            meters: [("api_calls".to_string(), "ev_api".to_string())]
+                .into_iter()
+                .collect(),
+            until: t0() + Duration::days(1),
+            window_secs: 3600,
+            too_old_before: t0() - Duration::days(1),
+            max_rows: 60,
+        };
+        // max_rows bounds a claim; the rest is claimed by the next one, as its own report.
+        let first = ledger.claim_usage_reports(&claim).await.expect("claim");
+        let second = ledger.claim_usage_reports(&claim).await.expect("claim 2");
+        assert!(ledger
+            .claim_usage_reports(&claim)
+            .await
+            .expect("claim 3")
+            .is_empty());
+        assert_eq!((first.len(), second.len()), (1, 1));
+        assert_eq!(first[0].rows + second[0].rows, 100);
+        assert_eq!(first[0].value + second[0].value, units_of(100));
+        assert_eq!(first[0].identifier, format!("tg_{}", evs[0].id.simple()));
+        assert_eq!(first[0].stripe_customer, "cus_a");
+        assert_eq!(first[0].event_name, "ev_api");
+        // globex's 9 rows wait for a link; other meters do not count.
+        let meters = vec!["api_calls".to_string()];
+        assert_eq!(
+            ledger.unlinked_usage_rows(&meters).await.expect("unlinked"),
+            9
+        );
+        assert_eq!(
+            ledger
+                .unlinked_usage_rows(&["tokens".to_string()])
+                .await
+                .expect("unlinked tokens"),
+            0
+        );
+
+        let now = Utc::now();
+        let pending = ledger
+            .pending_usage_reports(10, now)
+            .await
+            .expect("pending");
+        assert_eq!(
+            pending
+                .iter()
+                .map(|r| r.identifier.clone())
+                .collect::<Vec<_>>(),
+            vec![first[0].identifier.clone(), second[0].identifier.clone()]
+        );
+        assert_eq!(pending[0].value, first[0].value);
+        assert_eq!(pending[0].ts, first[0].ts);
+        assert_eq!(pending[0].attempts, 0);
+        // A failed report is held back until its retry time, then due again with its count.
+        ledger
+            .usage_report_failed(
+                &first[0].identifier,
+                "429: slow down",
+                now + Duration::seconds(60),
+                false,
+            )
+            .await
+            .expect("failed");
+        let due = |at| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .pending_usage_reports(10, at)
+                    .await
+                    .expect("pending")
+                    .into_iter()
+                    .map(|r| (r.identifier, r.attempts))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(due(now).await, vec![(second[0].identifier.clone(), 0)]);
+        assert_eq!(
+            due(now + Duration::seconds(60)).await,
+            vec![
+                (first[0].identifier.clone(), 1),
+                (second[0].identifier.clone(), 0)
+            ]
+        );
+        // A try that may have landed (a 500) is remembered from its first occurrence on; a later
+        // definite failure does not clear it.
+        ledger
+            .usage_report_failed(&second[0].identifier, "500: boom", now, true)
+            .await
+            .expect("ambiguous");
+        let since = |at| {
+            let ledger = ledger.clone();
+            async move {
+                ledger
+                    .pending_usage_reports(10, at)
+                    .await
+                    .expect("pending")
+                    .into_iter()
+                    .map(|r| r.ambiguous_since.is_some())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let later = now + Duration::seconds(60);
+        assert_eq!(since(later).await, vec![false, true]);
+        ledger
+            .usage_report_failed(&second[0].identifier, "429", now, false)
+            .await
+            .expect("definite");
+        assert_eq!(since(later).await, vec![false, true]);
+        assert_eq!(
+            ledger
+                .finish_usage_report(&first[0].identifier, ReportState::Delivered)
+                .await
+                .expect("finish"),
+            first[0].rows as u64
+        );
+        // Finishing again (a concurrent reporter) marks nothing.
+        assert_eq!(
+            ledger
+                .finish_usage_report(&first[0].identifier, ReportState::Delivered)
+                .await
+                .expect("again"),
+            0
+        );
+        // Uncertain: not sent; an operator says it did not land (pending again, ambiguity
+        // cleared), then it is flagged again and the operator says it landed (rows reported).
+        assert_eq!(
+            ledger
+                .finish_usage_report(&second[0].identifier, ReportState::Uncertain)
+                .await
+                .expect("uncertain"),
+            0
+        );
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&first[0].identifier, true)
+                .await
+                .expect("not uncertain"),
+            None
+        );
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&second[0].identifier, false)
+                .await
+                .expect("resend"),
+            Some(0)
+        );
+        assert_eq!(since(later).await, vec![false]);
+        ledger
+            .finish_usage_report(&second[0].identifier, ReportState::Uncertain)
+            .await
+            .expect("uncertain again");
+        assert_eq!(
+            ledger
+                .resolve_uncertain_report(&second[0].identifier, true)
+                .await
+                .expect("landed"),
+            Some(second[0].rows as u64)
+        );
+        assert!(ledger
+            .pending_usage_reports(10, now + Duration::days(1))
+            .await
+            .expect("none")
+            .is_empty());
+    }
+
+    contract!(
+        "usage is claimed into reports once, bounded per claim, finished once.",
+        check_usage_reports,
+        pg_usage_reports,
+        sqlite_usage_reports
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
-use super::{Ledger, UsageEvent};
+use super::{Ledger, PgLedger, SqliteLedger, UsageEvent};
 use crate::entitle::{Entitlement, Status};
 
 /// The Postgres database tests use; each test works in its own schema.
@@ -32,6 +32,16 @@ impl PgSchema {
         super::open(PG_URL, Some(&self.name))
             .await
             .expect("open postgres ledger")
+    }
+
+    /// The migrated Postgres ledger itself (not behind `dyn Ledger`), for checks that run the
+    /// backend's own statements.
+    pub async fn open_typed(&self) -> PgLedger {
+        let ledger = PgLedger::connect(PG_URL, Some(&self.name))
+            .await
+            .expect("connect postgres ledger");
+        ledger.migrate().await.expect("migrate postgres ledger");
+        ledger
     }
 
     /// Drops the schema now (to make the ledger fail), from a plain connection.
@@ -100,6 +110,16 @@ impl TempDir {
             .await
             .expect("open sqlite ledger")
     }
+
+    /// The migrated SQLite ledger itself (not behind `dyn Ledger`), for checks that run the
+    /// backend's own statements.
+    pub async fn open_typed(&self) -> SqliteLedger {
+        let ledger = SqliteLedger::connect(&self.sqlite_url())
+            .await
+            .expect("connect sqlite ledger");
+        ledger.migrate().await.expect("migrate sqlite ledger");
+        ledger
+    }
 }
 
 impl Drop for TempDir {
@@ -155,7 +175,8 @@ pub fn sub(plan: &str, status: Status, at: DateTime<Utc>) -> Entitlement {
 }
 
 /// Runs one contract check on both backends, as two tests: `$pg` on a fresh Postgres schema and
-/// `$sqlite` on a fresh SQLite file. The check takes an `Arc<dyn Ledger>`.
+/// `$sqlite` on a fresh SQLite file. The check takes an `Arc<dyn Ledger>`; with `typed`, the
+/// backend's own ledger (`PgLedger` / `SqliteLedger`, for checks generic over the backend).
 /// `multi_thread` runs both on two worker threads (checks of concurrent callers).
 macro_rules! contract {
     ($doc:literal, $check:ident, $pg:ident, $sqlite:ident $(, $opt:ident)*) => {
@@ -170,6 +191,9 @@ macro_rules! contract {
     };
     (@test [$($opt:ident)*] $($rest:tt)*) => {
         $crate::ledger::test_support::contract!(@open [$($opt)*] [tokio::test] $($rest)*);
+    };
+    (@open [typed] $test:tt $($rest:tt)*) => {
+        $crate::ledger::test_support::contract!(@emit open_typed $test $($rest)*);
     };
     (@open [] $test:tt $($rest:tt)*) => {
         $crate::ledger::test_support::contract!(@emit open $test $($rest)*);
