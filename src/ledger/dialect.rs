@@ -377,6 +377,9 @@ mod tests {
     use crate::ledger::test_support::{contract, t0};
     use crate::ledger::SqlLedger;
 
+    /// Returns its parameter as column `t`.
+    const ECHO: &str = "SELECT $1 AS t";
+
     /// Times that must come back exactly as bound, on both backends.
     fn exact_times() -> Vec<DateTime<Utc>> {
         let moon = Utc
@@ -399,20 +402,20 @@ mod tests {
     /// column, NULL included; nanoseconds are dropped.
     async fn check_time_round_trip<DB: Backend>(ledger: SqlLedger<DB>) {
         for t in exact_times() {
-            let row = DB::sql("SELECT $1 AS t")
+            let row = DB::sql(ECHO)
                 .bind(Time(t))
                 .fetch_one(ledger.pool())
                 .await
                 .expect("select");
             assert_eq!(row.time("t").expect("t"), t);
         }
-        let row = DB::sql("SELECT $1 AS t")
+        let row = DB::sql(ECHO)
             .bind(Time(t0() + Duration::nanoseconds(999)))
             .fetch_one(ledger.pool())
             .await
             .expect("select nanos");
         assert_eq!(row.time("t").expect("t"), t0(), "nanoseconds are truncated");
-        let row = DB::sql("SELECT $1 AS t")
+        let row = DB::sql(ECHO)
             .bind(None::<Time>)
             .fetch_one(ledger.pool())
             .await
