@@ -1620,17 +1620,12 @@ mod tests {
         std::fs::read(fixture(name)).unwrap()
     }
 
-    /// Third-party vectors live in shared/ beside the repository (README of shared/fixtures).
-    fn read_shared_json(name: &str) -> Value {
+    /// Third-party vectors, copied into the repository (tests/fixtures/SOURCES.md says whence).
+    fn read_jwt_fixture(name: &str) -> Value {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/jwt")
+            .join("tests/fixtures/jwt")
             .join(name);
-        let bytes = std::fs::read(&path).unwrap_or_else(|err| {
-            panic!(
-                "{} (shared/ must sit beside the repo): {err}",
-                path.display()
-            )
-        });
+        let bytes = std::fs::read(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
         serde_json::from_slice(&bytes).unwrap()
     }
 
@@ -3058,7 +3053,7 @@ mod tests {
     /// leeway), tampering fails, ES512 and alg none are refused.
     #[tokio::test]
     async fn rfc7515_appendix_a() {
-        let doc = read_shared_json("rfc7515_appendix_a.json");
+        let doc = read_jwt_fixture("rfc7515_appendix_a.json");
         let ex = &doc["examples"];
         let exp = 1_300_819_380;
         let leeway = now() - exp + 3600;
@@ -3150,7 +3145,7 @@ mod tests {
     /// "valid" one passes the signature (its payload is not JWT claims, so it then fails there).
     #[tokio::test]
     async fn wycheproof_signature_vectors() {
-        let doc = read_shared_json("wycheproof_json_web_signature_subset.json");
+        let doc = read_jwt_fixture("wycheproof_json_web_signature_subset.json");
         let (mut invalid_checked, mut valid_checked, mut skipped) = (0usize, 0usize, 0usize);
         let mut servers = Vec::new();
         for group in doc["testGroups"].as_array().unwrap() {
