@@ -21,11 +21,12 @@ use jsonwebtoken::jwk::{
     AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse,
 };
 use jsonwebtoken::{Algorithm, DecodingKey};
+use pkcs1::UintRef;
 use serde_json::Value;
 use tokio::sync::watch;
 
 use super::cache::TokenCache;
-use super::keys::{ec_point_algs, integer_bits, AlgSet, VerifyKey, RSA_MAX_BITS, RSA_MIN_BITS};
+use super::keys::{ec_point_fits, rsa_modulus_ok, AlgSet, VerifyKey};
 use super::AuthSetupError;
 
 /// Minimum time between two `kid`-triggered JWKS refetches (DESIGN §7).
@@ -422,8 +423,8 @@ fn key_from_jwk(jwk: &Jwk) -> Result<VerifyKey, &'static str> {
             let modulus = URL_SAFE_NO_PAD
                 .decode(&params.n)
                 .map_err(|_| "n is not base64url")?;
-            match integer_bits(&modulus) {
-                Some(bits) if (RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) => AlgSet::RSA,
+            match UintRef::new(&modulus) {
+                Ok(modulus) if rsa_modulus_ok(modulus) => AlgSet::RSA,
                 _ => return Err("RSA modulus is not 2048..=8192 bits"),
             }
         }
@@ -451,7 +452,7 @@ fn key_from_jwk(jwk: &Jwk) -> Result<VerifyKey, &'static str> {
     };
     let key = DecodingKey::from_jwk(jwk).map_err(|_| "invalid key parameters")?;
     let shape_ok = match &jwk.algorithm {
-        AlgorithmParameters::EllipticCurve(_) => ec_point_algs(key.as_bytes()) == Some(family),
+        AlgorithmParameters::EllipticCurve(_) => ec_point_fits(family, key.as_bytes()),
         AlgorithmParameters::OctetKeyPair(_) => key.as_bytes().len() == 32,
         _ => true,
     };

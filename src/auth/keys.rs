@@ -8,7 +8,7 @@
 //! curve), and is never tried with any other.
 //!
 //! Must not touch: the network (JWKS keys are fetched in `jwks.rs`, which uses the same rules
-//! through [`AlgSet`] and [`rsa_bits_ok`]), tokens, or the error texts' settings names beyond
+//! through [`AlgSet`], [`rsa_modulus_ok`] and [`ec_point_fits`]), tokens, or the error texts' settings names beyond
 //! naming the file or env var at fault.
 
 use std::path::Path;
@@ -16,12 +16,15 @@ use std::path::Path;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey};
+use pem::PemError;
+use pkcs1::{RsaPublicKey, UintRef};
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 
 use super::AuthSetupError;
 
 /// aws-lc verifies RSA only with 2048..=8192-bit moduli; a smaller key would silently never verify.
-pub(super) const RSA_MIN_BITS: usize = 2048;
-pub(super) const RSA_MAX_BITS: usize = 8192;
+const RSA_MIN_BITS: usize = 2048;
+const RSA_MAX_BITS: usize = 8192;
 
 pub(super) const ALG_COUNT: usize = 12;
 pub(super) const ALL_ALGS: [Algorithm; ALG_COUNT] = [
@@ -136,13 +139,30 @@ pub(super) fn load_pem_key(path: &Path) -> Result<VerifyKey, AuthSetupError> {
         path: path.to_owned(),
         reason,
     };
-    let pem = std::fs::read(path).map_err(|source| AuthSetupError::KeyFileRead {
+    let bytes = std::fs::read(path).map_err(|source| AuthSetupError::KeyFileRead {
         path: path.to_owned(),
         source,
     })?;
-    let label = pem_label(&pem).ok_or_else(|| bad("has no PEM block (-----BEGIN ...-----)"))?;
-    match label {
-        "PUBLIC KEY" | "RSA PUBLIC KEY" => {}
+    // The first block counts, as it does for jsonwebtoken's own PEM functions.
+    let block = pem::parse(&bytes).map_err(|err| {
+        bad(match err {
+            PemError::MalformedFraming | PemError::MissingBeginTag | PemError::MissingEndTag => {
+                "has no PEM block (-----BEGIN ...-----)"
+            }
+            _ => {
+                "has a PEM block that does not decode (bad base64, or BEGIN and END labels differ)"
+            }
+        })
+    })?;
+    let (algs, key) = match block.tag() {
+        "PUBLIC KEY" => spki_key(block.contents()).map_err(bad)?,
+        "RSA PUBLIC KEY" => {
+            let rsa = RsaPublicKey::try_from(block.contents()).map_err(|_| bad(NOT_SUPPORTED))?;
+            if !rsa_modulus_ok(rsa.modulus) {
+                return Err(bad(RSA_BITS));
+            }
+            (AlgSet::RSA, DecodingKey::from_rsa_der(block.contents()))
+        }
         label if label.contains("PRIVATE KEY") => {
             return Err(bad(
                 "holds a private key: configure the public key (openssl pkey -pubout)",
@@ -154,102 +174,79 @@ pub(super) fn load_pem_key(path: &Path) -> Result<VerifyKey, AuthSetupError> {
             ));
         }
         _ => return Err(bad("is not a PUBLIC KEY PEM block")),
-    }
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-        match rsa_modulus_bits(key.as_bytes()) {
-            Some(bits) if (RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) => {}
-            _ => return Err(bad("is not a 2048..=8192-bit RSA key")),
-        }
-        return Ok(VerifyKey {
-            kid: None,
-            algs: AlgSet::RSA,
-            key,
-        });
-    }
-    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-        let algs = ec_point_algs(key.as_bytes())
-            .ok_or_else(|| bad("is an EC key on a curve other than P-256/P-384"))?;
-        return Ok(VerifyKey {
-            kid: None,
-            algs,
-            key,
-        });
-    }
-    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
-        if key.as_bytes().len() != 32 {
-            return Err(bad("is not an Ed25519 key"));
-        }
-        return Ok(VerifyKey {
-            kid: None,
-            algs: AlgSet::ED25519,
-            key,
-        });
-    }
-    Err(bad("is not an RSA, EC (P-256/P-384) or Ed25519 public key"))
-}
-
-/// The label of the first `-----BEGIN <label>-----` line.
-fn pem_label(pem: &[u8]) -> Option<&str> {
-    const BEGIN: &[u8] = b"-----BEGIN ";
-    let start = pem
-        .windows(BEGIN.len())
-        .position(|window| window == BEGIN)?
-        + BEGIN.len();
-    let rest = &pem[start..];
-    let end = rest.windows(5).position(|window| window == b"-----")?;
-    std::str::from_utf8(&rest[..end]).ok()
-}
-
-/// An uncompressed EC point's length tells its curve.
-pub(super) fn ec_point_algs(point: &[u8]) -> Option<AlgSet> {
-    match (point.first(), point.len()) {
-        (Some(4), 65) => Some(AlgSet::P256),
-        (Some(4), 97) => Some(AlgSet::P384),
-        _ => None,
-    }
-}
-
-/// Bit length of the modulus of a PKCS#1 `RSAPublicKey` (SEQUENCE { INTEGER n, INTEGER e }).
-fn rsa_modulus_bits(der: &[u8]) -> Option<usize> {
-    let (sequence, _) = der_element(der, 0x30)?;
-    let (modulus, _) = der_element(sequence, 0x02)?;
-    integer_bits(modulus)
-}
-
-/// Splits a DER element with the given tag into (content, rest).
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&first, rest) = input.split_first()?;
-    if first != tag {
-        return None;
-    }
-    let (&len_byte, rest) = rest.split_first()?;
-    let (len, rest) = if len_byte < 0x80 {
-        (usize::from(len_byte), rest)
-    } else {
-        let count = usize::from(len_byte & 0x7f);
-        if count == 0 || count > 4 || rest.len() < count {
-            return None;
-        }
-        let (len_bytes, rest) = rest.split_at(count);
-        (
-            len_bytes
-                .iter()
-                .fold(0usize, |len, &b| (len << 8) | usize::from(b)),
-            rest,
-        )
     };
-    if rest.len() < len {
-        return None;
-    }
-    Some(rest.split_at(len))
+    Ok(VerifyKey {
+        kid: None,
+        algs,
+        key,
+    })
 }
 
-/// Bit length of a big-endian unsigned integer (leading zero bytes ignored).
-pub(super) fn integer_bits(bytes: &[u8]) -> Option<usize> {
-    let start = bytes.iter().position(|&b| b != 0)?;
-    let significant = &bytes[start..];
-    let leading = significant.first()?.leading_zeros() as usize;
-    Some(significant.len() * 8 - leading)
+const NOT_SUPPORTED: &str = "is not an RSA, EC (P-256/P-384) or Ed25519 public key";
+const RSA_BITS: &str = "is not a 2048..=8192-bit RSA key";
+
+/// `rsaEncryption` (RFC 8017): the algorithm of an SPKI holding a PKCS#1 `RSAPublicKey`.
+const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+/// `id-ecPublicKey` (RFC 5480): the curve is the algorithm's parameter.
+const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// `secp256r1` (P-256) and `secp384r1` (P-384) (RFC 5480).
+const SECP256R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const SECP384R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
+/// `id-Ed25519` (RFC 8410).
+const ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+
+/// The key in a DER `SubjectPublicKeyInfo` (RFC 5280), told by its algorithm OID: RSA (PKCS#1
+/// inside), EC on P-256/P-384 (an uncompressed point), or Ed25519 (32 bytes).
+fn spki_key(der: &[u8]) -> Result<(AlgSet, DecodingKey), &'static str> {
+    let spki = SubjectPublicKeyInfoRef::try_from(der).map_err(|_| NOT_SUPPORTED)?;
+    let key = spki.subject_public_key.as_bytes().ok_or(NOT_SUPPORTED)?;
+    let oid = spki.algorithm.oid;
+    if oid == RSA_ENCRYPTION {
+        match RsaPublicKey::try_from(key) {
+            Ok(rsa) if rsa_modulus_ok(rsa.modulus) => {
+                Ok((AlgSet::RSA, DecodingKey::from_rsa_der(key)))
+            }
+            _ => Err(RSA_BITS),
+        }
+    } else if oid == EC_PUBLIC_KEY {
+        let curve = match spki.algorithm.parameters_oid() {
+            Ok(curve) if curve == SECP256R1 => AlgSet::P256,
+            Ok(curve) if curve == SECP384R1 => AlgSet::P384,
+            _ => return Err("is an EC key on a curve other than P-256/P-384"),
+        };
+        if !ec_point_fits(curve, key) {
+            return Err("is an EC key whose point is not an uncompressed point of its curve");
+        }
+        Ok((curve, DecodingKey::from_ec_der(key)))
+    } else if oid == ED25519 {
+        if key.len() != 32 {
+            return Err("is not an Ed25519 key");
+        }
+        Ok((AlgSet::ED25519, DecodingKey::from_ed_der(key)))
+    } else {
+        Err(NOT_SUPPORTED)
+    }
+}
+
+/// Whether an EC public key is an uncompressed point (`04 || x || y`) of `curve`'s size, the only
+/// form jsonwebtoken's ES256/ES384 verification takes.
+pub(super) fn ec_point_fits(curve: AlgSet, point: &[u8]) -> bool {
+    let coordinate = match curve {
+        AlgSet::P256 => 32,
+        AlgSet::P384 => 48,
+        _ => return false,
+    };
+    point.first() == Some(&4) && point.len() == 1 + 2 * coordinate
+}
+
+/// Whether an RSA modulus is within aws-lc's 2048..=8192 bits. `UintRef` has already dropped the
+/// leading zero bytes.
+pub(super) fn rsa_modulus_ok(modulus: UintRef<'_>) -> bool {
+    let bytes = modulus.as_bytes();
+    let bits = bytes
+        .first()
+        .map_or(0, |first| bytes.len() * 8 - first.leading_zeros() as usize);
+    (RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits)
 }
 
 #[cfg(test)]
@@ -261,7 +258,162 @@ mod tests {
     use super::*;
     use crate::auth::tests::server::{jwks_verifier, JwksServer};
     use crate::auth::tests::*;
-    use crate::auth::{AuthError, Verifier};
+    use crate::auth::{AuthError, AuthSettings, Verifier};
+
+    /// Throwaway public keys (OpenSSL 3.0) of kinds the fixtures do not cover.
+    const RSA_1024: &str = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDAM70Lxrm7EJjVQTryuvBTM88J
+2bFWCkqRO7zyo9qVx4GkHaLeOTCstSg2ku/LqfqpSfUSuvjc0HSYuF3ignZLy5qy
+Q/5uS+k0Unu9miGIbvHdCeprgTrV1AlaioBrnosOiawACepGuFo/kniYf4vpgsvx
+x/785txJiMbG29nRiwIDAQAB
+-----END PUBLIC KEY-----
+";
+    const SECP256K1: &str = "-----BEGIN PUBLIC KEY-----
+MFYwEAYHKoZIzj0CAQYFK4EEAAoDQgAESf5xWxdAYCI0h63QQuFV730M3zRnazuf
+IS092T82I6mfBZL2lZTY0sN5RMAAeeMmd6VjIXDhPGfKp+OFjKTZtA==
+-----END PUBLIC KEY-----
+";
+    const P256_COMPRESSED: &str = "-----BEGIN PUBLIC KEY-----
+MDkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDIgAC4TZkYD5Mbxc+8Bo6n2eb0BjQk8lH
+sU+9YQ6EILePotQ=
+-----END PUBLIC KEY-----
+";
+    const X25519: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VuAyEAbw/jI/OKARkijGZG8ow454HJGmOqycbuaxcr+4yKl1g=
+-----END PUBLIC KEY-----
+";
+    const ED448: &str = "-----BEGIN PUBLIC KEY-----
+MEMwBQYDK2VxAzoAUuXXO1RMA1KB5XJ+TsANd9M7hVP64hwcWa7/Ijjh6YqQU8xH
+Jh0GCl8CA331qhv09ZfwSUINJjgA
+-----END PUBLIC KEY-----
+";
+    /// `rsa_public.pem` as PKCS#1 (`openssl rsa -pubin -RSAPublicKey_out`).
+    const RSA_PKCS1: &str = "-----BEGIN RSA PUBLIC KEY-----
+MIIBCgKCAQEAy1a3xeIpWaa40s6B7gmSIvRpHx1/i9zvuNuhHT6EKAHl2pXg4ocu
+AC9ShMcwGXbdCD2IvawWI3IJlBkH3bO9DsIq1KQd7t/w8u0K4seqOGjTkIUVE5V0
+N4fDPPcRJTLtvb06EwVHZhLsLIRAqtL80xhbpM1XFakC/rLvziSvvSSMtvY3BpsM
+R69ToqAUGOGKUS5vAvL2SNuxfQKwybuarsa2rFm7K5/8YqXiWsUmbnBxsJ4LDgoM
+bCj/+xa4wqRJvEVNjnOcT41krCeIvb7YvAIhsV8+1xW8k8I8DguUNllAAMGl8cCh
+H0i15IWx99WHD+jBbftvz/rjMxgDg/NSaQIDAQAB
+-----END RSA PUBLIC KEY-----
+";
+
+    /// Every kind of PEM file gets its own verdict, and a refusal names the file and says why.
+    #[test]
+    fn pem_key_rules() {
+        let cases: [(&str, &str, Result<AlgSet, &str>); 11] = [
+            ("pkcs1", RSA_PKCS1, Ok(AlgSet::RSA)),
+            ("rsa1024", RSA_1024, Err("is not a 2048..=8192-bit RSA key")),
+            (
+                "secp256k1",
+                SECP256K1,
+                Err("on a curve other than P-256/P-384"),
+            ),
+            ("p256c", P256_COMPRESSED, Err("not an uncompressed point")),
+            (
+                "x25519",
+                X25519,
+                Err("is not an RSA, EC (P-256/P-384) or Ed25519"),
+            ),
+            (
+                "ed448",
+                ED448,
+                Err("is not an RSA, EC (P-256/P-384) or Ed25519"),
+            ),
+            ("hello", "hello", Err("has no PEM block")),
+            (
+                "unended",
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n",
+                Err("has no PEM block"),
+            ),
+            (
+                "badb64",
+                "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n",
+                Err("does not decode"),
+            ),
+            (
+                "eclabel",
+                "-----BEGIN EC PUBLIC KEY-----\nAAAA\n-----END EC PUBLIC KEY-----\n",
+                Err("is not a PUBLIC KEY PEM block"),
+            ),
+            (
+                "garbage",
+                "-----BEGIN PUBLIC KEY-----\naGVsbG8=\n-----END PUBLIC KEY-----\n",
+                Err("is not an RSA, EC (P-256/P-384) or Ed25519"),
+            ),
+        ];
+        for (name, pem, want) in cases {
+            let path = temp_pem(&format!("key-rules-{name}"), pem);
+            let got = load_pem_key(&path);
+            let _ = std::fs::remove_file(&path);
+            match (got, want) {
+                (Ok(key), Ok(algs)) => assert_eq!(key.algs, algs, "{name}"),
+                (Err(err), Err(reason)) => {
+                    let text = err.to_string();
+                    assert!(
+                        matches!(err, AuthSetupError::KeyFile { .. })
+                            && text.contains(&path.display().to_string())
+                            && text.contains("auth.public_key_files")
+                            && text.contains(reason),
+                        "{name}: {reason:?} not in {text}"
+                    );
+                }
+                (got, want) => panic!("{name}: got {:?}, want {want:?}", got.map(|key| key.algs)),
+            }
+        }
+        let refusal = |path: &Path| {
+            load_pem_key(path)
+                .map(|key| key.algs)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refusal(&tls_fixture("ca.pem"));
+        assert!(err.contains("holds a certificate"), "{err}");
+        let err = refusal(&fixture("ec256_private.pem"));
+        assert!(err.contains("holds a private key"), "{err}");
+    }
+
+    /// A PKCS#1 `RSA PUBLIC KEY` file verifies the same tokens as its SPKI form.
+    #[tokio::test]
+    async fn pkcs1_rsa_public_key_verifies() {
+        let path = temp_pem("pkcs1-verifies", RSA_PKCS1);
+        let v = Verifier::new(AuthSettings {
+            public_key_files: vec![path.clone()],
+            ..settings(&[Algorithm::RS256, Algorithm::PS256])
+        })
+        .await
+        .unwrap();
+        let _ = std::fs::remove_file(path);
+        for alg in [Algorithm::RS256, Algorithm::PS256] {
+            let token = sign_pem(alg, "rsa_private.pem", None, &claims("pkcs1"));
+            assert_eq!(
+                check(&v, &token).await.unwrap().customer,
+                "pkcs1",
+                "{alg:?}"
+            );
+        }
+    }
+
+    /// The RSA size rule counts significant bits: leading zero bytes do not count, and the bounds
+    /// 2048 and 8192 are both accepted.
+    #[test]
+    fn rsa_modulus_bounds() {
+        let ok = |bytes: &[u8]| rsa_modulus_ok(UintRef::new(bytes).unwrap());
+        let mut n = vec![0u8; 256];
+        n[0] = 0x80;
+        assert!(ok(&n), "2048 bits");
+        n[0] = 0x7f;
+        assert!(!ok(&n), "2047 bits");
+        n.insert(0, 0);
+        n[1] = 0x80;
+        assert!(ok(&n), "2048 bits after a zero byte");
+        let mut n = vec![0xffu8; 1024];
+        assert!(ok(&n), "8192 bits");
+        n.insert(0, 1);
+        assert!(!ok(&n), "8193 bits");
+        assert!(!ok(&[0, 0]), "zero");
+        assert!(!ok(&[]), "empty");
+    }
 
     /// A key only serves its own family and curve: an ES256 token finds no P-384 key, and a JWK's
     /// alg narrows it further.
