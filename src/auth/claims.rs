@@ -227,27 +227,12 @@ mod tests {
         let ignoring = hs_verifier(settings(&[Algorithm::HS256])).await;
         assert_eq!(check(&ignoring, &token).await.unwrap().plan, None);
 
-        let mut s = settings(&[Algorithm::HS256]);
-        s.plan_claim = Some("plan".to_owned());
-        assert_eq!(
-            check(&hs_verifier(s).await, &token)
-                .await
-                .unwrap()
-                .plan
-                .as_deref(),
-            Some("pro")
-        );
-
-        let mut s = settings(&[Algorithm::HS256]);
-        s.plan_claim = Some("billing.plan".to_owned());
-        assert_eq!(
-            check(&hs_verifier(s).await, &token)
-                .await
-                .unwrap()
-                .plan
-                .as_deref(),
-            Some("team")
-        );
+        for (plan_claim, plan) in [("plan", "pro"), ("billing.plan", "team")] {
+            let mut s = settings(&[Algorithm::HS256]);
+            s.plan_claim = Some(plan_claim.to_owned());
+            let id = check(&hs_verifier(s).await, &token).await.unwrap();
+            assert_eq!(id.plan.as_deref(), Some(plan), "{plan_claim}");
+        }
 
         let mut s = settings(&[Algorithm::HS256]);
         s.plan_claim = Some("tier".to_owned());

@@ -253,10 +253,9 @@ pub(super) fn rsa_modulus_ok(modulus: UintRef<'_>) -> bool {
 #[allow(clippy::unwrap_used)] // tests unwrap freely
 mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
-    use serde_json::json;
 
     use super::*;
-    use crate::auth::tests::server::{jwks_verifier, JwksServer};
+    use crate::auth::tests::server::{jwks_verifier, rs256_jwks, JwksServer, K1};
     use crate::auth::tests::*;
     use crate::auth::{AuthError, AuthSettings, Verifier};
 
@@ -451,10 +450,7 @@ H0i15IWx99WHD+jBbftvz/rjMxgDg/NSaQIDAQAB
         assert!(check(&v, &token).await.is_ok());
 
         // A JWK marked RS256 is not used for PS256, although it is the same RSA key.
-        let server = JwksServer::start(
-            json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }),
-        )
-        .await;
+        let server = JwksServer::start(rs256_jwks(&[K1])).await;
         let v = jwks_verifier(&server, &[Algorithm::RS256, Algorithm::PS256]).await;
         let token = sign_pem(
             Algorithm::PS256,

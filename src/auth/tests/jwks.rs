@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use jsonwebtoken::DecodingKey;
 
-use super::server::{jwks_verifier, JwksServer};
+use super::server::{jwks_verifier, rs256, rs256_jwks, rs256_jwks_verifier, JwksServer, K1, K2};
 use super::*;
 use crate::auth::AuthSetupError;
 
@@ -68,37 +68,18 @@ async fn jwks_oct_keys_are_never_used() {
 /// (even one the server now has) does not fetch again.
 #[tokio::test]
 async fn unknown_kid_refetches_once_then_cooldown() {
-    let server =
-        JwksServer::start(json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }))
-            .await;
-    let v = jwks_verifier(&server, &[Algorithm::RS256]).await;
+    let (server, v) = rs256_jwks_verifier(&[K1]).await;
     assert_eq!(server.hits(), 1, "initial fetch");
 
-    let known = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("a"),
-    );
+    let known = rs256(K1, "a");
     assert!(check(&v, &known).await.is_ok());
     assert_eq!(server.hits(), 1);
 
-    let unknown = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("a"),
-    );
+    let unknown = rs256(K2, "a");
     assert_eq!(check(&v, &unknown).await, Err(AuthError::UnknownKey));
     assert_eq!(server.hits(), 2, "exactly one refetch");
 
-    server.answer(
-        200,
-        json!({ "keys": [
-            jwk_for(Algorithm::RS256, "rsa_private.pem", "k1"),
-            jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2"),
-        ]}),
-    );
+    server.answer(200, rs256_jwks(&[K1, K2]));
     assert_eq!(check(&v, &unknown).await, Err(AuthError::UnknownKey));
     let other = sign_pem(
         Algorithm::RS256,
@@ -114,23 +95,9 @@ async fn unknown_kid_refetches_once_then_cooldown() {
 /// A rotated-in key is picked up by the refetch an unknown kid triggers.
 #[tokio::test]
 async fn refetch_finds_rotated_key() {
-    let server =
-        JwksServer::start(json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }))
-            .await;
-    let v = jwks_verifier(&server, &[Algorithm::RS256]).await;
-    server.answer(
-        200,
-        json!({ "keys": [
-            jwk_for(Algorithm::RS256, "rsa_private.pem", "k1"),
-            jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2"),
-        ]}),
-    );
-    let token = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("rotated"),
-    );
+    let (server, v) = rs256_jwks_verifier(&[K1]).await;
+    server.answer(200, rs256_jwks(&[K1, K2]));
+    let token = rs256(K2, "rotated");
     assert_eq!(check(&v, &token).await.unwrap().customer, "rotated");
     assert_eq!(server.hits(), 2);
 }
@@ -138,10 +105,8 @@ async fn refetch_finds_rotated_key() {
 /// Concurrent callers with an unknown kid share a single refetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_unknown_kids_share_one_refetch() {
-    let server =
-        JwksServer::start(json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }))
-            .await;
-    let v = Arc::new(jwks_verifier(&server, &[Algorithm::RS256]).await);
+    let (server, v) = rs256_jwks_verifier(&[K1]).await;
+    let v = Arc::new(v);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
         let v = Arc::clone(&v);
@@ -162,62 +127,28 @@ async fn concurrent_unknown_kids_share_one_refetch() {
 /// A failed refetch keeps the old key set.
 #[tokio::test]
 async fn failed_refetch_keeps_old_keys() {
-    let server =
-        JwksServer::start(json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }))
-            .await;
-    let v = jwks_verifier(&server, &[Algorithm::RS256]).await;
+    let (server, v) = rs256_jwks_verifier(&[K1]).await;
     server.answer(500, json!({ "error": "boom" }));
-    let unknown = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("a"),
-    );
+    let unknown = rs256(K2, "a");
     assert_eq!(check(&v, &unknown).await, Err(AuthError::UnknownKey));
     assert_eq!(server.hits(), 2);
-    let known = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("still-ok"),
-    );
+    let known = rs256(K1, "still-ok");
     assert_eq!(check(&v, &known).await.unwrap().customer, "still-ok");
     // A document without a usable key is a failure too, not an empty set.
     server.answer(200, json!({ "keys": [{ "kty": "oct", "k": "c2VjcmV0" }] }));
     assert!(v.refresh_jwks().await.is_err());
-    let known = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("still-ok-2"),
-    );
+    let known = rs256(K1, "still-ok-2");
     assert!(check(&v, &known).await.is_ok());
 }
 
 /// A refetch that drops a key evicts the cached tokens it had verified.
 #[tokio::test]
 async fn dropped_key_evicts_cached_tokens() {
-    let server =
-        JwksServer::start(json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] }))
-            .await;
-    let v = jwks_verifier(&server, &[Algorithm::RS256]).await;
-    let old = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("old"),
-    );
+    let (server, v) = rs256_jwks_verifier(&[K1]).await;
+    let old = rs256(K1, "old");
     assert!(check(&v, &old).await.is_ok());
-    server.answer(
-        200,
-        json!({ "keys": [jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2")] }),
-    );
-    let new = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("new"),
-    );
+    server.answer(200, rs256_jwks(&[K2]));
+    let new = rs256(K2, "new");
     assert!(check(&v, &new).await.is_ok());
     assert_eq!(check(&v, &old).await, Err(AuthError::UnknownKey));
 }
@@ -238,16 +169,8 @@ async fn first_jwks_fetch_failure() {
     let pem_token = sign_pem(Algorithm::RS256, "rsa_private.pem", None, &claims("pem"));
     assert!(check(&v, &pem_token).await.is_ok());
     // Later, the JWKS comes up: the first unknown kid loads it.
-    server.answer(
-        200,
-        json!({ "keys": [jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2")] }),
-    );
-    let jwks_token = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("jwks"),
-    );
+    server.answer(200, rs256_jwks(&[K2]));
+    let jwks_token = rs256(K2, "jwks");
     assert_eq!(check(&v, &jwks_token).await.unwrap().customer, "jwks");
 
     let mut s = settings(&[Algorithm::RS256]);
@@ -267,15 +190,11 @@ fn https_settings(server: &JwksServer, ca_file: Option<&str>) -> AuthSettings {
     s
 }
 
-fn rs256_jwks() -> Value {
-    json!({ "keys": [jwk_for(Algorithm::RS256, "rsa_private.pem", "k1")] })
-}
-
 /// An https JWKS from a private CA loads (by IP and by DNS name) when auth.jwks_ca_file names
 /// that CA, its keys verify tokens, and an unknown kid refetches over TLS too.
 #[tokio::test]
 async fn https_jwks_with_private_ca_verifies() {
-    let server = JwksServer::start_tls(rs256_jwks(), "server").await;
+    let server = JwksServer::start_tls(rs256_jwks(&[K1]), "server").await;
     assert!(
         server.url.starts_with("https://127.0.0.1:"),
         "{}",
@@ -285,24 +204,11 @@ async fn https_jwks_with_private_ca_verifies() {
         .await
         .unwrap();
     assert_eq!(server.hits(), 1);
-    let token = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("tls"),
-    );
+    let token = rs256(K1, "tls");
     assert_eq!(check(&v, &token).await.unwrap().customer, "tls");
 
-    server.answer(
-        200,
-        json!({ "keys": [jwk_for(Algorithm::RS256, "rsa2_private.pem", "k2")] }),
-    );
-    let rotated = sign_pem(
-        Algorithm::RS256,
-        "rsa2_private.pem",
-        Some("k2"),
-        &claims("k2"),
-    );
+    server.answer(200, rs256_jwks(&[K2]));
+    let rotated = rs256(K2, "k2");
     assert_eq!(check(&v, &rotated).await.unwrap().customer, "k2");
     assert_eq!(server.hits(), 2);
 
@@ -318,7 +224,7 @@ async fn https_jwks_with_private_ca_verifies() {
 /// "UnknownIssuer" and points at auth.jwks_ca_file.
 #[tokio::test]
 async fn https_jwks_without_ca_names_the_certificate_problem() {
-    let server = JwksServer::start_tls(rs256_jwks(), "server").await;
+    let server = JwksServer::start_tls(rs256_jwks(&[K1]), "server").await;
     let err = Verifier::new(https_settings(&server, None))
         .await
         .unwrap_err()
@@ -335,12 +241,7 @@ async fn https_jwks_without_ca_names_the_certificate_problem() {
     let mut s = https_settings(&server, None);
     s.public_key_files = vec![fixture("rsa2_public.pem")];
     let v = Verifier::new(s).await.unwrap();
-    let token = sign_pem(
-        Algorithm::RS256,
-        "rsa_private.pem",
-        Some("k1"),
-        &claims("tls"),
-    );
+    let token = rs256(K1, "tls");
     assert_eq!(check(&v, &token).await, Err(AuthError::UnknownKey));
     let err = v.refresh_jwks().await.unwrap_err().to_string();
     assert!(err.contains("UnknownIssuer"), "{err}");
@@ -349,7 +250,7 @@ async fn https_jwks_without_ca_names_the_certificate_problem() {
 /// A certificate from the trusted CA but for another name is refused, and the error says so.
 #[tokio::test]
 async fn https_jwks_certificate_for_another_name_is_refused() {
-    let server = JwksServer::start_tls(rs256_jwks(), "wrong_name").await;
+    let server = JwksServer::start_tls(rs256_jwks(&[K1]), "wrong_name").await;
     let err = Verifier::new(https_settings(&server, Some("ca.pem")))
         .await
         .unwrap_err()
@@ -368,7 +269,7 @@ async fn https_jwks_certificate_for_another_name_is_refused() {
 /// even when other keys would let a failed JWKS fetch slide.
 #[tokio::test]
 async fn bad_jwks_ca_file_is_a_setup_error() {
-    let server = JwksServer::start(rs256_jwks()).await;
+    let server = JwksServer::start(rs256_jwks(&[K1])).await;
     let garbage_cert = temp_pem(
         "garbage-ca",
         "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",

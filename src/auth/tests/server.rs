@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::Algorithm;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{settings, tls_fixture};
+use super::{claims, jwk_for, settings, sign_pem, tls_fixture};
 use crate::auth::Verifier;
 
 /// A TCP listener that completes a TLS handshake before handing a connection to axum.
@@ -131,4 +131,29 @@ pub(crate) async fn jwks_verifier(server: &JwksServer, algorithms: &[Algorithm])
     let mut s = settings(algorithms);
     s.jwks_url = Some(server.url.clone());
     Verifier::new(s).await.unwrap()
+}
+
+/// The fixture RSA key pairs as (private key file, `kid`) for JWKS tests.
+pub(crate) const K1: (&str, &str) = ("rsa_private.pem", "k1");
+pub(crate) const K2: (&str, &str) = ("rsa2_private.pem", "k2");
+
+/// A JWKS document with one RS256 key per (private key file, `kid`).
+pub(crate) fn rs256_jwks(keys: &[(&str, &str)]) -> Value {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|(private, kid)| jwk_for(Algorithm::RS256, private, kid))
+        .collect();
+    json!({ "keys": keys })
+}
+
+/// A plain-http JWKS endpoint serving `keys`, and an RS256-only verifier that uses it.
+pub(crate) async fn rs256_jwks_verifier(keys: &[(&str, &str)]) -> (JwksServer, Verifier) {
+    let server = JwksServer::start(rs256_jwks(keys)).await;
+    let verifier = jwks_verifier(&server, &[Algorithm::RS256]).await;
+    (server, verifier)
+}
+
+/// An RS256 token for `sub`, signed with the key pair's private key and naming its `kid`.
+pub(crate) fn rs256((private, kid): (&str, &str), sub: &str) -> String {
+    sign_pem(Algorithm::RS256, private, Some(kid), &claims(sub))
 }
