@@ -13,20 +13,26 @@ use super::Identity;
 
 /// Full token text → identity, until `exp`. Keyed by the whole token (a hash-only key would let a
 /// colliding forgery through); only successes are stored.
-pub(super) struct TokenCache {
+///
+/// `pub` (hidden) only so benches/token_cache.rs can measure it; nothing outside `auth` uses it.
+#[doc(hidden)]
+pub struct TokenCache {
     map: DashMap<Box<str>, Identity>,
     max_entries: usize,
 }
 
 impl TokenCache {
-    pub(super) fn new(max_entries: usize) -> TokenCache {
+    /// An empty cache that holds at most `max_entries` tokens.
+    pub fn new(max_entries: usize) -> TokenCache {
         TokenCache {
             map: DashMap::new(),
             max_entries,
         }
     }
 
-    pub(super) fn get(&self, token: &str, now: u64) -> Option<Identity> {
+    /// The identity of `token` if it is cached and `now` is before its `exp`; an entry found
+    /// expired is removed.
+    pub fn get(&self, token: &str, now: u64) -> Option<Identity> {
         // The shard guard must be gone before `remove_if` takes the same shard's write lock.
         let expired = match self.map.get(token) {
             None => return None,
@@ -40,7 +46,10 @@ impl TokenCache {
         None
     }
 
-    pub(super) fn insert(&self, token: &str, identity: &Identity, now: u64) {
+    /// Caches `token` until `identity.expires_at`; a token already at or past it is not cached.
+    /// At the bound, expired entries are swept first, and if fewer than a tenth could go, the
+    /// cache is cleared (a clear costs one verification per live token).
+    pub fn insert(&self, token: &str, identity: &Identity, now: u64) {
         // Accepted within the leeway but already past `exp`: verify it afresh every time.
         if identity.expires_at <= now {
             return;
@@ -54,6 +63,7 @@ impl TokenCache {
         self.map.insert(Box::from(token), identity.clone());
     }
 
+    /// Drops every entry (a JWKS refetch dropped a key).
     pub(super) fn clear(&self) {
         self.map.clear();
     }

@@ -16,6 +16,10 @@ use super::{unix_now, AuthSetupError, Verifier};
 impl Verifier {
     /// Mints an HS token (for `tollgate token` and tests): first HS* algorithm allowed, claims
     /// {customer_claim (nested path builds nested objects): customer, exp: now+ttl, iat, iss/aud if configured}.
+    ///
+    /// Fails with [`AuthSetupError::Mint`] when no HS algorithm is allowed, `auth.secret_env` is
+    /// not set, or `customer` is not 1..=256 bytes without control characters; a minted token
+    /// verifies with this same verifier.
     pub fn mint_hs(&self, customer: &str, ttl_seconds: u64) -> Result<String, AuthSetupError> {
         let alg = self
             .algorithms

@@ -37,7 +37,9 @@
 //! - `mint.rs`: [`Verifier::mint_hs`].
 //! - `tests/`: the end-to-end tests and the helpers all the tests share.
 
-mod cache;
+// `pub` only for benches/token_cache.rs, which measures it against cache crates; not an API.
+#[doc(hidden)]
+pub mod cache;
 mod claims;
 mod error;
 mod jwks;
@@ -110,7 +112,12 @@ pub struct Identity {
     pub expires_at: u64,
 }
 
-/// Loads/holds keys; verifies tokens. Cheap to share (`Arc<Verifier>`).
+/// Loads/holds keys; verifies tokens. Cheap to share (`Arc<Verifier>`): `Send + Sync`, and every
+/// method takes `&self`.
+///
+/// The contract: [`Verifier::new`] fails on any setting it cannot honour (naming the setting, env
+/// var, file or URL); [`Verifier::verify`] then turns an `Authorization` value into an
+/// [`Identity`] or an [`AuthError`], with no I/O other than the rate-limited JWKS refetch.
 pub struct Verifier {
     /// The configured algorithms, in config order (`mint_hs` takes the first HS one).
     algorithms: Vec<Algorithm>,
@@ -262,6 +269,11 @@ impl Verifier {
 
     /// Verifies the value of an `Authorization` header (None = header absent).
     /// Accepts "Bearer <jwt>" (scheme case-insensitive). Never panics on any input.
+    ///
+    /// A token that verified before and has not reached its `exp` is answered from the cache;
+    /// otherwise its signature and registered claims are checked, and a token naming a `kid` the
+    /// JWKS lacks triggers at most one shared refetch per 30 s. Only successes are cached. The
+    /// future is `Send`.
     pub async fn verify(&self, authorization: Option<&[u8]>) -> Result<Identity, AuthError> {
         let token = bearer_token(authorization)?;
         let now = unix_now();
