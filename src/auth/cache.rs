@@ -1,13 +1,15 @@
 //! The verified-token cache: a token that verified once is served from memory until its `exp`,
 //! so a repeat request skips the signature check.
 //!
-//! Owns: the map from the full token text to its [`Identity`], its bound (on overflow: sweep the
-//! expired entries, and clear if that is not enough) and expiry on read.
+//! Owns: the map from the full token text to its [`Identity`], its bound and expiry on read. The
+//! map is `quick_cache`'s bounded concurrent cache: at the bound it evicts the coldest entries
+//! (CLOCK-Pro), instead of the cliff of clearing everything, and a hit costs less than a
+//! `DashMap`'s (benches/token_cache.rs: 91 against 170 ns on one thread, 197 against 271 on two).
 //!
 //! Must not touch: verification itself. Only successes go in, and only the verify flow and the
 //! JWKS refetch (which clears the cache when a key is dropped) call it.
 
-use dashmap::DashMap;
+use quick_cache::sync::Cache;
 
 use super::Identity;
 
@@ -17,48 +19,35 @@ use super::Identity;
 /// `pub` (hidden) only so benches/token_cache.rs can measure it; nothing outside `auth` uses it.
 #[doc(hidden)]
 pub struct TokenCache {
-    map: DashMap<Box<str>, Identity>,
-    max_entries: usize,
+    map: Cache<Box<str>, Identity>,
 }
 
 impl TokenCache {
     /// An empty cache that holds at most `max_entries` tokens.
     pub fn new(max_entries: usize) -> TokenCache {
         TokenCache {
-            map: DashMap::new(),
-            max_entries,
+            map: Cache::new(max_entries.max(1)),
         }
     }
 
     /// The identity of `token` if it is cached and `now` is before its `exp`; an entry found
     /// expired is removed.
     pub fn get(&self, token: &str, now: u64) -> Option<Identity> {
-        // The shard guard must be gone before `remove_if` takes the same shard's write lock.
-        let expired = match self.map.get(token) {
-            None => return None,
-            Some(entry) if now < entry.expires_at => return Some(entry.value().clone()),
-            Some(_) => true,
-        };
-        if expired {
-            self.map
-                .remove_if(token, |_, identity| identity.expires_at <= now);
+        let identity = self.map.get(token)?;
+        if now < identity.expires_at {
+            return Some(identity);
         }
+        self.map
+            .remove_if(token, |identity| identity.expires_at <= now);
         None
     }
 
     /// Caches `token` until `identity.expires_at`; a token already at or past it is not cached.
-    /// At the bound, expired entries are swept first, and if fewer than a tenth could go, the
-    /// cache is cleared (a clear costs one verification per live token).
+    /// At the bound the cache evicts its coldest entries.
     pub fn insert(&self, token: &str, identity: &Identity, now: u64) {
         // Accepted within the leeway but already past `exp`: verify it afresh every time.
         if identity.expires_at <= now {
             return;
-        }
-        if self.map.len() >= self.max_entries {
-            self.map.retain(|_, cached| cached.expires_at > now);
-            if self.map.len() >= self.max_entries / 10 * 9 {
-                self.map.clear();
-            }
         }
         self.map.insert(Box::from(token), identity.clone());
     }
@@ -68,7 +57,7 @@ impl TokenCache {
         self.map.clear();
     }
 
-    /// Entries held (expired ones included until they are swept or read).
+    /// Entries held (expired ones included until they are read or evicted).
     pub(super) fn len(&self) -> usize {
         self.map.len()
     }
@@ -115,33 +104,42 @@ mod tests {
         let exp = now() + 1;
         let token = sign_hs(Algorithm::HS256, &json!({ "sub": "acme", "exp": exp }));
         assert!(check(&v, &token).await.is_ok());
-        assert_eq!(v.cache.map.len(), 1);
+        assert_eq!(v.cache.len(), 1);
         while now() <= exp {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(check(&v, &token).await, Err(AuthError::Expired));
-        assert_eq!(v.cache.map.len(), 0);
+        assert_eq!(v.cache.len(), 0);
     }
 
-    /// The cache is bounded: at the limit it sweeps expired entries, and clears if that is not
-    /// enough.
+    /// The cache is bounded: however many tokens verify, it never holds more than its bound, a
+    /// token just cached is served, and no entry is served at or after its `exp`.
     #[test]
     fn cache_is_bounded() {
         let cache = TokenCache::new(10);
         let id = |exp| ident("c", exp);
-        for i in 0..10 {
-            cache.insert(&format!("short-{i}"), &id(105), 100);
-        }
-        assert_eq!(cache.map.len(), 10);
-        cache.insert("later", &id(500), 200);
-        assert_eq!(cache.map.len(), 1, "expired entries swept");
-        for i in 0..9 {
+        for i in 0..1_000 {
             cache.insert(&format!("live-{i}"), &id(500), 200);
+            assert!(
+                cache.len() <= 10,
+                "{} entries after {i} inserts",
+                cache.len()
+            );
         }
-        assert_eq!(cache.map.len(), 10);
-        cache.insert("overflow", &id(500), 200);
-        assert_eq!(cache.map.len(), 1, "cleared when nothing could be swept");
-        assert!(cache.get("overflow", 200).is_some());
-        assert!(cache.get("overflow", 500).is_none(), "not served at exp");
+        cache.insert("newest", &id(500), 200);
+        assert!(
+            cache.get("newest", 200).is_some(),
+            "a token just cached is served"
+        );
+        assert!(cache.get("newest", 500).is_none(), "not served at exp");
+        assert!(
+            cache.get("newest", 200).is_none(),
+            "dropped once found expired"
+        );
+        cache.insert("stale", &id(200), 200);
+        assert!(
+            cache.get("stale", 200).is_none(),
+            "already at exp: never cached"
+        );
     }
 }
