@@ -144,7 +144,7 @@ pub(crate) struct Readiness {
 pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
     let store = s.store.ping().await;
     let ledger = s.ledger.ping().await;
-    // Version 0 is the file as parsed, before the ledger numbered it (liveconfig): not loaded yet.
+    // Version 0 is the file as parsed, before the ledger numbered it (control::live_config): not loaded yet.
     let version = s.shared.snapshot.load().version;
     let body = Readiness {
         quota_store: store

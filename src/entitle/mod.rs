@@ -1,9 +1,11 @@
 //! Entitlements: who a customer is to tollgate (plan, subscription status, billing period,
 //! suspension) and the policy that turns that into "may call" or a denial.
 //!
-//! Owns the in-process entitlement cache the request path reads. It never awaits the ledger on
-//! the request path: the cache is loaded at start and updated by the admin API (and, later,
-//! Stripe sync); a customer not in it is on the default plan.
+//! Owns: the entitlement type, the status policy ([`resolve`]), the plan a customer's counters
+//! are measured against ([`plan_of`]), the billing period a customer is in ([`period_of`]), and
+//! the in-process cache the request path reads ([`Entitlements`]; loaded at start, written by
+//! `control::entitlement_sync`). A customer not in the cache is on the default plan.
+//! Must not touch: the ledger, Redis, HTTP (the request path never awaits anything here).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,7 @@
 //! ledger's sequence) and the admin audit log (`audit_log`). The SQL here is written once for
 //! both backends.
 //!
-//! Must not interpret documents: they are stored and returned as text (`liveconfig` parses).
+//! Must not interpret documents: they are stored and returned as text (`control::live_config` parses).
 
 use chrono::Utc;
 

@@ -11,8 +11,9 @@
 //! instance: [`Guard`] (10 a second, bursts of 20; a dashboard polls far less). Over it: 429
 //! `rate-limited` with `Retry-After`.
 //!
-//! Owns: this path, its JSON shape and its read limit (the usage summary is `quota::usage_view`'s, so operator and
-//! customer see the same numbers). Must not touch: reservations, the usage pipeline.
+//! Owns: this path, its JSON shape and its read limit (the usage summary is `quota::usage_view`'s,
+//! so operator and customer see the same numbers). Must not touch: reservations, the usage
+//! pipeline, the admin listener.
 
 use crate::entitle::Status;
 use crate::entitle::{period_of, plan_of};
