@@ -3,13 +3,9 @@
 //! instances and after a credit lets the counter cross again; a failing receiver gets it once
 //! a retry succeeds; every attempt is in the delivery log.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::support::*;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
-use common::*;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -2,11 +2,7 @@
 //! versioned in the ledger, audited, applied atomically under load and broadcast to every
 //! instance; bad input changes nothing.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,11 +1,7 @@
 //! Exactness under concurrency: quotas never overshoot, with one instance or with two instances
 //! sharing Redis and Postgres.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 
 /// Config with one route and a default plan of exactly 50 units, no rate limit.
 fn fifty(upstream: std::net::SocketAddr) -> String {

@@ -1,11 +1,7 @@
 //! Self-service usage on the proxy listener (issue 4): `GET /_tollgate/usage` shows the caller
 //! their own plan, period and usage, costs nothing, and never shows another customer.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 async fn own_usage(tg: &Tollgate, customer: &str, query: &str) -> Value {

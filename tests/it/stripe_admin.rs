@@ -2,12 +2,8 @@
 //! the reconciler (`POST /admin/stripe/sync`) across pages and a 500, the explicit link, the
 //! billing portal session, and the link a subscription webhook records; on both backends.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::stripe::{sign_webhook, subscription, Fault, StripeStandIn, KEY_ENV};
-use common::*;
+use crate::support::stripe::{sign_webhook, subscription, Fault, StripeStandIn, KEY_ENV};
+use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate::config::Config;
@@ -225,6 +221,7 @@ both!(
         );
         let calls = stripe.calls(PORTAL);
         assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].method, "POST");
         assert_eq!(calls[0].param("customer"), Some("cus_B"));
         assert_eq!(calls[0].param("return_url"), Some("https://app.example/billing"));
         // No body is fine too.
@@ -384,6 +381,8 @@ both!(
         assert_eq!(deliver(&tg, "evt_ss_2", "customer.subscription.updated", t, active.clone()).await, 200);
         let calls = stripe.calls(FETCH);
         assert_eq!(calls.iter().map(|c| c.status).collect::<Vec<_>>(), vec![200]);
+        // A re-fetch reads the subscription; it never writes to Stripe.
+        assert_eq!(calls[0].method, "GET");
         let c = tg.admin_customer("acme").await;
         assert_eq!(c["status"], "canceled", "{c}");
         let (status, ty, _) = problem(tg.get("/signals", Some("acme")).await).await;

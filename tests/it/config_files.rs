@@ -2,8 +2,6 @@
 //! validation rule has a bad-config fixture whose exact messages (with key paths) are asserted;
 //! `serve` refuses a bad config with exit 64 and the same messages.
 
-#![allow(clippy::unwrap_used)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

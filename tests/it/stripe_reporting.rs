@@ -2,13 +2,9 @@
 //! rows written to the real ledger) reaches a Stripe stand-in as Billing meter events whose values
 //! sum exactly to the ledger's units, across 500s, 429s and a lost answer, on both backends.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::support::stripe::{Fault, StripeStandIn, KEY_ENV};
+use crate::support::*;
 use chrono::{Duration as Days, Utc};
-use common::stripe::{Fault, StripeStandIn, KEY_ENV};
-use common::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tollgate::config::Config;

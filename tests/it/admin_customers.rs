@@ -1,11 +1,7 @@
 //! The customer admin API (issue 4): usage and overage from the quota store, the near/over-limit
 //! listing, suspension and credits — each checked against what the proxy decides next.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

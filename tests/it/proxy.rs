@@ -1,11 +1,7 @@
 //! The request path end to end, through a real pingora proxy, on both storage backends: every row
 //! of the DESIGN §2 response table and every bad input of the core issue.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 
 /// Starts tollgate with the standard config on `b` and a fresh recording upstream.

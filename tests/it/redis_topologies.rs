@@ -2,11 +2,7 @@
 //! from local counters, and what it counted is folded into Redis within seconds of recovery, so
 //! the outage gives nothing away for free) and Redis Cluster.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// Redis stops (saving its data), three calls are served and counted locally, Redis comes back:

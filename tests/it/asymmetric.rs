@@ -2,11 +2,7 @@
 //! confusion, unknown `kid` (one refetch, then 401), wrong key. Bad tokens never reach upstream.
 //! A JWKS served over HTTPS by a private CA, trusted through `auth.jwks_ca_file`.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey, Header};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,11 +1,7 @@
 //! SIGHUP through the real binary: `tollgate serve` reloads its config file's live part as a new
 //! version; a bad file is logged with its keys and the running config stays.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

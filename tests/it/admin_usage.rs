@@ -1,11 +1,7 @@
 //! Usage reports (issue 4): `GET /admin/usage` groups the ledger by day, route or customer,
 //! pages, speaks CSV, and its totals equal the ledger rows; bad input is 400/404.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 
 /// The base config with a default plan roomy enough for the calls below.

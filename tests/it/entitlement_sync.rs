@@ -1,11 +1,7 @@
 //! Entitlement changes reach every instance within a second (Redis pub/sub), also after Redis
 //! restarted under running instances.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// Polls `path` for `customer` on `tg` until it answers `status`, for at most `within`.

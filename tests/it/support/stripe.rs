@@ -3,7 +3,6 @@
 //! request, applies meter events once per `identifier` (as Stripe does: a repeat is a 400
 //! "already exists"), and can be told to fail the next calls (500, 429, or "applied, but the
 //! answer is lost").
-#![allow(dead_code, clippy::unwrap_used)]
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};

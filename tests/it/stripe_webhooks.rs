@@ -2,11 +2,7 @@
 //! fixtures in `tests/fixtures/stripe/`) signed with Stripe's scheme, checked against ledger rows,
 //! the in-process cache and the next proxied request's decision, on both backends.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use std::time::Duration;

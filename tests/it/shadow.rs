@@ -2,11 +2,7 @@
 //! gate, rate limit, quota) computed, counted and logged, but the request is forwarded and
 //! charged anyway. Identity and account state are never shadowed.
 
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 
 /// The standard config plus a shadow plan and a shadow route.
 fn config(up: std::net::SocketAddr) -> String {
