@@ -14,6 +14,16 @@
 //!
 //! Env: `BENCH_DURATION` (seconds, default 10), `BENCH_CONNECTIONS` (default 32), `RUST_LOG`
 //! (log filter; the default hides the one log line per request wrk abandons when it stops).
+//!
+//! tollgate is started by the integration tests' harness (`tests/it/support`), on the shared
+//! backend (real Redis, real Postgres, a unique key prefix and schema of its own), with the same
+//! tokens; the JWT secret and admin token are the test ones that `cargo` sets from
+//! `.cargo/config.toml`. The upstream is the bench's own: one thread, counting, no recording.
+
+// The harness of the integration tests; the bench uses its tollgate, tokens and ports only.
+#[allow(dead_code, unused_imports, unused_macros, clippy::unwrap_used)]
+#[path = "../tests/it/support/mod.rs"]
+mod support;
 
 // The same allocator as the tollgate binary, for both proxies in this process (like for like).
 #[global_allocator]
@@ -37,20 +47,14 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 use tollgate::config::Config;
-use tollgate::server::{Options, Stop};
 
-const SECRET_ENV: &str = "TOLLGATE_BENCH_JWT_SECRET";
-const SECRET: &str = "tollgate-bench-secret-0123456789abcdef";
-const ADMIN_TOKEN_ENV: &str = "TOLLGATE_BENCH_ADMIN_TOKEN";
-const ISSUER: &str = "https://issuer.bench/";
-const AUDIENCE: &str = "api";
-const REDIS_URL: &str = "redis://127.0.0.1:6379/";
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use support::{PG_URL, REDIS_URL};
+
 const PATH: &str = "/signals";
 const BODY: &str =
     r#"{"symbol":"AAPL","signal":"buy","score":0.73,"as_of":"2026-01-02T15:04:05Z"}"#;
@@ -60,9 +64,6 @@ const WARMUP_SECS: u64 = 2;
 const PROXY_THREADS: usize = 2;
 
 fn main() -> ExitCode {
-    // Before any thread exists (the tollgate config only names the env var).
-    std::env::set_var(SECRET_ENV, SECRET);
-    std::env::set_var(ADMIN_TOKEN_ENV, uuid::Uuid::now_v7().simple().to_string());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // wrk closes its connections with requests in flight when it stops: pingora logs each
         // at error level and tollgate at warn ("upstream failed"). They are counted below.
@@ -98,7 +99,6 @@ fn main() -> ExitCode {
         }
     };
     let mut cleanup = Cleanup {
-        schema: None,
         redis_prefix: None,
         files: Vec::new(),
     };
@@ -159,16 +159,10 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
         println!("load average before start: {load}");
     }
 
-    let prefix = format!("tgbench_{}", uuid::Uuid::now_v7().simple());
-    let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
-    let spool = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", schema));
-    cleanup.redis_prefix = Some(prefix.clone());
-    cleanup.schema = Some(schema.clone());
-    cleanup.files.push(spool.clone());
     // Every target gets the same requests, `Authorization` header included: what the ratio
     // measures is what tollgate does with them, not a difference in what wrk sends.
     let tokens = mint_tokens()?;
-    let script = std::env::temp_dir().join(format!("tollgate-bench-{schema}.lua"));
+    let script = std::env::temp_dir().join(format!("{}.lua", support::unique("tollgate-bench")));
     cleanup.files.push(script.clone());
     std::fs::write(&script, wrk_script(&tokens)).context("writing the wrk script")?;
 
@@ -197,7 +191,9 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
     rows.push(("passthrough", r));
 
     // (c) tollgate, full path.
-    let mut tg = Tollgate::start(upstream.addr, &prefix, &schema, &spool)?;
+    let mut tg = start_tollgate(rt, upstream.addr)?;
+    let (prefix, schema) = (tg.prefix.clone(), tg.schema.clone());
+    cleanup.redis_prefix = Some(prefix.clone());
     println!(
         "tollgate    {}  {PROXY_THREADS} proxy threads, HS256, Redis {REDIS_URL} \
          (prefix {prefix}), Postgres ledger (schema {schema})",
@@ -220,7 +216,7 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
     let metrics = http_get(tg.admin, "/metrics", None)
         .map(|(_, body)| body)
         .unwrap_or_default();
-    tg.stop().context("stopping tollgate")?;
+    rt.block_on(tg.stop());
     let forwarded = upstream.hits() - hits_before;
     rows.push(("tollgate", r));
 
@@ -289,9 +285,11 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
     );
     println!(
         "  ledger rows not 200:              {} (requests wrk abandoned when it stopped, \
-         client gone before the response; {} of them charged)",
+         client gone before the response; {} of them charged: they had gone upstream; {} with \
+         an error status)",
         ledger.rows - ledger.ok,
-        ledger.charged_not_ok
+        ledger.charged_not_ok,
+        ledger.errors
     );
     match redis_charged {
         Some(n) => println!("  Redis quota counters (sum):       {n}"),
@@ -336,10 +334,12 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
             ledger.rows
         ));
     }
-    if ledger.charged_not_ok > 0 {
+    // A client that hangs up after its request went upstream is charged (status 0, its units
+    // stand); any other status than 200 or 0 is an error this run must not have.
+    if ledger.errors > 0 {
         failures.push(format!(
-            "{} ledger rows with a status other than 200 were charged",
-            ledger.charged_not_ok
+            "{} ledger rows have an error status (neither 200 nor 0, client gone)",
+            ledger.errors
         ));
     }
     if let Some(n) = redis_charged {
@@ -354,8 +354,8 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
         bail!("{}", failures.join("; "));
     }
     println!(
-        "  OK: every completed request is in the ledger (charged 1 unit), Redis and the ledger \
-         agree, no errors"
+        "  OK: every completed request is in the ledger (charged 1 unit), abandoned ones at most \
+         one per connection per stop, Redis and the ledger agree, no errors"
     );
 
     drop(upstream);
@@ -520,20 +520,14 @@ fn mint_tokens() -> anyhow::Result<Vec<String>> {
         .duration_since(UNIX_EPOCH)
         .context("clock before 1970")?
         .as_secs();
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
-    (0..CUSTOMERS)
+    Ok((0..CUSTOMERS)
         .map(|i| {
-            let claims = serde_json::json!({
-                "sub": format!("bench-customer-{i:03}"),
-                "iss": ISSUER,
-                "aud": AUDIENCE,
-                "iat": now,
-                "exp": now + 6 * 3600,
-            });
-            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
-                .context("minting a token")
+            let mut claims = support::claims(&format!("bench-customer-{i:03}"));
+            // Valid for any run length (the harness's tokens live ten minutes).
+            claims["exp"] = serde_json::json!(now + 6 * 3600);
+            support::sign(&claims)
         })
-        .collect()
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -631,7 +625,7 @@ struct Passthrough {
 
 impl Passthrough {
     fn start(upstream: SocketAddr) -> anyhow::Result<Passthrough> {
-        let addr = free_port()?;
+        let addr = support::free_port();
         let stop = Arc::new(Notify::new());
         let st = stop.clone();
         let thread = std::thread::Builder::new()
@@ -680,25 +674,15 @@ impl Drop for Passthrough {
     }
 }
 
-struct Tollgate {
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    stop: Arc<Notify>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Tollgate {
-    fn start(
-        upstream: SocketAddr,
-        prefix: &str,
-        schema: &str,
-        spool: &Path,
-    ) -> anyhow::Result<Tollgate> {
-        let proxy = free_port()?;
-        let toml = format!(
-            r#"
+/// tollgate on the shared backend through the tests' harness: 2 proxy threads, HS256, the
+/// Redis timeout of the config's default (the harness shortens it for outage tests).
+fn start_tollgate(
+    rt: &tokio::runtime::Runtime,
+    upstream: SocketAddr,
+) -> anyhow::Result<support::Tollgate> {
+    let toml = format!(
+        r#"
 [proxy]
-listen = "{proxy}"
 threads = {PROXY_THREADS}
 # Not 0: pingora drops the tasks still running when the grace period ends, and a request
 # dropped after its Redis reservation is neither refunded nor in the ledger.
@@ -706,20 +690,13 @@ shutdown_grace = "1s"
 strip_authorization = true
 
 [admin]
-token_env = "{ADMIN_TOKEN_ENV}"
-
-[storage]
-redis_url = "{REDIS_URL}"
-redis_prefix = "{prefix}"
-database_url = "{PG_URL}"
-database_schema = "{schema}"
-spool_dir = "{spool}"
+token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
 
 [auth]
 algorithms = ["HS256"]
-secret_env = "{SECRET_ENV}"
-issuer = "{ISSUER}"
-audience = "{AUDIENCE}"
+secret_env = "TOLLGATE_TEST_JWT_SECRET"
+issuer = "https://issuer.test/"
+audience = "api"
 
 [upstreams.api]
 targets = ["{upstream}"]
@@ -734,65 +711,19 @@ cost = 1
 [plans.bench]
 default = true
 quotas.api_calls = {{ included = 1_000_000_000_000, overage = "deny" }}
-"#,
-            spool = spool.display(),
-        );
-        let config =
-            Config::from_toml(&toml).map_err(|e| anyhow::anyhow!("bench config invalid:\n{e}"))?;
-        let admin_listener = TcpListener::bind("127.0.0.1:0").context("binding admin")?;
-        let admin = admin_listener.local_addr()?;
-        let stop = Arc::new(Notify::new());
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let opts = Options {
-            admin_listener: Some(admin_listener),
-            stop: Stop::Notify(stop.clone()),
-            on_ready: Some(Box::new(move |_| {
-                let _ = ready_tx.send(());
-            })),
-        };
-        let thread = std::thread::Builder::new()
-            .name("bench-tollgate".into())
-            .spawn(move || tollgate::server::run(config, opts))
-            .context("spawning tollgate")?;
-        let mut t = Tollgate {
-            proxy,
-            admin,
-            stop,
-            thread: Some(thread),
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let why = match t.thread.take().map(|h| h.join()) {
-                Some(Ok(Err(e))) => format!("{e:#}"),
-                Some(Err(_)) => "it panicked".into(),
-                _ => "timed out".into(),
-            };
-            bail!("tollgate did not start: {why}");
-        }
-        wait_accepting(proxy)?;
-        Ok(t)
-    }
-
-    /// Graceful stop; returns once the usage flusher has drained into the ledger.
-    fn stop(&mut self) -> anyhow::Result<()> {
-        self.stop.notify_one();
-        match self.thread.take().map(|h| h.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => bail!("tollgate panicked"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Tollgate {
-    fn drop(&mut self) {
-        let _ = self.stop();
-    }
-}
-
-/// Reserves a free port (bound then released; pingora binds it again).
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+"#
+    );
+    let defaults =
+        Config::from_toml(&toml).map_err(|e| anyhow::anyhow!("bench config invalid:\n{e}"))?;
+    let redis_timeout = defaults.storage.redis_timeout;
+    let tg = rt.block_on(support::Tollgate::start_with(
+        &toml,
+        support::Backend::Shared,
+        None,
+        |c| c.storage.redis_timeout = redis_timeout,
+    ));
+    wait_accepting(tg.proxy)?;
+    Ok(tg)
 }
 
 fn wait_accepting(addr: SocketAddr) -> anyhow::Result<()> {
@@ -915,19 +846,23 @@ struct LedgerCounts {
     /// Rows with status 200.
     ok: u64,
     units: i64,
-    /// Rows with another status but units > 0 (should be refunded: `charge = "success"`).
+    /// Rows with status 0 (nothing sent: the client hung up) that were charged: the request had
+    /// gone upstream, so the charge stands.
     charged_not_ok: u64,
+    /// Rows with a status other than 200 or 0: an error was sent, which this run must not have.
+    errors: u64,
 }
 
 async fn ledger_counts(schema: &str) -> anyhow::Result<LedgerCounts> {
     let mut conn = pg().await?;
-    // `schema` is ours (bench_<hex>), safe to interpolate.
+    // `schema` is the harness's (t_<hex>), safe to interpolate.
     let sql = format!(
         "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 200), \
          CAST(COALESCE(SUM(units), 0) AS BIGINT), \
-         COUNT(*) FILTER (WHERE status <> 200 AND units <> 0) FROM {schema}.usage_events"
+         COUNT(*) FILTER (WHERE status = 0 AND units <> 0), \
+         COUNT(*) FILTER (WHERE status NOT IN (0, 200)) FROM {schema}.usage_events"
     );
-    let (rows, ok, units, charged_not_ok): (i64, i64, i64, i64) = sqlx::query_as(&sql)
+    let (rows, ok, units, charged_not_ok, errors): (i64, i64, i64, i64, i64) = sqlx::query_as(&sql)
         .fetch_one(&mut conn)
         .await
         .context("counting ledger rows")?;
@@ -937,6 +872,7 @@ async fn ledger_counts(schema: &str) -> anyhow::Result<LedgerCounts> {
         ok: n(ok),
         units,
         charged_not_ok: n(charged_not_ok),
+        errors: n(errors),
     })
 }
 
@@ -1038,25 +974,12 @@ fn print_redis_commands(
 
 /// What the bench created outside the process; removed at the end, even after a failure.
 struct Cleanup {
-    schema: Option<String>,
     redis_prefix: Option<String>,
     files: Vec<PathBuf>,
 }
 
 impl Cleanup {
     fn run(&mut self, rt: &tokio::runtime::Runtime) {
-        if let Some(schema) = self.schema.take() {
-            let r = rt.block_on(async {
-                let mut conn = pg().await?;
-                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .execute(&mut conn)
-                    .await?;
-                anyhow::Ok(())
-            });
-            if let Err(e) = r {
-                eprintln!("clean-up: dropping schema {schema}: {e:#}");
-            }
-        }
         if let Some(prefix) = self.redis_prefix.take() {
             let r = rt.block_on(async {
                 let mut conn = redis_conn().await?;
