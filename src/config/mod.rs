@@ -151,6 +151,9 @@ pub struct Route {
     pub upstream: String,
     pub meter: String,
     pub cost: u64,
+    /// Ceiling on one call's cost: `cost` is validated against it, and an exact cost from the
+    /// upstream above it is invalid (the reservation is kept). Always ≤ `i64::MAX`.
+    pub max_cost: u64,
     pub feature: Option<String>,
     pub cost_from_response_header: Option<http::HeaderName>,
     pub charge: Charge,

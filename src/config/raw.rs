@@ -144,6 +144,8 @@ pub struct RawRoute {
     pub upstream: Option<String>,
     pub meter: Option<String>,
     pub cost: Option<i64>,
+    /// Ceiling on what one call may cost, from config or from the upstream's exact cost.
+    pub max_cost: Option<i64>,
     pub feature: Option<String>,
     pub cost_from_response_header: Option<String>,
     pub charge: Option<String>,

@@ -8,6 +8,9 @@ use super::raw::{self, OneOrMany, RawConfig, RawQuota};
 use super::*;
 
 const DEFAULT_METER: &str = "api_calls";
+/// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
+/// `i64::MAX`, so that sums of many calls stay exact in the ledger's `BIGINT`.
+const DEFAULT_MAX_COST: u64 = 1_000_000_000;
 
 /// `routes[0].cots` style paths from serde_ignored's path.
 pub(super) fn key_path(path: &serde_ignored::Path<'_>) -> String {
@@ -521,7 +524,15 @@ impl Validator {
                     );
                 }
             }
-            let cost = self.non_negative(format!("{key}.cost"), r.cost, 1);
+            let max_cost = self.positive(format!("{key}.max_cost"), r.max_cost, DEFAULT_MAX_COST);
+            let mut cost = self.non_negative(format!("{key}.cost"), r.cost, 1);
+            if cost > max_cost {
+                self.err(
+                    format!("{key}.cost"),
+                    format!("must be ≤ max_cost ({max_cost}), got {cost}"),
+                );
+                cost = max_cost;
+            }
             let cost_from_response_header = r.cost_from_response_header.as_ref().and_then(|h| {
                 http::HeaderName::try_from(h.as_str())
                     .map_err(|_| {
@@ -549,6 +560,7 @@ impl Validator {
                 upstream,
                 meter,
                 cost,
+                max_cost,
                 feature: r.feature.clone(),
                 cost_from_response_header,
                 charge,

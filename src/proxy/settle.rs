@@ -12,7 +12,7 @@ use crate::quota::QuotaStore;
 use pingora::http::ResponseHeader;
 
 /// Step 7: the exact cost from the route's `cost_from_response_header`, when the upstream sent a
-/// valid one (a non-negative integer); an invalid value keeps the reservation and is counted.
+/// valid one (see [`parse_cost`]); an invalid value keeps the reservation and is counted.
 pub(super) fn exact_cost(ctx: &mut Ctx, resp: &ResponseHeader) {
     if ctx.reserved.is_none() {
         return;
@@ -20,18 +20,29 @@ pub(super) fn exact_cost(ctx: &mut Ctx, resp: &ResponseHeader) {
     let Some(snap) = &ctx.snapshot else {
         return;
     };
-    let Some(header) = ctx
-        .route(snap)
-        .and_then(|r| r.cost_from_response_header.as_ref())
-    else {
+    let Some(route) = ctx.route(snap) else {
+        return;
+    };
+    let Some(header) = &route.cost_from_response_header else {
         return;
     };
     if let Some(v) = resp.headers.get(header) {
-        match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        match parse_cost(v.as_bytes(), route.max_cost) {
             Some(actual) => ctx.actual_cost = Some(actual),
             None => ctx.shared.metrics.cost_header_invalid.inc(),
         }
     }
+}
+
+/// A cost that enters from outside: plain ASCII digits (no sign, exponent, fraction or space;
+/// the HTTP parser has already removed the optional whitespace around a header value) and at
+/// most `max`, the route's ceiling (itself ≤ `i64::MAX`). Anything else is `None`.
+pub(super) fn parse_cost(v: &[u8], max: u64) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(v).ok()?.parse::<u64>().ok()?;
+    (n <= max).then_some(n)
 }
 
 /// Step 8 (`logging`): refund or adjust, count, log, and hand the ledger row to the usage
@@ -53,7 +64,12 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
         } else {
             ctx.actual_cost.unwrap_or(r.units)
         };
-        let delta = units as i64 - r.units as i64;
+        // Both are ≤ a route's `max_cost` (≤ `i64::MAX`), so this cannot fail; if it ever did,
+        // the reservation stands as charged rather than a wrapped delta.
+        let (units, delta) = match (i64::try_from(units), i64::try_from(r.units)) {
+            (Ok(u), Ok(held)) => (units, u.checked_sub(held).unwrap_or(0)),
+            _ => (r.units, 0),
+        };
         if delta != 0 {
             let customer = ctx.customer.as_deref().unwrap_or_default();
             if let Err(e) = store_for(ctx, r)
@@ -100,5 +116,42 @@ fn store_for<'c>(ctx: &'c Ctx, r: &Reserved) -> &'c dyn QuotaStore {
         ctx.shared.fallback.as_ref()
     } else {
         ctx.shared.store.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cost;
+
+    #[test]
+    fn only_plain_digits_up_to_the_ceiling_are_a_cost() {
+        assert_eq!(parse_cost(b"0", 500), Some(0));
+        assert_eq!(parse_cost(b"007", 500), Some(7));
+        assert_eq!(parse_cost(b"500", 500), Some(500));
+        let max = i64::MAX as u64;
+        assert_eq!(parse_cost(b"9223372036854775807", max), Some(max));
+        for bad in [
+            &b""[..],
+            b"501",
+            b"-1",
+            b"+7",
+            b"1e3",
+            b"7.0",
+            b" 7",
+            b"7 7",
+            b"0x7",
+            b"18446744073709551615",     // u64::MAX
+            b"18446744073709551616",     // u64::MAX + 1
+            b"9223372036854775808",      // 2^63
+            b"000000000000000000000001", // too long to be a cost
+        ] {
+            let ceiling = if bad == b"501" { 500 } else { max };
+            assert_eq!(
+                parse_cost(bad, ceiling),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

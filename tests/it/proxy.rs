@@ -208,6 +208,45 @@ both!(
 );
 
 both!(
+    /// A cost from the upstream is a plain integer up to the route's `max_cost`: overflowing,
+    /// negative, signed, fractional, exponent or over-ceiling values are invalid, counted, and
+    /// the reservation (10) is kept in the store and the ledger, never wrapped.
+    exact_cost_out_of_range_keeps_the_reservation,
+    |b| {
+        let (tg, _up) = setup(b).await;
+        let bad = [
+            "18446744073709551615", // u64::MAX
+            "18446744073709551566", // u64::MAX - 49: wrapped to -50 as i64 before
+            "9223372036854775808",  // 2^63
+            "-1",
+            "1e3",
+            "%2B7",
+            "7.0",
+            "7%207",
+            "0x7",
+            "501", // above max_cost = 500
+        ];
+        for n in bad {
+            let r = tg.get(&format!("/cost?n={n}"), Some("lou")).await;
+            assert_eq!(r.status(), 200, "n={n}");
+        }
+        assert_eq!(tg.wait_ledger("lou", 10).await, (10, 100));
+        // At the ceiling is valid; surrounding whitespace is not part of an HTTP field value
+        // (RFC 9110 §5.5), so " 7 " on the wire is the value 7.
+        assert_eq!(tg.get("/cost?n=500", Some("max")).await.status(), 200);
+        assert_eq!(tg.get("/cost?n=%207%20", Some("sue")).await.status(), 200);
+        assert_eq!(tg.wait_ledger("max", 1).await, (1, 500));
+        assert_eq!(tg.wait_ledger("sue", 1).await, (1, 7));
+        if b == Backend::Shared {
+            assert_eq!(tg.redis_used("lou", "tokens").await, Some(100));
+            assert_eq!(tg.redis_used("max", "tokens").await, Some(500));
+        }
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("tollgate_cost_header_invalid_total 10"), "{metrics}");
+    }
+);
+
+both!(
     /// Every bad token is a 401 invalid-token with `WWW-Authenticate`, and the upstream sees nothing.
     bad_tokens_are_401_and_never_forwarded,
     |b| {

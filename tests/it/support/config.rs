@@ -63,6 +63,7 @@ match = "GET /cost"
 upstream = "api"
 meter = "tokens"
 cost = 10
+max_cost = 500
 cost_from_response_header = "X-Usage-Tokens"
 
 [[routes]]
