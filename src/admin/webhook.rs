@@ -18,7 +18,8 @@ use utoipa::ToSchema;
 pub(crate) struct WebhookAnswer {
     /// Always true.
     received: bool,
-    /// `applied`, `stale` (stored state was newer), `ignored` or `duplicate`.
+    /// `applied`, `stale` (stored state was newer), `ignored`, `unmatched` (no tollgate customer
+    /// named or linked) or `duplicate`.
     #[schema(example = "applied")]
     outcome: &'static str,
 }

@@ -65,8 +65,12 @@ pub enum Outcome {
     Applied,
     /// Processed, but the stored state was newer (a late, older event).
     Stale,
-    /// Stored and acknowledged; nothing to apply (type not handled, no customer, unknown status).
+    /// Stored and acknowledged; nothing to apply (type not handled, unknown status, a state the
+    /// event does not change).
     Ignored,
+    /// Stored and acknowledged, but neither the metadata nor a stored Stripe customer link names
+    /// a tollgate customer: counted and logged, so an operator can link the customer.
+    Unmatched,
     /// Already processed by an earlier (or concurrent) delivery.
     Duplicate,
 }
@@ -77,9 +81,20 @@ impl Outcome {
             Outcome::Applied => "applied",
             Outcome::Stale => "stale",
             Outcome::Ignored => "ignored",
+            Outcome::Unmatched => "unmatched",
             Outcome::Duplicate => "duplicate",
         }
     }
+}
+
+/// What an event asks of the entitlements.
+enum Apply {
+    /// Nothing to write (not a handled type or shape, or no change).
+    Nothing,
+    /// It would apply, but no tollgate customer is named or linked.
+    Unmatched,
+    /// Write this entitlement for this customer (order-safe).
+    Write(String, Entitlement),
 }
 
 // === impl StripeWebhook ===
@@ -187,9 +202,14 @@ impl StripeWebhook {
             "customer.deleted" => self.customer_deleted(&env).await?,
             "checkout.session.completed" => {
                 self.checkout_completed(&env).await?;
-                None
+                Apply::Nothing
             }
             _ => self.plan_change(&env).await?,
+        };
+        let unmatched = matches!(apply, Apply::Unmatched);
+        let apply = match apply {
+            Apply::Write(customer, ent) => Some((customer, ent)),
+            Apply::Nothing | Apply::Unmatched => None,
         };
         if env.event_type.starts_with("customer.subscription.") {
             self.link_from_subscription(&env).await?;
@@ -208,6 +228,7 @@ impl StripeWebhook {
                 Outcome::Applied
             }
             (StripeFinish::Processed { .. }, Some(_)) => Outcome::Stale,
+            (StripeFinish::Processed { .. }, None) if unmatched => Outcome::Unmatched,
             (StripeFinish::Processed { .. }, None) => Outcome::Ignored,
         };
         self.count(&env.event_type, outcome.as_str());
@@ -215,22 +236,41 @@ impl StripeWebhook {
         Ok(outcome)
     }
 
-    /// The (customer, entitlement) an event asks for, if it is one tollgate applies.
-    async fn plan_change(
+    /// The tollgate customer an event's object belongs to: the one its metadata names (the
+    /// configured key), else the one linked to its Stripe customer (`customer`), as Checkout,
+    /// `PUT /admin/customers/{id}/stripe` and earlier events link them. `None`: no known
+    /// customer, logged.
+    async fn customer_of(
         &self,
         env: &Envelope,
-    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+        from_metadata: Option<String>,
+    ) -> Result<Option<String>, StripeError> {
+        if from_metadata.is_some() {
+            return Ok(from_metadata);
+        }
+        let stripe_customer = stripe_customer_of(&env.object);
+        if let Some(cus) = &stripe_customer {
+            if let Some((customer, _)) = self.ledger.stripe_link(None, Some(cus)).await? {
+                return Ok(Some(customer));
+            }
+        }
+        tracing::warn!(event = %env.id, r#type = %env.event_type, key = %self.settings.customer_metadata_key,
+            stripe_customer = stripe_customer.as_deref().unwrap_or("-"),
+            "event names no tollgate customer (no metadata, no linked Stripe customer); unmatched");
+        Ok(None)
+    }
+
+    /// The (customer, entitlement) an event asks for, if it is one tollgate applies.
+    async fn plan_change(&self, env: &Envelope) -> Result<Apply, StripeError> {
         let Some(kind) = env.event_type.strip_prefix("customer.subscription.") else {
-            return Ok(None);
+            return Ok(Apply::Nothing);
         };
         if env.object.get("object").and_then(|o| o.as_str()) != Some("subscription") {
-            return Ok(None);
+            return Ok(Apply::Nothing);
         }
         let facts = subscription_facts(&env.object, &self.settings.customer_metadata_key);
-        let Some(customer) = facts.customer.clone() else {
-            tracing::warn!(event = %env.id, subscription = %facts.id, key = %self.settings.customer_metadata_key,
-                "subscription has no tollgate customer in its metadata; ignored");
-            return Ok(None);
+        let Some(customer) = self.customer_of(env, facts.customer.clone()).await? else {
+            return Ok(Apply::Unmatched);
         };
         let snap = self.config.load_full();
         let Some(ent) = entitlement_for(
@@ -241,7 +281,7 @@ impl StripeWebhook {
             env.created,
         ) else {
             tracing::warn!(event = %env.id, status = %facts.status, "unknown subscription status; ignored");
-            return Ok(None);
+            return Ok(Apply::Nothing);
         };
         // The stored state matters only when a same-second event can be settled from the API.
         let stored = match self.control.get() {
@@ -251,7 +291,7 @@ impl StripeWebhook {
         let ent = self
             .settle_same_second(env, &facts.id, &customer, stored.as_ref(), ent)
             .await;
-        Ok(Some((customer, ent)))
+        Ok(Apply::Write(customer, ent))
     }
 
     /// DESIGN §7, same-second events: `proposed` (what the event says) is kept unless the stored
@@ -314,18 +354,14 @@ impl StripeWebhook {
     /// of the entitlement is the stored one; the write is as of the event's `created`, so the
     /// ledger's conditional upsert refuses it when a newer subscription event was applied. A
     /// canceled or unpaid customer is never revived by an invoice.
-    async fn payment_change(
-        &self,
-        env: &Envelope,
-        kind: &str,
-    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+    async fn payment_change(&self, env: &Envelope, kind: &str) -> Result<Apply, StripeError> {
         let target = match kind {
             "payment_failed" => Status::PastDue,
             "paid" | "payment_succeeded" => Status::Active,
-            _ => return Ok(None),
+            _ => return Ok(Apply::Nothing),
         };
         if env.object.get("object").and_then(|o| o.as_str()) != Some("invoice") {
-            return Ok(None);
+            return Ok(Apply::Nothing);
         }
         // The subscription's metadata as the invoice carries it: under `parent` since API
         // 2025-03-31, at the top level before.
@@ -344,12 +380,11 @@ impl StripeWebhook {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(String::from);
-        let Some(customer) = customer else {
-            tracing::warn!(event = %env.id, %key, "invoice's subscription has no tollgate customer in its metadata; ignored");
-            return Ok(None);
+        let Some(customer) = self.customer_of(env, customer).await? else {
+            return Ok(Apply::Unmatched);
         };
         let Some(current) = self.ledger.get_customer(&customer).await? else {
-            return Ok(None); // no subscription applied yet: nothing to mark
+            return Ok(Apply::Nothing); // no subscription applied yet: nothing to mark
         };
         let applies = match target {
             Status::PastDue => matches!(
@@ -359,7 +394,7 @@ impl StripeWebhook {
             _ => current.status == Status::PastDue,
         };
         if !applies || current.status == target {
-            return Ok(None);
+            return Ok(Apply::Nothing);
         }
         let subscription = ["/parent/subscription_details/subscription", "/subscription"]
             .iter()
@@ -375,23 +410,20 @@ impl StripeWebhook {
         let ent = self
             .settle_same_second(env, &subscription, &customer, Some(&current), ent)
             .await;
-        Ok(Some((customer, ent)))
+        Ok(Apply::Write(customer, ent))
     }
 
     /// `customer.deleted`: Stripe cancels every subscription of a deleted customer, so the
     /// linked tollgate customer is canceled and back on no plan (the default plan, if the status
     /// policy falls back to it), as of the event (order-safe like any Stripe write). The link is
     /// kept: it names the customer in the audit and a re-created Stripe customer replaces it.
-    async fn customer_deleted(
-        &self,
-        env: &Envelope,
-    ) -> Result<Option<(String, Entitlement)>, StripeError> {
+    async fn customer_deleted(&self, env: &Envelope) -> Result<Apply, StripeError> {
         let Some(cus) = env.object.get("id").and_then(|i| i.as_str()) else {
-            return Ok(None);
+            return Ok(Apply::Nothing);
         };
         let Some((customer, _)) = self.ledger.stripe_link(None, Some(cus)).await? else {
             tracing::info!(event = %env.id, stripe_customer = %cus, "deleted Stripe customer is linked to no tollgate customer; ignored");
-            return Ok(None);
+            return Ok(Apply::Nothing);
         };
         let ent = Entitlement {
             plan: None,
@@ -404,7 +436,7 @@ impl StripeWebhook {
             cancel_at_period_end: false,
             trial_end: None,
         };
-        Ok(Some((customer, ent)))
+        Ok(Apply::Write(customer, ent))
     }
 
     /// `checkout.session.completed`: links the session's Stripe customer to the tollgate

@@ -460,3 +460,80 @@ both!(
         assert_eq!(tg.admin_customer("gone").await["status"], "canceled");
     }
 );
+
+/// Any event around `object`, in the real test-mode envelope.
+fn event_of(id: &str, event_type: &str, created: i64, object: Value) -> String {
+    let mut ev = fixture("event_customer.subscription.updated_trialing_to_active.json");
+    ev["id"] = json!(id);
+    ev["type"] = json!(event_type);
+    ev["created"] = json!(created);
+    ev["data"] = json!({ "object": object });
+    serde_json::to_string_pretty(&ev).unwrap()
+}
+
+/// `event` with its object's tollgate metadata removed and its Stripe customer set to `cus`:
+/// what Stripe sends for a subscription made by a Checkout session that set only
+/// `client_reference_id`.
+fn without_metadata(event: &str, cus: &str) -> String {
+    let mut ev: Value = serde_json::from_str(event).unwrap();
+    let obj = &mut ev["data"]["object"];
+    obj["customer"] = json!(cus);
+    if obj["object"] == "invoice" {
+        // The real fixture's own subscription metadata, which names no tollgate customer.
+        obj["parent"]["subscription_details"]["metadata"] = json!({ "license_id": "0" });
+    } else {
+        obj["metadata"] = json!({});
+    }
+    ev.to_string()
+}
+
+both!(
+    /// A customer linked only through Checkout (`client_reference_id`; no metadata on the
+    /// subscription or its invoices) follows its subscription and payments through the stored
+    /// link: pro, `invoice.payment_failed` → past_due → 402 after the grace, `invoice.paid` →
+    /// active. An event whose Stripe customer nobody links is `unmatched`, counted, and changes
+    /// nothing.
+    checkout_linked_customer_follows_its_subscription_and_invoices,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let (day, t) = (86_400, now());
+        let session = json!({
+            "id": "cs_test_only", "object": "checkout.session", "mode": "subscription",
+            "client_reference_id": "initech", "customer": "cus_only_checkout",
+            "status": "complete", "subscription": "sub_only_checkout",
+        });
+        let r = deliver(&tg, &event_of("evt_co_chk", "checkout.session.completed", t - 10 * day, session)).await;
+        assert_eq!(r.status(), 200);
+
+        let sub = sub_event("evt_co_sub", "created", t - 10 * day + 1, "-", &["price_pro"], "active");
+        let r = deliver(&tg, &without_metadata(&sub, "cus_only_checkout")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
+        let c = tg.admin_customer("initech").await;
+        assert_eq!((c["plan"].as_str(), c["status"].as_str()), (Some("pro"), Some("active")), "{c}");
+        assert_eq!(tg.get("/export/pdf", Some("initech")).await.status(), 200);
+
+        let failed = invoice_event("evt_co_pf", "payment_failed", t - 5 * day, "-");
+        let r = deliver(&tg, &without_metadata(&failed, "cus_only_checkout")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
+        assert_eq!(tg.admin_customer("initech").await["status"], "past_due");
+        let (status, ty, _) = problem(tg.get("/export/pdf", Some("initech")).await).await;
+        assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+
+        let paid = invoice_event("evt_co_paid", "paid", t, "-");
+        let r = deliver(&tg, &without_metadata(&paid, "cus_only_checkout")).await;
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "applied");
+        assert_eq!(tg.admin_customer("initech").await["status"], "active");
+        assert_eq!(tg.get("/export/pdf", Some("initech")).await.status(), 200);
+
+        let stray = invoice_event("evt_co_stray", "payment_failed", t, "-");
+        let r = deliver(&tg, &without_metadata(&stray, "cus_nobody_links")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "unmatched");
+        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.contains(r#"tollgate_webhooks_total{outcome="unmatched",type="invoice.payment_failed"} 1"#),
+            "{metrics}"
+        );
+        assert_eq!(tg.admin_customer("initech").await["status"], "active");
+    }
+);
