@@ -15,11 +15,15 @@ pub struct Metrics {
     duration: HistogramVec,
     pub quota_store_duration: Histogram,
     pub quota_store_errors: IntCounter,
-    /// `tollgate_usage_events_total` by outcome, resolved once: queued, spooled, lost.
-    pub usage_queued: IntCounter,
-    pub usage_spooled: IntCounter,
-    pub usage_lost: IntCounter,
+    /// `tollgate_usage_events_total` by outcome (queued, spooled, lost), brought up to the usage
+    /// pipeline's own counts at scrape time ([`Metrics::sync_usage`]): the pipeline counts both
+    /// the request path's overflow and the flusher's spooled batches.
+    usage_events: [IntCounter; 3],
+    /// The counts `usage_events` was last brought up to (one scrape at a time).
+    usage_synced: std::sync::Mutex<[u64; 3]>,
     pub usage_queue_depth: IntGauge,
+    /// Set at scrape time: bytes of usage events waiting in the disk spool.
+    pub usage_spool_bytes: IntGauge,
     /// Set at scrape time from the usage pipeline.
     pub ledger_lag: Gauge,
     pub cost_header_invalid: IntCounter,
@@ -89,6 +93,10 @@ impl Metrics {
             "tollgate_usage_queue_depth",
             "Usage events waiting for the ledger",
         )?;
+        let usage_spool_bytes = IntGauge::new(
+            "tollgate_usage_spool_bytes",
+            "Bytes of usage events waiting on disk in the spool for the ledger",
+        )?;
         let ledger_lag = Gauge::new(
             "tollgate_ledger_lag_seconds",
             "Time since the usage flusher last had every event it had taken in the ledger \
@@ -108,6 +116,7 @@ impl Metrics {
         registry.register(Box::new(quota_store_errors.clone()))?;
         registry.register(Box::new(usage_events.clone()))?;
         registry.register(Box::new(usage_queue_depth.clone()))?;
+        registry.register(Box::new(usage_spool_bytes.clone()))?;
         registry.register(Box::new(cost_header_invalid.clone()))?;
         registry.register(Box::new(config_version.clone()))?;
         Ok(Metrics {
@@ -117,14 +126,28 @@ impl Metrics {
             duration,
             quota_store_duration,
             quota_store_errors,
-            usage_queued: usage_events.with_label_values(&["queued"]),
-            usage_spooled: usage_events.with_label_values(&["spooled"]),
-            usage_lost: usage_events.with_label_values(&["lost"]),
+            usage_events: ["queued", "spooled", "lost"]
+                .map(|o| usage_events.with_label_values(&[o])),
+            usage_synced: std::sync::Mutex::new([0; 3]),
             usage_queue_depth,
+            usage_spool_bytes,
             ledger_lag,
             cost_header_invalid,
             config_version,
         })
+    }
+
+    /// Brings `tollgate_usage_events_total` up to the pipeline's counts of events queued,
+    /// spooled and lost (monotonic, so only the growth since the last scrape is added).
+    pub fn sync_usage(&self, counts: [u64; 3]) {
+        let mut synced = self
+            .usage_synced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ((metric, seen), now) in self.usage_events.iter().zip(synced.iter_mut()).zip(counts) {
+            metric.inc_by(now.saturating_sub(*seen));
+            *seen = (*seen).max(now);
+        }
     }
 
     /// Handles for one route name.

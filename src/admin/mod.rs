@@ -175,12 +175,16 @@ pub(crate) async fn metrics(State(s): State<AdminState>) -> Response {
         .metrics
         .usage_queue_depth
         .set(s.shared.usage.queue_depth() as i64);
-    let lag_ms = s
-        .shared
-        .usage
-        .counters()
-        .ledger_lag_ms(chrono::Utc::now().timestamp_millis());
+    let counters = s.shared.usage.counters();
+    let lag_ms = counters.ledger_lag_ms(chrono::Utc::now().timestamp_millis());
     s.shared.metrics.ledger_lag.set(lag_ms as f64 / 1000.0);
+    let c = counters.snapshot();
+    s.shared.metrics.sync_usage([c.queued, c.spooled, c.lost]);
+    let spool_bytes = s.shared.usage.spool_bytes().await;
+    s.shared
+        .metrics
+        .usage_spool_bytes
+        .set(i64::try_from(spool_bytes).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.shared.metrics.render(),

@@ -11,7 +11,6 @@ use super::REQUEST_ID_HEADER;
 use crate::config::Route;
 use crate::ledger::UsageEvent;
 use crate::quota::Period;
-use crate::usage::Recorded;
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,18 +95,15 @@ impl Ctx {
             ts: self.arrived.unwrap_or_else(chrono::Utc::now),
             customer: self.customer.take().unwrap_or_default(),
             meter: route.meter.clone(),
-            units: units as i64,
+            // Costs are capped by the route's `max_cost` (≤ `i64::MAX`).
+            units: i64::try_from(units).unwrap_or(i64::MAX),
             route: route.name.clone(),
             status,
             latency_us: self.started.elapsed().as_micros() as i64,
             request_id: std::mem::take(&mut self.request_id),
         };
-        let m = &self.shared.metrics;
-        match self.shared.usage.record(event) {
-            Recorded::Queued => m.usage_queued.inc(),
-            Recorded::Spooled => m.usage_spooled.inc(),
-            Recorded::Lost => m.usage_lost.inc(),
-        }
+        // Counted by the pipeline itself (`tollgate_usage_events_total`, synced at scrape).
+        self.shared.usage.record(event);
     }
 }
 

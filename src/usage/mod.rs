@@ -44,7 +44,8 @@ pub enum Recorded {
 
 /// Event counters shared by the sink and the flusher: the ledger lag behind
 /// `tollgate_ledger_lag_seconds` (DESIGN §6) and the [`FlushStats`] that [`Flusher::run`] returns.
-/// (`tollgate_usage_events_total{outcome}` is counted by the proxy from each [`Recorded`].)
+/// (`tollgate_usage_events_total{outcome}` is brought up to `queued`, `spooled` and `lost` at
+/// scrape time.)
 /// Monotonic; each count is one [`FlushStats`] field, which says what it counts.
 #[derive(Debug)]
 pub struct UsageCounters {
@@ -202,6 +203,11 @@ impl UsageSink {
     /// Events waiting in the channel (for `tollgate_usage_queue_depth`).
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Bytes waiting in the spool's files (for `tollgate_usage_spool_bytes`).
+    pub async fn spool_bytes(&self) -> u64 {
+        self.spool.bytes_on_disk().await
     }
 
     /// The counters this pipeline updates.

@@ -119,6 +119,21 @@ impl Spool {
         self.pending.swap(false, Ordering::Acquire)
     }
 
+    /// Total size of the spool's files, the open one included (0 when the directory is absent
+    /// or unreadable: a metric, not a decision).
+    pub(super) async fn bytes_on_disk(&self) -> u64 {
+        let Ok(mut dir) = tokio::fs::read_dir(&self.dir).await else {
+            return 0;
+        };
+        let mut total = 0;
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            if entry.path().extension().is_some_and(|ext| ext == "jsonl") {
+                total += entry.metadata().await.map_or(0, |m| m.len());
+            }
+        }
+        total
+    }
+
     /// Spool files not currently open for appends, oldest first.
     pub(super) async fn closed_files(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut files = Vec::new();

@@ -13,6 +13,7 @@ mod asymmetric;
 mod concurrency;
 mod config_files;
 mod entitlement_sync;
+mod faults;
 mod live_config;
 mod live_config_sighup;
 mod openapi;
