@@ -20,10 +20,11 @@ use crate::control::broadcast::Channel;
 use crate::control::entitlement_sync::EntitlementSync;
 use crate::control::live_config::LiveConfig;
 use crate::entitle::Entitlements;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::state::{Shared, Snapshot};
 use crate::proxy::{upstream, Proxy};
-use crate::quota::{memory::MemoryStore, redis::RedisStore, QuotaStore};
+use crate::quota::{memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore};
 use crate::{alerts, ledger, quota, stripe, usage};
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -100,13 +101,28 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     let snapshot =
         Snapshot::new(config.clone(), Arc::new(pools), &metrics, 0).map_err(anyhow::Error::msg)?;
 
-    let fallback = Arc::new(MemoryStore::new());
     let storage = config.storage.clone();
+    let ledger = control
+        .block_on(ledger::open(
+            &storage.database_url,
+            storage.database_schema.as_deref(),
+        ))
+        .with_context(|| format!("opening the ledger at {}", redact(&storage.database_url)))?;
+    // Counters the quota store does not hold start from the ledger's units.
+    let seed: Arc<dyn CounterSeed> = Arc::new(LedgerSeed {
+        ledger: ledger.clone(),
+        rt: rt.clone(),
+    });
+    let fallback = Arc::new(match &storage.redis_url {
+        Some(_) => MemoryStore::new(),
+        None => MemoryStore::with_seed(seed.clone()),
+    });
     let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<dyn QuotaStore>>> {
         Ok(match &storage.redis_url {
             Some(url) => Some(Arc::new(
                 RedisStore::new(url, storage.redis_cluster, &storage.redis_prefix, timeout)
-                    .context("storage.redis_url")?,
+                    .context("storage.redis_url")?
+                    .with_seed(seed.clone()),
             )),
             None => None,
         })
@@ -125,10 +141,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         }
     };
 
-    let (shared, ledger, flusher, admin_listener, alert_worker) = control.block_on(async {
-        let ledger = ledger::open(&storage.database_url, storage.database_schema.as_deref())
-            .await
-            .with_context(|| format!("opening the ledger at {}", redact(&storage.database_url)))?;
+    let (shared, flusher, admin_listener, alert_worker) = control.block_on(async {
         let verifier = Verifier::new(config.auth.clone()).await.context("auth")?;
         let entitlements = Entitlements::default();
         for (id, e) in ledger.all_customers().await.context("loading customers")? {
@@ -166,7 +179,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             alerts,
             self_service: Default::default(),
         });
-        anyhow::Ok((shared, ledger, flusher, listener, alert_worker))
+        anyhow::Ok((shared, flusher, listener, alert_worker))
     })?;
     if let Some(worker) = alert_worker {
         tasks.spawn_on(worker.run(cancel.clone()), &rt);
@@ -289,6 +302,31 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     drop(shared);
     control.shutdown_timeout(DRAIN);
     Ok(())
+}
+
+/// The quota stores' [`CounterSeed`]: the ledger's units for a counter, read on the control
+/// runtime (where the ledger's pool lives) whichever runtime asks.
+struct LedgerSeed {
+    ledger: Arc<dyn Ledger>,
+    rt: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl CounterSeed for LedgerSeed {
+    async fn units(&self, customer: &str, meter: &str, period: Period) -> Result<u64, String> {
+        let (ledger, customer, meter) =
+            (self.ledger.clone(), customer.to_string(), meter.to_string());
+        let at = |t: i64| chrono::DateTime::from_timestamp(t, 0).ok_or("period out of range");
+        let (from, to) = (at(period.start)?, at(period.end)?);
+        let read = self
+            .rt
+            .spawn(async move { ledger.usage_totals(&customer, &meter, from, to).await });
+        match read.await {
+            Ok(Ok((units, _))) => Ok(u64::try_from(units).unwrap_or(0)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 /// pingora's settings: worker threads (0 = one per core) and the drain.

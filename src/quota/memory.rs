@@ -4,7 +4,7 @@
 //! Exactness comes from checking and charging under the counter's shard lock; per-minute rates use
 //! governor's GCRA, one keyed limiter per distinct (rate, burst).
 
-use super::{Check, Period, QuotaError, QuotaStore, Verdict};
+use super::{seed_of, Check, CounterSeed, Period, QuotaError, QuotaStore, Verdict};
 use crate::config::Rate;
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -17,6 +17,9 @@ pub struct MemoryStore {
     /// `customer \0 meter \0 period_start` → counter.
     counters: DashMap<String, Counter>,
     limiters: DashMap<Rate, Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Where an absent counter starts from (the ledger) when this is the embedded primary; the
+    /// fail-open fallback has none (it counts only what it granted, to fold it into Redis).
+    seed: Option<Arc<dyn CounterSeed>>,
 }
 
 /// Units used in one period. Signed: as a fail-open fallback, a refund that arrives after the
@@ -54,6 +57,32 @@ const SWEEP_SLACK_SECS: i64 = 3600;
 impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// The embedded primary: counters it does not hold (after a restart) start from `seed`.
+    pub fn with_seed(seed: Arc<dyn CounterSeed>) -> MemoryStore {
+        MemoryStore {
+            seed: Some(seed),
+            ..MemoryStore::default()
+        }
+    }
+
+    /// With a seed, makes sure the counter of `k` exists, starting from the seed (a counter
+    /// that appeared meanwhile is kept). A failed seed starts it from 0, as without one.
+    async fn ensure_seeded(&self, k: &str, customer: &str, meter: &str, period: Period) {
+        let Some(seed) = &self.seed else {
+            return;
+        };
+        if self.counters.contains_key(k) {
+            return;
+        }
+        let units = seed_of(seed.as_ref(), customer, meter, period)
+            .await
+            .unwrap_or(0);
+        self.counters.entry(k.to_string()).or_insert(Counter {
+            used: i64::try_from(units).unwrap_or(i64::MAX),
+            period,
+        });
     }
 
     fn limiter(&self, rate: Rate) -> Arc<DefaultKeyedRateLimiter<String>> {
@@ -138,13 +167,12 @@ impl QuotaStore for MemoryStore {
                 });
             }
         }
-        let mut counter = self
-            .counters
-            .entry(key(c.customer, c.meter, c.period))
-            .or_insert(Counter {
-                used: 0,
-                period: c.period,
-            });
+        let k = key(c.customer, c.meter, c.period);
+        self.ensure_seeded(&k, c.customer, c.meter, c.period).await;
+        let mut counter = self.counters.entry(k).or_insert(Counter {
+            used: 0,
+            period: c.period,
+        });
         let used = clamp(counter.used);
         if let Some(cap) = c.cap {
             if used.saturating_add(c.cost) > cap {
@@ -166,9 +194,14 @@ impl QuotaStore for MemoryStore {
         period: Period,
         delta: i64,
     ) -> Result<u64, QuotaError> {
+        let k = key(customer, meter, period);
+        if self.seed.is_some() && !self.counters.contains_key(&k) {
+            // Left for the seed (see `CounterSeed`): the ledger has what this adjusts.
+            return Ok(0);
+        }
         let mut counter = self
             .counters
-            .entry(key(customer, meter, period))
+            .entry(k)
             .or_insert(Counter { used: 0, period });
         counter.used = counter.used.saturating_add(delta);
         Ok(clamp(counter.used))
@@ -241,6 +274,24 @@ mod tests {
         );
         assert_eq!(s.adjust("c", "m", P, -3).await.expect("a"), 0);
         assert_eq!(s.used("c", "m", P).await.expect("u"), 0);
+    }
+
+    /// After a restart the ledger says 4 units were used: the first reservation starts the
+    /// counter there (asked once), and an adjustment before it leaves the counter to the seed.
+    #[tokio::test]
+    async fn absent_counter_starts_from_the_seed() {
+        let seed = Arc::new(super::super::tests::FixedSeed::new(4));
+        let s = MemoryStore::with_seed(seed.clone());
+        assert_eq!(s.adjust("c", "m", P, 2).await.expect("a"), 0);
+        assert_eq!(
+            s.reserve(&check(1, Some(5), None)).await.expect("r"),
+            Verdict::Granted { used: 5 }
+        );
+        assert_eq!(
+            s.reserve(&check(1, Some(5), None)).await.expect("r"),
+            Verdict::OverQuota { used: 5 }
+        );
+        assert_eq!(seed.calls(), 1);
     }
 
     /// The burst passes at once, the next call is rate limited with a retry hint, quota untouched.

@@ -121,9 +121,81 @@ pub trait QuotaStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), QuotaError>;
 }
 
+/// Where a counter the store does not hold starts from: the units the ledger already has for
+/// the customer, meter and period. A store with a seed never starts a period's counter from 0
+/// while the ledger says otherwise: not after Redis lost its data (a restart without
+/// persistence, `FLUSHALL`, eviction), not after an embedded restart.
+///
+/// With a seed, a store also leaves a counter it does not hold alone when asked to adjust it (a
+/// refund, an exact-cost settlement, folded fail-open counts): the ledger rows behind those
+/// calls are what the next reservation seeds from, so adding them as well would count twice.
+#[async_trait]
+pub trait CounterSeed: Send + Sync + 'static {
+    /// Units recorded for `customer` and `meter` in `period`.
+    async fn units(&self, customer: &str, meter: &str, period: Period) -> Result<u64, String>;
+}
+
+/// How long a reservation waits for its seed before it goes ahead without one (logged).
+pub(crate) const SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The seed for one counter, bounded by [`SEED_TIMEOUT`]; `None` (logged) when it failed: the
+/// counter then starts from what the store has, as without a seed.
+pub(crate) async fn seed_of(
+    seed: &dyn CounterSeed,
+    customer: &str,
+    meter: &str,
+    period: Period,
+) -> Option<u64> {
+    match tokio::time::timeout(SEED_TIMEOUT, seed.units(customer, meter, period)).await {
+        Ok(Ok(units)) => {
+            if units > 0 {
+                tracing::info!(%customer, %meter, period_start = period.start, units,
+                    "quota counter rebuilt from the ledger");
+            }
+            Some(units)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%customer, %meter, error = %e, "could not read the ledger to rebuild a quota counter; it starts from the store's value");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%customer, %meter, "the ledger did not answer in time to rebuild a quota counter; it starts from the store's value");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A ledger that always says `units`, and counts how often it was asked.
+    pub(crate) struct FixedSeed {
+        units: u64,
+        calls: AtomicUsize,
+    }
+
+    impl FixedSeed {
+        pub(crate) fn new(units: u64) -> FixedSeed {
+            FixedSeed {
+                units,
+                calls: AtomicUsize::new(0),
+            }
+        }
+
+        pub(crate) fn calls(&self) -> usize {
+            self.calls.load(Ordering::Relaxed)
+        }
+    }
+
+    #[async_trait]
+    impl CounterSeed for FixedSeed {
+        async fn units(&self, _: &str, _: &str, _: Period) -> Result<u64, String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Ok(self.units)
+        }
+    }
 
     /// Calendar months roll over the year and have the right length.
     #[test]

@@ -15,7 +15,7 @@
 //! The connection is created lazily on first use: redis-rs's `ConnectionManager` spawns its
 //! driver task on the runtime it is created on, which must be the runtime that uses it.
 
-use super::{Check, Period, QuotaError, QuotaStore, Verdict};
+use super::{seed_of, Check, CounterSeed, Period, QuotaError, QuotaStore, Verdict};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -34,10 +34,10 @@ const EXPIRY_SLACK_SECS: i64 = 86_400;
 /// Most reservations in one `EVALSHA` (bounds one call's time inside Redis).
 const BATCH_MAX: usize = 64;
 
-/// One reservation waiting for the batcher: two keys, five arguments (see `reserve.lua`).
+/// One reservation waiting for the batcher: two keys, six arguments (see `reserve.lua`).
 struct Job {
     keys: [String; 2],
-    args: [i64; 5],
+    args: [i64; 6],
     reply: oneshot::Sender<Result<(i64, i64), QuotaError>>,
 }
 
@@ -48,6 +48,8 @@ pub struct RedisStore {
     batcher: OnceCell<mpsc::Sender<Job>>,
     prefix: String,
     timeout: Duration,
+    /// Where a counter Redis does not hold starts from (the ledger); `None`: from 0.
+    seed: Option<std::sync::Arc<dyn CounterSeed>>,
 }
 
 /// Where to connect: one server, or a cluster through its seed nodes.
@@ -112,7 +114,31 @@ impl RedisStore {
             batcher: OnceCell::new(),
             prefix: prefix.to_string(),
             timeout,
+            seed: None,
         })
+    }
+
+    /// Counters Redis does not hold are seeded from `seed` before their first reservation.
+    pub fn with_seed(mut self, seed: std::sync::Arc<dyn CounterSeed>) -> RedisStore {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets an absent counter to its seed (`SET … NX`: a counter another request or instance
+    /// seeded or charged meanwhile is kept), expiring with the counter.
+    async fn seed_counter(&self, seed: &dyn CounterSeed, c: &Check<'_>) -> Result<(), QuotaError> {
+        let Some(units) = seed_of(seed, c.customer, c.meter, c.period).await else {
+            return Ok(());
+        };
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.quota_key(c.customer, c.meter, c.period))
+            .arg(i64::try_from(units).unwrap_or(i64::MAX))
+            .arg("NX")
+            .arg("EXAT")
+            .arg(c.period.end + EXPIRY_SLACK_SECS);
+        let mut conn = self.conn().await?;
+        let _: Option<String> = self.with_deadline(conn.query(&cmd)).await?;
+        Ok(())
     }
 
     async fn conn(&self) -> Result<Conn, QuotaError> {
@@ -175,20 +201,28 @@ impl RedisStore {
         k
     }
 
-    async fn with_deadline<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
-    ) -> Result<T, QuotaError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(QuotaError::Timeout),
+    /// An idempotent read. The connection manager learns that its connection broke (Redis
+    /// restarted, a proxy in between dropped it) only from the call that fails, and starts a new
+    /// one then; such a read is sent once more on it, so the first read after a restart answers
+    /// instead of failing. Writes are never retried here (a retry could count twice).
+    async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, QuotaError> {
+        let mut conn = self.conn().await?;
+        match self.with_deadline(conn.query(cmd)).await {
+            Err(QuotaError::Redis(e)) if e.is_unrecoverable_error() => {
+                tracing::debug!(error = %e, "Redis connection broke; reading once more");
+                self.with_deadline(conn.query(cmd)).await
+            }
+            r => r,
         }
     }
-}
 
-#[async_trait]
-impl QuotaStore for RedisStore {
-    async fn reserve(&self, c: &Check<'_>) -> Result<Verdict, QuotaError> {
+    /// One `reserve.lua` decision for `c` (batched on a single server): `(code, value)`.
+    /// `report_absent` asks for code 3 instead of starting an absent counter from 0.
+    async fn reserve_once(
+        &self,
+        c: &Check<'_>,
+        report_absent: bool,
+    ) -> Result<(i64, i64), QuotaError> {
         let mut conn = self.conn().await?;
         let (interval_us, tolerance_us) = match c.rate {
             Some(r) if r.per_minute > 0 => {
@@ -208,6 +242,7 @@ impl QuotaStore for RedisStore {
             c.period.end + EXPIRY_SLACK_SECS,
             interval_us as i64,
             tolerance_us.min(i64::MAX as u64) as i64,
+            i64::from(report_absent),
         ];
         let (code, value) = match &conn {
             Conn::Single(_) => {
@@ -253,6 +288,30 @@ impl QuotaStore for RedisStore {
                 }
             }
         };
+        Ok((code, value))
+    }
+
+    async fn with_deadline<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, QuotaError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(QuotaError::Timeout),
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for RedisStore {
+    async fn reserve(&self, c: &Check<'_>) -> Result<Verdict, QuotaError> {
+        let (mut code, mut value) = self.reserve_once(c, self.seed.is_some()).await?;
+        if code == 3 {
+            if let Some(seed) = &self.seed {
+                self.seed_counter(seed.as_ref(), c).await?;
+            }
+            (code, value) = self.reserve_once(c, false).await?;
+        }
         let value = value.max(0) as u64;
         match code {
             0 => Ok(Verdict::Granted { used: value }),
@@ -277,23 +336,20 @@ impl QuotaStore for RedisStore {
         let mut inv = ADJUST.prepare_invoke();
         inv.key(self.quota_key(customer, meter, period))
             .arg(delta)
-            .arg(period.end + EXPIRY_SLACK_SECS);
+            .arg(period.end + EXPIRY_SLACK_SECS)
+            .arg(i64::from(self.seed.is_some()));
         let v: i64 = self.with_deadline(conn.invoke(&inv)).await?;
         Ok(v.max(0) as u64)
     }
 
     async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError> {
-        let mut conn = self.conn().await?;
         let key = self.quota_key(customer, meter, period);
-        let v: Option<i64> = self
-            .with_deadline(conn.query(redis::cmd("GET").arg(key)))
-            .await?;
+        let v: Option<i64> = self.read(redis::cmd("GET").arg(key)).await?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), QuotaError> {
-        let mut conn = self.conn().await?;
-        let _: String = self.with_deadline(conn.query(&redis::cmd("PING"))).await?;
+        let _: String = self.read(&redis::cmd("PING")).await?;
         Ok(())
     }
 }
@@ -456,7 +512,12 @@ mod tests {
                 .key(s.rate_key(customer));
         }
         for (_, cost, cap, interval, tolerance) in reqs {
-            inv.arg(cost).arg(cap).arg(exp).arg(interval).arg(tolerance);
+            inv.arg(cost)
+                .arg(cap)
+                .arg(exp)
+                .arg(interval)
+                .arg(tolerance)
+                .arg(0);
         }
         let mut conn = s.conn().await.expect("conn");
         let v: Vec<i64> = conn.invoke(&inv).await.expect("batch");
@@ -469,6 +530,40 @@ mod tests {
         );
         assert_eq!(s.used("b", "api", P).await.expect("u"), 5);
         assert_eq!(s.used("c", "api", P).await.expect("u"), 2);
+    }
+
+    /// The ledger says 7 units were used: a counter Redis does not hold starts from there
+    /// (once: the second reservation does not seed again), and an adjustment of an absent
+    /// counter leaves it absent for the seed instead of starting it from the delta.
+    #[tokio::test]
+    async fn redis_absent_counter_is_seeded_before_the_first_reservation() {
+        let seed = std::sync::Arc::new(super::super::tests::FixedSeed::new(7));
+        let s = store().with_seed(seed.clone());
+        assert_eq!(s.adjust("sd", "api", P, -3).await.expect("a"), 0);
+        assert_eq!(s.used("sd", "api", P).await.expect("u"), 0, "still absent");
+        let c = Check {
+            customer: "sd",
+            meter: "api",
+            period: P,
+            cost: 2,
+            cap: Some(10),
+            rate: None,
+        };
+        assert_eq!(
+            s.reserve(&c).await.expect("r"),
+            Verdict::Granted { used: 9 }
+        );
+        assert_eq!(
+            s.reserve(&c).await.expect("r"),
+            Verdict::OverQuota { used: 9 }
+        );
+        assert_eq!(seed.calls(), 1);
+        let mut conn = s.conn().await.expect("conn");
+        let ttl: i64 = conn
+            .query(redis::cmd("TTL").arg(s.quota_key("sd", "api", P)))
+            .await
+            .expect("ttl");
+        assert!(ttl > 0, "a seeded counter expires with its period: {ttl}");
     }
 
     /// Refunds never take a counter below zero; braces in ids cannot escape the hash tag.

@@ -2,17 +2,19 @@
 -- Request i (1-based): KEYS[2i-1] quota counter of (customer, meter, period), KEYS[2i] rate state
 -- (GCRA TAT) of the customer. Both carry the customer as hash tag: on Redis Cluster a batch is one
 -- request (one slot); on a single server a batch is whatever requests were waiting.
--- ARGV[5i-4] cost (units), ARGV[5i-3] cap (-1 = none), ARGV[5i-2] counter expiry (unix seconds),
--- ARGV[5i-1] rate emission interval in microseconds (0 = no rate limit),
--- ARGV[5i] rate tolerance in microseconds (interval * burst).
+-- ARGV[6i-5] cost (units), ARGV[6i-4] cap (-1 = none), ARGV[6i-3] counter expiry (unix seconds),
+-- ARGV[6i-2] rate emission interval in microseconds (0 = no rate limit),
+-- ARGV[6i-1] rate tolerance in microseconds (interval * burst),
+-- ARGV[6i] 1 = report an absent counter instead of starting it from 0 (the caller seeds it).
 -- Requests are decided one after the other, each exactly as if it came alone, so a batch changes
 -- nothing about exactness. Returns {code_1, value_1, code_2, value_2, ...}, per request:
--- {0, used_after} granted, {1, used} over quota, {2, retry_after_us} rate limited.
+-- {0, used_after} granted, {1, used} over quota, {2, retry_after_us} rate limited,
+-- {3, 0} the counter is absent (only when asked): nothing was charged.
 -- Nothing is written for a request unless it is granted: a rate-limited or refused call is free.
 local out = {}
 local now
 for i = 1, #KEYS / 2 do
-  local qk, rk, b = KEYS[2 * i - 1], KEYS[2 * i], 5 * (i - 1)
+  local qk, rk, b = KEYS[2 * i - 1], KEYS[2 * i], 6 * (i - 1)
   local cost = tonumber(ARGV[b + 1])
   local cap = tonumber(ARGV[b + 2])
   local interval = tonumber(ARGV[b + 4])
@@ -30,8 +32,15 @@ for i = 1, #KEYS / 2 do
       code, value = 2, allow_at - now
     end
   end
+  local raw = nil
   if not code then
-    local used = tonumber(redis.call('GET', qk) or '0')
+    raw = redis.call('GET', qk)
+    if not raw and ARGV[b + 6] == '1' then
+      code, value = 3, 0
+    end
+  end
+  if not code then
+    local used = tonumber(raw or '0')
     if cap >= 0 and used + cost > cap then
       code, value = 1, used
     else

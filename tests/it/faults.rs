@@ -74,3 +74,41 @@ async fn ledger_refusing_inserts_spools_and_the_metrics_say_so() {
     assert_eq!(spool_metrics(&tg).await, (3, 0));
     pg.close().await;
 }
+
+/// The embedded store keeps its counters in memory: after a restart on the same SQLite ledger
+/// the counter starts from the ledger's rows, so a customer who used up the free plan's 5
+/// calls is still refused and one with 1 call left gets exactly 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_restart_rebuilds_counters_from_the_ledger() {
+    let up = Upstream::start().await;
+    let mut first = Tollgate::start(&base_config(up.addr), Backend::Embedded).await;
+    for _ in 0..5 {
+        assert_eq!(first.get("/signals", Some("full")).await.status(), 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(first.get("/signals", Some("part")).await.status(), 200);
+    }
+    first.stop().await;
+
+    let tg = Tollgate::start_with(
+        &base_config(up.addr),
+        Backend::Embedded,
+        Some(&first),
+        |_| {},
+    )
+    .await;
+    assert_eq!(
+        tg.ledger_usage("full").await,
+        (5, 5),
+        "the stop flushed every call"
+    );
+    let (status, ty, _) = problem(tg.get("/signals", Some("full")).await).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (429, "urn:tollgate:problem:quota-exceeded")
+    );
+    assert_eq!(tg.get("/signals", Some("part")).await.status(), 200);
+    assert_eq!(tg.get("/signals", Some("part")).await.status(), 429);
+    assert_eq!(tg.wait_ledger("part", 5).await, (5, 5));
+    assert_eq!(up.hits(), 10);
+}
