@@ -69,6 +69,10 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A client that sends a whole request and then half-closes (`shutdown(SHUT_WR)`,
+        // `nc -N`) is still waiting for the answer: pingora's default aborts the request at that
+        // FIN (after the reservation, so the call was charged and never answered).
+        session.downstream_session.set_abort_on_close(false);
         let snap = self.shared.snapshot.load_full();
         ctx.snapshot = Some(snap.clone());
         ctx.request_id = ctx::request_id(session.req_header());
@@ -227,6 +231,16 @@ impl ProxyHttp for Proxy {
     // 8. settle
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // The client's FIN came before the answer: it hung up, or it half-closed and still reads
+        // (the two look the same until the answer is written, so both are served and charged).
+        if ctx.decision == Decision::Allowed
+            && session
+                .downstream_session
+                .as_http1()
+                .is_some_and(|h1| h1.is_half_closed())
+        {
+            ctx.decision = Decision::ClientClosed;
+        }
         settle::settle(ctx, status).await;
     }
 }

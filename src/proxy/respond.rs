@@ -64,7 +64,9 @@ pub enum Decision {
     QuotaStoreUnavailable,
     UpstreamUnavailable,
     HeaderTooLarge,
-    /// The client hung up before the answer (nginx's 499). Not a denial: nothing is sent.
+    /// The client closed (its side of) the connection before the answer (nginx's 499). Not a
+    /// denial. Once forwarded, the call goes on and is charged; the answer is written in case
+    /// the client only half-closed and still reads.
     ClientClosed,
 }
 

@@ -247,6 +247,36 @@ both!(
 );
 
 both!(
+    /// A client that sends a complete request and half-closes its side (`shutdown(SHUT_WR)`,
+    /// `nc -N`) still gets the answer, and the ledger row says 200, not 0.
+    half_closed_request_is_answered,
+    |b| {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tg, up) = setup(b).await;
+        let mut conn = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+        let req = format!(
+            "GET /signals HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            token("hal")
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        conn.shutdown().await.unwrap(); // FIN: nothing more to send
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+            .await
+            .expect("answered within 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(up.hits(), 1);
+        assert_eq!(tg.wait_ledger("hal", 1).await, (1, 1));
+        assert_eq!(
+            tg.scalar("SELECT CAST(status AS BIGINT) FROM usage_events WHERE customer = 'hal'").await,
+            200
+        );
+    }
+);
+
+both!(
     /// Every bad token is a 401 invalid-token with `WWW-Authenticate`, and the upstream sees nothing.
     bad_tokens_are_401_and_never_forwarded,
     |b| {
