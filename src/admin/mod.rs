@@ -23,16 +23,16 @@ use crate::control::entitlement_sync::EntitlementSync;
 use crate::ledger::Ledger;
 use crate::proxy::state::Shared;
 use crate::quota::QuotaStore;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 /// What the admin handlers need.
 #[derive(Clone)]
@@ -109,18 +109,36 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
     }
 }
 
-/// Process up (no dependency is checked).
+/// How long `/readyz` and `/healthz?verbose` wait for each dependency (checked concurrently).
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `GET /healthz` query: `?verbose` adds each dependency's state.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct HealthQuery {
+    /// Present (any value): answer JSON with each dependency's state.
+    verbose: Option<String>,
+}
+
+/// Process up: always 200. Plain `ok` by default; with `?verbose`, each dependency's state as
+/// JSON (the same body as `/readyz`).
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "health",
-    responses((status = 200, description = "always `ok`", body = String, content_type = "text/plain")),
+    params(HealthQuery),
+    responses(
+        (status = 200, description = "`ok`; with `?verbose`, the dependencies' state", body = Readiness),
+    ),
 )]
-pub(crate) async fn healthz() -> &'static str {
-    "ok\n"
+pub(crate) async fn healthz(State(s): State<AdminState>, Query(q): Query<HealthQuery>) -> Response {
+    if q.verbose.is_none() {
+        return "ok\n".into_response();
+    }
+    Json(dependencies(&s).await.0).into_response()
 }
 
-/// Answer of `GET /readyz`: each dependency's state (`ok` or the error) and the config version.
+/// Answer of `GET /readyz` and `GET /healthz?verbose`: each dependency's state (`ok` or the
+/// error) and the config version.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Readiness {
     /// `ok`, or why the quota store (Redis or embedded) did not answer.
@@ -131,31 +149,55 @@ pub(crate) struct Readiness {
     config_version: u64,
 }
 
-/// Ready to serve: the quota store and the ledger answer (config is loaded before this listens).
+/// Pings the quota store and the ledger at once, each bounded by [`CHECK_TIMEOUT`]; says
+/// whether the quota store answered.
+async fn dependencies(s: &AdminState) -> (Readiness, bool) {
+    let store = bounded(async { s.store.ping().await.map_err(|e| e.to_string()) });
+    let ledger = bounded(async { s.ledger.ping().await.map_err(|e| e.to_string()) });
+    let (store, ledger) = tokio::join!(store, ledger);
+    let state = |r: &Result<(), String>| r.as_ref().map_or_else(Clone::clone, |_| "ok".into());
+    let body = Readiness {
+        quota_store: state(&store),
+        ledger: state(&ledger),
+        config_version: s.shared.snapshot.load().version,
+    };
+    (body, store.is_ok())
+}
+
+/// `check`, or an error when it takes longer than [`CHECK_TIMEOUT`].
+async fn bounded(
+    check: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    tokio::time::timeout(CHECK_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", CHECK_TIMEOUT.as_millis())))
+}
+
+/// Ready to serve: 503 only when this instance cannot serve. That is while the config is not
+/// loaded yet, or when the quota store is down and every plan fails closed (each call would be
+/// a 503). A ledger outage never makes it unready (usage waits in the spool), nor does a quota
+/// store outage while some plan fails open (it serves from local counters): a load balancer
+/// must not pull every instance at once for a dependency they all share.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
     responses(
-        (status = 200, description = "ready", body = Readiness),
-        (status = 503, description = "the quota store or the ledger is unreachable, or the config is not loaded yet", body = Readiness),
+        (status = 200, description = "ready; the body still says which dependency is down", body = Readiness),
+        (status = 503, description = "the config is not loaded yet, or the quota store is down and every plan fails closed", body = Readiness),
     ),
 )]
 pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
-    let store = s.store.ping().await;
-    let ledger = s.ledger.ping().await;
-    // Version 0 is the file as parsed, before the ledger numbered it (control::live_config): not loaded yet.
-    let version = s.shared.snapshot.load().version;
-    let body = Readiness {
-        quota_store: store
-            .as_ref()
-            .map_or_else(|e| e.to_string(), |_| "ok".into()),
-        ledger: ledger
-            .as_ref()
-            .map_or_else(|e| e.to_string(), |_| "ok".into()),
-        config_version: version,
-    };
-    let status = if store.is_ok() && ledger.is_ok() && version > 0 {
+    let (body, store_ok) = dependencies(&s).await;
+    let snap = s.shared.snapshot.load();
+    // Version 0 is the file as parsed, before the ledger numbered it (control::live_config).
+    let loaded = snap.version > 0;
+    let all_closed = snap
+        .config
+        .plans
+        .values()
+        .all(|p| p.fail_mode == crate::config::FailMode::Closed);
+    let status = if loaded && (store_ok || !all_closed) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -112,3 +112,33 @@ async fn embedded_restart_rebuilds_counters_from_the_ledger() {
     assert_eq!(tg.wait_ledger("part", 5).await, (5, 5));
     assert_eq!(up.hits(), 10);
 }
+
+/// Postgres stops answering (connections open, no byte passes): `/readyz` still answers within
+/// a second, 200 with the ledger reported down (usage waits in the spool, the proxy serves),
+/// and a call is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_fast_and_ready_while_the_ledger_hangs() {
+    let up = Upstream::start().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = PG_URL.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.database_url = url;
+    })
+    .await;
+    let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    relay.freeze(true);
+    let asked = Instant::now();
+    let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "readyz took {took:?}");
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_ne!(body["ledger"], "ok", "{body}");
+    assert_eq!(body["quota_store"], "ok", "{body}");
+    assert_eq!(tg.get("/signals", Some("hang")).await.status(), 200);
+
+    relay.freeze(false);
+    assert_eq!(tg.wait_ledger("hang", 1).await, (1, 1));
+}

@@ -377,12 +377,45 @@ async fn quota_store_down_follows_fail_mode() {
     }
     assert_eq!(tg.get("/signals", Some("open-co")).await.status(), 429);
     assert_eq!(up.hits(), 5);
+    // Ready: a fail-open plan is served, so a load balancer must keep this instance; the body
+    // says the quota store is down, and so does `/healthz?verbose`.
     let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
-    assert_eq!(
-        ready.status(),
-        503,
-        "readyz must report the quota store down"
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_ne!(
+        body["quota_store"], "ok",
+        "readyz must report the quota store down: {body}"
     );
+    assert_eq!(body["ledger"], "ok", "{body}");
+    let health = tg
+        .client
+        .get(tg.admin_url("/healthz?verbose"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let health: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(health["quota_store"], body["quota_store"], "{health}");
+}
+
+/// Redis unreachable and every plan fails closed: every metered call would be a 503, so the
+/// instance is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_store_down_with_every_plan_closed_is_not_ready() {
+    let up = Upstream::start().await;
+    let dead = free_port();
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(format!("redis://{dead}/"));
+        c.storage.redis_timeout = Duration::from_millis(100);
+        for plan in c.plans.values_mut() {
+            plan.fail_mode = tollgate::config::FailMode::Closed;
+        }
+    })
+    .await;
+    let ready = tg.client.get(tg.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_ne!(body["quota_store"], "ok", "{body}");
 }
 
 both!(

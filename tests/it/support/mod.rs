@@ -9,11 +9,13 @@
 //! - `upstream`: the recording upstream;
 //! - `tokens`: HS256 test tokens;
 //! - `redis`: private redis-server processes (single and Cluster) for outage tests;
+//! - `relay`: a TCP relay a test can freeze (a dependency that stops answering);
 //! - `stripe`: the Stripe stand-in.
 
 pub mod config;
 pub mod instance;
 pub mod redis;
+pub mod relay;
 pub mod stripe;
 pub mod tokens;
 pub mod upstream;
@@ -21,6 +23,7 @@ pub mod upstream;
 pub use config::base_config;
 pub use instance::{Backend, Tollgate};
 pub use redis::{redis_get, PrivateCluster, PrivateRedis};
+pub use relay::Relay;
 pub use tokens::{claims, sign, token};
 pub use upstream::Upstream;
 
