@@ -174,7 +174,7 @@ async fn bounded(
 }
 
 /// Ready to serve: 503 only when this instance cannot serve. That is while the config is not
-/// loaded yet, or when the quota store is down and every plan fails closed (each call would be
+/// loaded yet, while a graceful stop drains it, or when the quota store is down and every plan fails closed (each call would be
 /// a 503). A ledger outage never makes it unready (usage waits in the spool), nor does a quota
 /// store outage while some plan fails open (it serves from local counters): a load balancer
 /// must not pull every instance at once for a dependency they all share.
@@ -184,7 +184,7 @@ async fn bounded(
     tag = "health",
     responses(
         (status = 200, description = "ready; the body still says which dependency is down", body = Readiness),
-        (status = 503, description = "the config is not loaded yet, or the quota store is down and every plan fails closed", body = Readiness),
+        (status = 503, description = "the config is not loaded yet, a graceful stop is draining, or the quota store is down and every plan fails closed", body = Readiness),
     ),
 )]
 pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
@@ -197,7 +197,8 @@ pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
         .plans
         .values()
         .all(|p| p.fail_mode == crate::config::FailMode::Closed);
-    let status = if loaded && (store_ok || !all_closed) {
+    let draining = s.shared.lifecycle.draining();
+    let status = if loaded && !draining && (store_ok || !all_closed) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

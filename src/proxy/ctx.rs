@@ -57,6 +57,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub(super) fn new(shared: Arc<Shared>) -> Ctx {
+        shared.lifecycle.started(); // ended in `Drop`
         Ctx {
             shared,
             started: Instant::now(),
@@ -113,6 +114,7 @@ impl Ctx {
 /// ledger agrees with the quota store. Status 0: no response was sent.
 impl Drop for Ctx {
     fn drop(&mut self) {
+        self.shared.lifecycle.ended();
         let Some(r) = self.reserved.take() else {
             return;
         };

@@ -12,7 +12,9 @@ use crate::quota::{memory::MemoryStore, QuotaStore};
 use crate::usage::UsageSink;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One config version, compiled for the request path.
 pub struct Snapshot {
@@ -73,4 +75,65 @@ pub struct Shared {
     pub alerts: Option<crate::alerts::Alerts>,
     /// The read limit of `GET /_tollgate/usage`.
     pub self_service: super::selfservice::Guard,
+    /// Requests in flight and the drain at shutdown.
+    pub lifecycle: Lifecycle,
+}
+
+/// Requests in flight (a `Ctx` exists), when the last one ended, and whether a graceful stop
+/// is draining: the shutdown watch waits until nothing has been in flight for a moment (or the
+/// grace ends), and `/readyz` answers 503 meanwhile so load balancers move traffic away.
+#[derive(Debug)]
+pub struct Lifecycle {
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` when the last request ended.
+    last_done_ms: AtomicU64,
+    epoch: Instant,
+    draining: AtomicBool,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            draining: AtomicBool::new(false),
+        }
+    }
+}
+
+// === impl Lifecycle ===
+
+impl Lifecycle {
+    pub(crate) fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ended(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_done_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Nothing in flight, and nothing ended during the last `quiet` either (a client between
+    /// two requests of a burst is not idle).
+    pub fn idle_for(&self, quiet: Duration) -> bool {
+        if self.in_flight() > 0 {
+            return false;
+        }
+        let last = Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last) >= quiet
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
 }

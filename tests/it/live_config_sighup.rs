@@ -1,5 +1,6 @@
-//! SIGHUP through the real binary: `tollgate serve` reloads its config file's live part as a new
-//! version; a bad file is logged with its keys and the running config stays.
+//! Signals through the real binary: SIGHUP makes `tollgate serve` reload its config file's live
+//! part as a new version (a bad file is logged with its keys and the running config stays);
+//! SIGTERM on an idle instance exits at once, whatever the grace.
 
 use crate::support::*;
 use serde_json::Value;
@@ -126,4 +127,77 @@ async fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     assert_eq!(third["document"], second["document"]);
 
     signal(&serve.child, "-TERM");
+}
+
+/// An idle instance with the default 10 s `shutdown_grace` exits within 1 s of SIGTERM (the
+/// drain ends as soon as no request is in flight), with status 0 and its usage in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sigterm_exits_at_once() {
+    let up = Upstream::start().await;
+    let dir = TempDir(std::env::temp_dir().join(unique("tollgate-sigterm")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let toml = base_config(up.addr)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
+        .replace("shutdown_grace = \"0s\"", "shutdown_grace = \"10s\"")
+        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
+        + &format!(
+            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
+            dir.0.join("ledger.db").display(),
+            dir.0.join("spool").display()
+        );
+    assert!(toml.contains("shutdown_grace = \"10s\""));
+    let file = dir.0.join("tollgate.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let log = dir.0.join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut serve = Serve { child, log };
+    let client = reqwest::Client::new();
+    until(30, "tollgate serve to start", || {
+        admin_config(&client, admin)
+    })
+    .await;
+    let r = client
+        .get(format!("http://{proxy}/signals"))
+        .bearer_auth(token("term"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    signal(&serve.child, "-TERM");
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = sent.elapsed();
+    let logged = std::fs::read_to_string(&serve.log).unwrap_or_default();
+    assert!(
+        took < Duration::from_secs(1),
+        "exited {took:?} after SIGTERM\n{logged}"
+    );
+    assert!(status.success(), "{status}\n{logged}");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.0.join("ledger.db").display()))
+        .await
+        .unwrap();
+    let (rows,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM usage_events WHERE customer = 'term'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 1);
 }

@@ -437,6 +437,39 @@ both!(
     }
 );
 
+/// A graceful stop drains: `/readyz` turns 503 at once, a 5 s call in flight is answered 200 and
+/// recorded, and the stop ends as soon as it is done, not after the 10 s grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_drains_in_flight_calls_then_exits() {
+    let up = Upstream::start().await;
+    let mut tg = Tollgate::start_with(&base_config(up.addr), Backend::Embedded, None, |c| {
+        c.proxy.shutdown_grace = Duration::from_secs(10);
+    })
+    .await;
+    let slow = tokio::spawn(
+        tg.client
+            .get(tg.url("/slow"))
+            .bearer_auth(token("drain"))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (client, readyz) = (tg.client.clone(), tg.admin_url("/readyz"));
+    let asked = std::time::Instant::now();
+    let ((), ready) = tokio::join!(tg.stop(), async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.get(readyz).send().await.unwrap().status()
+    });
+    let took = asked.elapsed();
+    assert_eq!(ready, 503, "draining: not ready");
+    let answer = slow.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(
+        took < Duration::from_secs(8),
+        "the stop waited for the grace: {took:?}"
+    );
+    assert_eq!(tg.ledger_usage("drain").await, (1, 1));
+}
+
 /// Round robin over an upstream's targets; with a health check, a dead target stops getting
 /// traffic and every call succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
