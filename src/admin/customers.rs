@@ -19,13 +19,13 @@
 //! cache, audit, broadcast), the error mapping (`admin::error`).
 
 use crate::admin::error::{AdminError, Problem, Unknown};
-use crate::admin::extract::{json_body, Intent};
+use crate::admin::extract::{json_body, CustomerId, Intent};
 use crate::admin::{audit, AdminState};
 use crate::control::entitlement_sync::{Audit, LedgerWrite};
 use crate::entitle::{period_of, plan_of};
 use crate::entitle::{Entitlement, Status};
 use crate::quota::usage_view::{usage, MeterUsage};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -122,6 +122,7 @@ async fn view_of(
     tag = "customers",
     params(("id" = String, Path, description = "the customer id")),
     responses(
+        (status = 400, description = "`invalid-customer-id`: the id breaks the customer id rule", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "plan, status, period and per-meter usage this period", body = CustomerView),
         (status = 404, description = "`unknown-customer`: no entitlement and no usage this period", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -129,7 +130,7 @@ async fn view_of(
 )]
 pub(crate) async fn get_customer(
     State(s): State<AdminState>,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
 ) -> Result<Json<CustomerView>, AdminError> {
     let ent = s.ledger.get_customer(&id).await?;
     Ok(Json(view_of(&s, &id, ent.as_ref()).await?))
@@ -294,14 +295,14 @@ pub(crate) struct CustomerPut {
     request_body = CustomerPut,
     responses(
         (status = 200, description = "the stored entitlement", body = Entitlement),
-        (status = 400, description = "not JSON, an unknown field, an unknown plan or status, or a bad period", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "not JSON, an unknown field, an unknown plan or status, or a bad period, or `invalid-customer-id`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn put_customer(
     State(s): State<AdminState>,
     intent: Intent,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
     body: axum::body::Bytes,
 ) -> Result<Json<Entitlement>, AdminError> {
     let put: CustomerPut = json_body(&body)?;
@@ -383,6 +384,7 @@ async fn store_entitlement(
     tag = "customers",
     params(("id" = String, Path, description = "the customer id")),
     responses(
+        (status = 400, description = "`invalid-customer-id`: the id breaks the customer id rule", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "suspended: the proxy answers 403 `suspended`", body = CustomerView),
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
@@ -390,7 +392,7 @@ async fn store_entitlement(
 pub(crate) async fn suspend(
     State(s): State<AdminState>,
     intent: Intent,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
 ) -> Result<Json<CustomerView>, AdminError> {
     set_suspended(s, intent, id, true).await
 }
@@ -402,6 +404,7 @@ pub(crate) async fn suspend(
     tag = "customers",
     params(("id" = String, Path, description = "the customer id")),
     responses(
+        (status = 400, description = "`invalid-customer-id`: the id breaks the customer id rule", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "no longer suspended", body = CustomerView),
         (status = 404, description = "`unknown-customer`: no entitlement row", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -410,7 +413,7 @@ pub(crate) async fn suspend(
 pub(crate) async fn resume(
     State(s): State<AdminState>,
     intent: Intent,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
 ) -> Result<Json<CustomerView>, AdminError> {
     set_suspended(s, intent, id, false).await
 }
@@ -488,7 +491,7 @@ pub(crate) struct CreditAnswer {
     request_body = Credit,
     responses(
         (status = 200, description = "the counter before and after", body = CreditAnswer),
-        (status = 400, description = "not JSON, an unknown field, a meter not in the plan, zero units or a bad reason", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "not JSON, an unknown field, a meter not in the plan, zero units or a bad reason, or `invalid-customer-id`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`unknown-customer`: no entitlement and no usage this period", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger or the quota store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
@@ -496,7 +499,7 @@ pub(crate) struct CreditAnswer {
 pub(crate) async fn credit(
     State(s): State<AdminState>,
     intent: Intent,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
     body: axum::body::Bytes,
 ) -> Result<Json<CreditAnswer>, AdminError> {
     let c: Credit = json_body(&body)?;

@@ -38,6 +38,10 @@ pub(crate) enum AdminError {
     /// 400 `invalid-range`: a usage report's `from`/`to` are inverted, empty or too far apart.
     #[error("{0}")]
     InvalidRange(String),
+    /// 400 `invalid-customer-id`: the path's customer id breaks the one id rule
+    /// (`entitle::check_customer_id`).
+    #[error("{0}")]
+    InvalidCustomerId(&'static str),
     /// 400 `invalid-actor`: `X-Tollgate-Actor` is not 1-64 printable ASCII characters.
     #[error("{ACTOR_HEADER} must be 1-64 printable ASCII characters")]
     InvalidActor,
@@ -173,6 +177,7 @@ impl AdminError {
             E::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid-body"),
             E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid-query"),
             E::InvalidRange(_) => (StatusCode::BAD_REQUEST, "invalid-range"),
+            E::InvalidCustomerId(_) => (StatusCode::BAD_REQUEST, "invalid-customer-id"),
             E::InvalidActor => (StatusCode::BAD_REQUEST, "invalid-actor"),
             E::InvalidIfMatch => (StatusCode::BAD_REQUEST, "invalid-if-match"),
             E::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid-config"),

@@ -1,6 +1,6 @@
-//! What admin handlers read from a request besides their path and state: the *write intent* of
-//! a change ([`Intent`]: `?dry_run`, `X-Tollgate-Actor`, `If-Match`) and JSON bodies
-//! ([`json_body`]), each refused as the matching [`AdminError`].
+//! What admin handlers read from a request besides their state: the *write intent* of a change
+//! ([`Intent`]: `?dry_run`, `X-Tollgate-Actor`, `If-Match`), the customer id of the path
+//! ([`CustomerId`]) and JSON bodies ([`json_body`]), each refused as the matching [`AdminError`].
 //!
 //! Owns: the syntax of those three inputs. Must not touch: what a change does with them
 //! (`control::live_config` for config versions, the handlers for the rest).
@@ -16,6 +16,25 @@ use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::PartialSchema;
+
+/// The `{id}` of a `/admin/customers/{id}/…` path, checked against the one customer id rule:
+/// 400 `invalid-customer-id` otherwise (a CR/LF or NUL in an id would forge log lines or break
+/// storage keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CustomerId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CustomerId {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<CustomerId, AdminError> {
+        let axum::extract::Path(id) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| AdminError::InvalidCustomerId("the customer id is not valid UTF-8"))?;
+        crate::entitle::check_customer_id(&id).map_err(AdminError::InvalidCustomerId)?;
+        Ok(CustomerId(id))
+    }
+}
 
 /// Header naming who makes a change.
 pub(crate) const ACTOR_HEADER: &str = "x-tollgate-actor";

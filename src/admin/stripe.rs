@@ -8,7 +8,7 @@
 //! (`stripe::link`), the Stripe API (`stripe::api`), the error mapping (`admin::error`).
 
 use crate::admin::error::{AdminError, Problem, StripeMissing, Unknown};
-use crate::admin::extract::{json_body, Intent};
+use crate::admin::extract::{json_body, CustomerId, Intent};
 use crate::admin::{audit, AdminState};
 use crate::stripe::reconcile::SyncReport;
 use crate::stripe::{Control, Linked, StripeWebhook};
@@ -88,7 +88,7 @@ pub(crate) struct LinkAnswer {
     request_body = LinkBody,
     responses(
         (status = 200, description = "linked", body = LinkAnswer),
-        (status = 400, description = "not JSON, an unknown field, or not a `cus_…` id", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "not JSON, an unknown field, or not a `cus_…` id, or `invalid-customer-id`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`stripe-not-configured`: no `[stripe]` section", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`stripe-customer-linked`: that Stripe customer is linked to another customer", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -97,7 +97,7 @@ pub(crate) struct LinkAnswer {
 pub(crate) async fn link(
     State(s): State<AdminState>,
     intent: Intent,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
     body: axum::body::Bytes,
 ) -> Result<Json<LinkAnswer>, AdminError> {
     let stripe = section(&s)?;
@@ -222,7 +222,7 @@ pub(crate) struct PortalAnswer {
     request_body(content = Option<PortalBody>, description = "optional; an empty body is allowed", content_type = "application/json"),
     responses(
         (status = 200, description = "the portal URL", body = PortalAnswer),
-        (status = 400, description = "not JSON or an unknown field", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "not JSON or an unknown field, or `invalid-customer-id`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`stripe-not-configured`, or `unknown-customer`: not linked to a Stripe customer", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "`stripe-unavailable`: the Stripe API failed", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -230,7 +230,7 @@ pub(crate) struct PortalAnswer {
 )]
 pub(crate) async fn portal_session(
     State(s): State<AdminState>,
-    Path(id): Path<String>,
+    CustomerId(id): CustomerId,
     body: axum::body::Bytes,
 ) -> Result<Json<PortalAnswer>, AdminError> {
     let c = control(&s)?;

@@ -46,6 +46,7 @@ impl ClaimRules {
             .customer
             .lookup(claims)
             .and_then(claim_text)
+            .filter(|c| crate::entitle::check_customer_id(c).is_ok())
             .ok_or(AuthError::NoCustomerClaim)?;
         // An unusable plan claim is ignored rather than fatal: the entitlement step falls back.
         let plan = self

@@ -4,11 +4,33 @@
 //! Owns: the entitlement type, the status policy ([`resolve`]), the plan a customer's counters
 //! are measured against ([`plan_of`]), the billing period a customer is in ([`period_of`]), and
 //! the in-process cache the request path reads ([`Entitlements`]; loaded at start, written by
-//! `control::entitlement_sync`). A customer not in the cache is on the default plan.
+//! `control::entitlement_sync`). A customer not in the cache is on the default plan. And the one
+//! rule a customer id follows, wherever it comes from ([`check_customer_id`]).
 //! Must not touch: the ledger, Redis, HTTP (the request path never awaits anything here).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+/// Longest customer id, in bytes.
+pub const MAX_CUSTOMER_ID_BYTES: usize = 256;
+
+/// The one rule for a customer id, from a token, the admin API or Stripe metadata: 1 to
+/// [`MAX_CUSTOMER_ID_BYTES`] bytes, no control characters (so no id can forge a log line or
+/// break a key), and no whitespace at either end (`" acme"` would otherwise be a second
+/// customer with its own free quota). `Err` says what is wrong.
+pub fn check_customer_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        Err("a customer id must not be empty")
+    } else if id.len() > MAX_CUSTOMER_ID_BYTES {
+        Err("a customer id must be at most 256 bytes")
+    } else if id.chars().any(char::is_control) {
+        Err("a customer id must not contain control characters")
+    } else if id.trim() != id {
+        Err("a customer id must not start or end with whitespace")
+    } else {
+        Ok(())
+    }
+}
 
 /// Stripe's subscription statuses, plus `none` for a customer with no subscription record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]

@@ -108,7 +108,7 @@ pub fn envelope(payload: &str) -> Result<Envelope, StripeError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionFacts {
     pub id: String,
-    /// `metadata[customer_metadata_key]`: the tollgate customer, if set.
+    /// `metadata[customer_metadata_key]`: the tollgate customer, if set to a valid id.
     pub customer: Option<String>,
     pub status: String,
     pub price_ids: Vec<String>,
@@ -142,7 +142,7 @@ pub fn subscription_facts(obj: &serde_json::Value, metadata_key: &str) -> Subscr
             .and_then(|m| m.get(metadata_key))
             .and_then(|c| c.as_str())
             .map(str::trim)
-            .filter(|c| !c.is_empty())
+            .filter(|c| crate::entitle::check_customer_id(c).is_ok())
             .map(String::from),
         status: str_of(obj, "status").unwrap_or_default(),
         price_ids,

@@ -378,7 +378,7 @@ impl StripeWebhook {
                 .and_then(|c| c.as_str())
         })
         .map(str::trim)
-        .filter(|c| !c.is_empty())
+        .filter(|c| crate::entitle::check_customer_id(c).is_ok())
         .map(String::from);
         let Some(customer) = self.customer_of(env, customer).await? else {
             return Ok(Apply::Unmatched);
@@ -457,7 +457,7 @@ impl StripeWebhook {
                     .and_then(|c| c.as_str())
             })
             .map(str::trim)
-            .filter(|c| !c.is_empty());
+            .filter(|c| crate::entitle::check_customer_id(c).is_ok());
         match (customer, stripe_customer_of(&env.object)) {
             (Some(customer), Some(cus)) => {
                 link_or_log(&*self.ledger, customer, &cus, "checkout", "stripe-webhook").await?;

@@ -253,3 +253,31 @@ both!(
         assert_eq!(last_audit(&tg).await["action"], "customer.credit");
     }
 );
+
+both!(
+    /// A customer id in the path follows the one id rule: CR/LF (a forged log line), NUL,
+    /// surrounding spaces and more than 256 bytes are 400 `invalid-customer-id` on every
+    /// customer route, and nothing is stored; a 256-byte id is fine.
+    customer_ids_are_validated,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let long = "x".repeat(257);
+        for id in ["a%0d%0aX-Injected:%201", "a%00b", "%20acme", "acme%20", "tab%09", long.as_str()] {
+            let r = tg.put_customer(id, json!({"plan": "pro"})).await;
+            let (status, ty, body) = problem(r).await;
+            assert_eq!((status, ty.as_str()), (400, "urn:tollgate:problem:invalid-customer-id"), "{id}: {body}");
+            for (method, path) in [
+                (Method::GET, format!("/admin/customers/{id}")),
+                (Method::POST, format!("/admin/customers/{id}/suspend")),
+                (Method::POST, format!("/admin/customers/{id}/credit")),
+            ] {
+                let r = admin(&tg, method.clone(), &path).await.send().await.unwrap();
+                let (status, ty, _) = problem(r).await;
+                assert_eq!((status, ty.as_str()), (400, "urn:tollgate:problem:invalid-customer-id"), "{method} {path}");
+            }
+        }
+        assert_eq!(tg.scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM customers").await, 0);
+        let ok = "y".repeat(256);
+        assert_eq!(tg.put_customer(&ok, json!({"plan": "pro"})).await.status(), 200);
+    }
+);

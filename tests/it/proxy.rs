@@ -277,6 +277,22 @@ both!(
 );
 
 both!(
+    /// A token's customer follows the one id rule: `" acme"` is not a second `acme` with its own
+    /// free quota, and a 257-byte id is refused; both are 401 `invalid-token`, never forwarded.
+    token_customer_ids_are_validated,
+    |b| {
+        let (tg, up) = setup(b).await;
+        for sub in [" acme", "acme ", "x".repeat(257).as_str()] {
+            let r = tg.get_with_token("/signals", &sign(&claims(sub))).await;
+            let (status, ty, _) = problem(r).await;
+            assert_eq!((status, ty.as_str()), (401, "urn:tollgate:problem:invalid-token"), "{sub:?}");
+        }
+        assert_eq!(up.hits(), 0);
+        assert_eq!(tg.get_with_token("/signals", &sign(&claims("acme"))).await.status(), 200);
+    }
+);
+
+both!(
     /// Every bad token is a 401 invalid-token with `WWW-Authenticate`, and the upstream sees nothing.
     bad_tokens_are_401_and_never_forwarded,
     |b| {

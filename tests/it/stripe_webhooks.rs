@@ -537,3 +537,17 @@ both!(
         assert_eq!(tg.admin_customer("initech").await["status"], "active");
     }
 );
+
+both!(
+    /// A subscription whose metadata names an invalid customer id (a NUL, surrounding control
+    /// characters) is acknowledged as `unmatched` and changes nothing; it is not a 503 that
+    /// Stripe would retry for days.
+    invalid_customer_in_metadata_is_unmatched,
+    |b| {
+        let (_up, tg) = start(b).await;
+        let r = deliver(&tg, &sub_event("evt_bad_id", "created", now(), "bad\u{0}id", &["price_pro"], "active")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "unmatched");
+        assert_eq!(rows(&tg).await, (1, 0));
+    }
+);
