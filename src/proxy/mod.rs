@@ -77,14 +77,17 @@ impl ProxyHttp for Proxy {
         ctx.snapshot = Some(snap.clone());
         ctx.request_id = ctx::request_id(session.req_header());
 
-        // An oversized head is refused before anything parses it (the upstream never sees it).
+        // An oversized head (request line and headers) is refused before anything parses it
+        // (the upstream never sees it).
         let limit = snap.config.proxy.max_request_header_bytes;
-        let head_bytes: usize = session
-            .req_header()
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
+        let req = session.req_header();
+        let line = req.method.as_str().len() + req.raw_path().len() + 11; // " ", " HTTP/1.1\r\n"
+        let head_bytes: usize = line
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
         if head_bytes > limit {
             session.set_keepalive(None);
             return self

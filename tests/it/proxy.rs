@@ -368,6 +368,20 @@ both!(
     }
 );
 
+both!(
+    /// The head limit counts the request line too: a 16 KiB path with small headers is 431
+    /// `request-header-too-large`, and the upstream sees nothing.
+    oversized_request_line_is_refused,
+    |b| {
+        let (tg, up) = setup(b).await;
+        let path = format!("/signals?q={}", "x".repeat(16 * 1024));
+        let r = tg.get(&path, Some("lena")).await;
+        let (status, ty, _) = problem(r).await;
+        assert_eq!((status, ty.as_str()), (431, "urn:tollgate:problem:request-header-too-large"));
+        assert_eq!(up.hits(), 0);
+    }
+);
+
 /// Redis unreachable: a fail-closed plan answers 503 quota-store-unavailable; a fail-open plan is
 /// served from local counters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
