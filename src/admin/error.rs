@@ -235,6 +235,54 @@ impl IntoResponse for AdminError {
     }
 }
 
+/// Every error the admin listener answers is problem+json, also those no handler wrote: axum's
+/// own 404 (no route), 405 (wrong method; `Allow` kept), 413 (a body over the limit) and the
+/// extractors' 4xx. Such a plain answer is replaced by a problem with the same status, its
+/// text as `detail`, and the type suffix of its status.
+pub(crate) async fn problem_for_plain_errors(resp: Response) -> Response {
+    let status = resp.status();
+    // Plain text or no body: what axum writes. A handler's own body (problem+json, or the
+    // readiness JSON of `/readyz`'s 503) is left alone.
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return resp;
+    }
+    let suffix = match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        s if s.is_server_error() => "internal-error",
+        _ => "bad-request",
+    };
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let detail = String::from_utf8_lossy(&text).trim().to_string();
+    let detail = if detail.is_empty() {
+        status.canonical_reason().unwrap_or("").to_string()
+    } else {
+        detail
+    };
+    let problem = Problem::new(
+        suffix,
+        status.canonical_reason().unwrap_or(""),
+        status.as_u16(),
+        detail,
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/problem+json"),
+    );
+    let body = serde_json::to_string(&problem).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// The one mapping from live-config refusals.
 impl From<LiveError> for AdminError {
     fn from(e: LiveError) -> AdminError {

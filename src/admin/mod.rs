@@ -73,6 +73,9 @@ pub fn app(state: AdminState) -> Router {
             state.clone(),
             require_token,
         ))
+        .layer(axum::middleware::map_response(
+            error::problem_for_plain_errors,
+        ))
         .with_state(state)
 }
 

@@ -420,3 +420,48 @@ async fn schemas_match_the_handlers() {
     assert_eq!(status, 400);
     assert_fits(&doc, "Problem", &body);
 }
+
+/// Errors no handler wrote are problem+json too: an unknown path (404), a wrong method (405,
+/// `Allow` kept), and an admin body over axum's 2 MB limit (413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_errors_are_problems() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&base_config(up.addr), Backend::Embedded).await;
+    let r = tg
+        .client
+        .get(tg.admin_url("/no/such/path"))
+        .send()
+        .await
+        .unwrap();
+    let (status, ty, _) = problem(r).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (404, "urn:tollgate:problem:not-found")
+    );
+    let r = tg
+        .client
+        .delete(tg.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("allow").is_some(), "{:?}", r.headers());
+    let (status, ty, _) = problem(r).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (405, "urn:tollgate:problem:method-not-allowed")
+    );
+    let r = tg
+        .client
+        .put(tg.admin_url("/admin/customers/big"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(format!("{{\"plan\":\"{}\"}}", "x".repeat(3 * 1024 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    let (status, ty, _) = problem(r).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (413, "urn:tollgate:problem:body-too-large")
+    );
+}
