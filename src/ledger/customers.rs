@@ -110,6 +110,75 @@ pub(crate) fn stripe_upsert<'q, DB: Backend>(
         .bind(e.trial_end.map(Time))
 }
 
+/// Placeholder owner of a link conflict from a concurrent insert (retried once).
+const CONCURRENT: &str = "another customer";
+
+/// One attempt of [`CustomerLedger::link_stripe_customer`].
+async fn link_once<DB: Backend>(
+    ledger: &SqlLedger<DB>,
+    customer: &str,
+    stripe_customer: &str,
+    source: &str,
+) -> Result<Option<String>, LedgerError> {
+    let op = "link_stripe_customer";
+    let owner_sql = format!(
+        "SELECT customer FROM stripe_customers WHERE stripe_customer_id = $1{}",
+        DB::FOR_UPDATE
+    );
+    let before_sql = format!(
+        "SELECT stripe_customer_id FROM stripe_customers WHERE customer = $1{}",
+        DB::FOR_UPDATE
+    );
+    let read = |row: Option<DB::Row>, column: &str| {
+        row.map(|r| r.col::<String>(column))
+            .transpose()
+            .map_err(LedgerError::query(op))
+    };
+    // A write transaction from the start: on SQLite it holds the write lock, so the checks
+    // below stay true until commit (see `sqlite::begin_write`); on Postgres FOR UPDATE locks
+    // the rows read.
+    let mut tx = DB::begin_write(ledger.pool())
+        .await
+        .map_err(LedgerError::query(op))?;
+    let owner = DB::sql(&owner_sql)
+        .bind(stripe_customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+    if let Some(owner) = read(owner, "customer")?.filter(|o| o != customer) {
+        return Err(LedgerError::LinkConflict {
+            stripe_customer: stripe_customer.to_string(),
+            customer: owner,
+        });
+    }
+    let before = DB::sql(&before_sql)
+        .bind(customer)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::query(op))?;
+    let before = read(before, "stripe_customer_id")?;
+    if before.as_deref() != Some(stripe_customer) {
+        DB::sql(LINK)
+            .bind(customer)
+            .bind(stripe_customer)
+            .bind(source)
+            .bind(Time(Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(|cause| match &cause {
+                // Linked elsewhere by a concurrent writer between our check and the insert
+                // (Postgres; SQLite's write lock rules it out).
+                sqlx::Error::Database(e) if e.is_unique_violation() => LedgerError::LinkConflict {
+                    stripe_customer: stripe_customer.to_string(),
+                    customer: CONCURRENT.into(),
+                },
+                _ => LedgerError::Query { op, cause },
+            })?;
+    }
+    tx.commit().await.map_err(LedgerError::query(op))?;
+    Ok(before)
+}
+
 #[async_trait::async_trait]
 impl<DB: Backend> CustomerLedger for SqlLedger<DB> {
     async fn get_customer(&self, id: &str) -> Result<Option<Entitlement>, LedgerError> {
@@ -171,65 +240,16 @@ impl<DB: Backend> CustomerLedger for SqlLedger<DB> {
         stripe_customer: &str,
         source: &str,
     ) -> Result<Option<String>, LedgerError> {
-        let op = "link_stripe_customer";
-        let owner_sql = format!(
-            "SELECT customer FROM stripe_customers WHERE stripe_customer_id = $1{}",
-            DB::FOR_UPDATE
-        );
-        let before_sql = format!(
-            "SELECT stripe_customer_id FROM stripe_customers WHERE customer = $1{}",
-            DB::FOR_UPDATE
-        );
-        let read = |row: Option<DB::Row>, column: &str| {
-            row.map(|r| r.col::<String>(column))
-                .transpose()
-                .map_err(LedgerError::query(op))
-        };
-        // A write transaction from the start: on SQLite it holds the write lock, so the checks
-        // below stay true until commit (see `sqlite::begin_write`); on Postgres FOR UPDATE locks
-        // the rows read.
-        let mut tx = DB::begin_write(self.pool())
-            .await
-            .map_err(LedgerError::query(op))?;
-        let owner = DB::sql(&owner_sql)
-            .bind(stripe_customer)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
-        if let Some(owner) = read(owner, "customer")?.filter(|o| o != customer) {
-            return Err(LedgerError::LinkConflict {
-                stripe_customer: stripe_customer.to_string(),
-                customer: owner,
-            });
+        // Two concurrent links of the same pair (concurrent deliveries of one webhook) can both
+        // see no row and both insert; the loser's unique violation is no conflict. Once more,
+        // it reads the committed row: the same pair is a no-op, another owner a real conflict
+        // (named this time).
+        match link_once(self, customer, stripe_customer, source).await {
+            Err(LedgerError::LinkConflict {
+                customer: owner, ..
+            }) if owner == CONCURRENT => link_once(self, customer, stripe_customer, source).await,
+            r => r,
         }
-        let before = DB::sql(&before_sql)
-            .bind(customer)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::query(op))?;
-        let before = read(before, "stripe_customer_id")?;
-        if before.as_deref() != Some(stripe_customer) {
-            DB::sql(LINK)
-                .bind(customer)
-                .bind(stripe_customer)
-                .bind(source)
-                .bind(Time(Utc::now()))
-                .execute(&mut *tx)
-                .await
-                .map_err(|cause| match &cause {
-                    // Linked elsewhere by a concurrent writer between our check and the insert
-                    // (Postgres; SQLite's write lock rules it out).
-                    sqlx::Error::Database(e) if e.is_unique_violation() => {
-                        LedgerError::LinkConflict {
-                            stripe_customer: stripe_customer.to_string(),
-                            customer: "another customer".into(),
-                        }
-                    }
-                    _ => LedgerError::Query { op, cause },
-                })?;
-        }
-        tx.commit().await.map_err(LedgerError::query(op))?;
-        Ok(before)
     }
 
     async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {
