@@ -5,24 +5,11 @@ use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// `tollgate_usage_events_total{outcome="spooled"}` and `tollgate_usage_spool_bytes` as scraped.
-async fn spool_metrics(tg: &Tollgate) -> (u64, u64) {
-    let text = tg
-        .client
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .map_or(0, |v| v.trim().parse().unwrap())
-    };
+async fn spool_metrics(tg: &Tollgate) -> (i64, i64) {
     (
-        value("tollgate_usage_events_total{outcome=\"spooled\"} "),
-        value("tollgate_usage_spool_bytes "),
+        tg.metric("tollgate_usage_events_total{outcome=\"spooled\"}")
+            .await,
+        tg.metric("tollgate_usage_spool_bytes").await,
     )
 }
 

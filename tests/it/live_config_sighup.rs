@@ -12,6 +12,38 @@ struct Serve {
     log: std::path::PathBuf,
 }
 
+impl Serve {
+    /// `tollgate serve --config file`, its log in `dir/serve.log`.
+    fn spawn(file: &std::path::Path, dir: &TempDir) -> Serve {
+        let log = dir.0.join("serve.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Serve { child, log }
+    }
+}
+
+/// `base` listening on `proxy` and `admin`, with its SQLite ledger and spool in `dir` (created).
+fn serve_config(
+    base: &str,
+    dir: &TempDir,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> String {
+    std::fs::create_dir_all(&dir.0).unwrap();
+    base.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
+        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
+        + &format!(
+            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
+            dir.0.join("ledger.db").display(),
+            dir.0.join("spool").display()
+        )
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         self.child.kill().ok();
@@ -61,27 +93,11 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(
 async fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     let up = Upstream::start().await;
     let dir = TempDir(std::env::temp_dir().join(unique("tollgate-sighup")));
-    std::fs::create_dir_all(&dir.0).unwrap();
     let (proxy, admin) = (free_port(), free_port());
-    let toml = base_config(up.addr)
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
-        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
-        + &format!(
-            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
-            dir.0.join("ledger.db").display(),
-            dir.0.join("spool").display()
-        );
+    let toml = serve_config(&base_config(up.addr), &dir, proxy, admin);
     let file = dir.0.join("tollgate.toml");
     std::fs::write(&file, &toml).unwrap();
-    let log = dir.0.join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let serve = Serve { child, log };
+    let serve = Serve::spawn(&file, &dir);
     let client = reqwest::Client::new();
     let first = until(30, "tollgate serve to start", || {
         admin_config(&client, admin)
@@ -135,29 +151,13 @@ async fn sighup_reloads_the_file_and_refuses_a_bad_one() {
 async fn idle_sigterm_exits_at_once() {
     let up = Upstream::start().await;
     let dir = TempDir(std::env::temp_dir().join(unique("tollgate-sigterm")));
-    std::fs::create_dir_all(&dir.0).unwrap();
     let (proxy, admin) = (free_port(), free_port());
-    let toml = base_config(up.addr)
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
-        .replace("shutdown_grace = \"0s\"", "shutdown_grace = \"10s\"")
-        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
-        + &format!(
-            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
-            dir.0.join("ledger.db").display(),
-            dir.0.join("spool").display()
-        );
+    let base = base_config(up.addr).replace("shutdown_grace = \"0s\"", "shutdown_grace = \"10s\"");
+    let toml = serve_config(&base, &dir, proxy, admin);
     assert!(toml.contains("shutdown_grace = \"10s\""));
     let file = dir.0.join("tollgate.toml");
     std::fs::write(&file, &toml).unwrap();
-    let log = dir.0.join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut serve = Serve { child, log };
+    let mut serve = Serve::spawn(&file, &dir);
     let client = reqwest::Client::new();
     until(30, "tollgate serve to start", || {
         admin_config(&client, admin)

@@ -202,7 +202,7 @@ both!(
         if b == Backend::Shared {
             assert_eq!(tg.redis_used("ivy", "tokens").await, Some(107));
         }
-        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = tg.metrics().await;
         assert!(metrics.contains("tollgate_cost_header_invalid_total 1"), "{metrics}");
     }
 );
@@ -241,7 +241,7 @@ both!(
             assert_eq!(tg.redis_used("lou", "tokens").await, Some(100));
             assert_eq!(tg.redis_used("max", "tokens").await, Some(500));
         }
-        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = tg.metrics().await;
         assert!(metrics.contains("tollgate_cost_header_invalid_total 10"), "{metrics}");
     }
 );
@@ -598,7 +598,7 @@ both!(
         if b == Backend::Shared {
             assert_eq!(tg.redis_used("quitter", "api_calls").await, Some(1));
         }
-        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = tg.metrics().await;
         let line = |decision: &str| {
             metrics
                 .lines()

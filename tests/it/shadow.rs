@@ -38,17 +38,6 @@ shadow = true
     toml
 }
 
-async fn metrics(tg: &Tollgate) -> String {
-    tg.client
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn shadow_count(metrics: &str, decision: &str, route: &str) -> Option<u64> {
     let needle =
         format!("tollgate_shadow_denials_total{{decision=\"{decision}\",route=\"{route}\"}} ");
@@ -79,7 +68,7 @@ both!(
         if b == Backend::Shared {
             assert_eq!(tg.redis_used("sam", "api_calls").await, Some(8));
         }
-        let m = metrics(&tg).await;
+        let m = tg.metrics().await;
         assert_eq!(shadow_count(&m, "quota-exceeded", "GET /signals"), Some(1), "{m}");
         assert_eq!(shadow_count(&m, "feature-not-in-plan", "export-pdf"), Some(1), "{m}");
         // The requests themselves were allowed.
@@ -109,7 +98,7 @@ both!(
         }
         assert_eq!(up.hits(), 3);
         assert_eq!(tg.wait_ledger("rita", 3).await, (3, 3));
-        let m = metrics(&tg).await;
+        let m = tg.metrics().await;
         assert_eq!(shadow_count(&m, "feature-not-in-plan", "beta"), Some(3), "{m}");
         assert_eq!(shadow_count(&m, "rate-limited", "beta"), Some(1), "{m}");
         // The same plan on an enforcing route is rate limited (the shadow calls spent the burst).

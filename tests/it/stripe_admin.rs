@@ -339,22 +339,6 @@ both!(
     }
 );
 
-/// The value of one sample of the admin listener's `/metrics` (0 when absent).
-async fn metric(tg: &Tollgate, sample: &str) -> i64 {
-    let text = tg
-        .client
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 both!(
     /// DESIGN §7: events of the same second cannot be ordered by `created`, so when one would
     /// change state stored as of that very second, the subscription is re-fetched and what
@@ -387,7 +371,7 @@ both!(
         assert_eq!(c["status"], "canceled", "{c}");
         let (status, ty, _) = problem(tg.get("/signals", Some("acme")).await).await;
         assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
-        assert_eq!(metric(&tg, "tollgate_stripe_refetches_total{outcome=\"applied\"}").await, 1);
+        assert_eq!(tg.metric("tollgate_stripe_refetches_total{outcome=\"applied\"}").await, 1);
 
         // Stripe answers 500: the last received (active) wins, counted as failed.
         let g_active = subscription("sub_g", "cus_g", Some("globex"), &["price_pro"], "active", t - 100);
@@ -400,7 +384,7 @@ both!(
         assert_eq!(stripe.calls("/v1/subscriptions/sub_g").len(), 1);
         assert_eq!(tg.admin_customer("globex").await["status"], "active");
         assert_eq!(tg.get("/signals", Some("globex")).await.status(), 200);
-        assert_eq!(metric(&tg, "tollgate_stripe_refetches_total{outcome=\"failed\"}").await, 1);
+        assert_eq!(tg.metric("tollgate_stripe_refetches_total{outcome=\"failed\"}").await, 1);
     }
 );
 

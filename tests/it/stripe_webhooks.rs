@@ -529,7 +529,7 @@ both!(
         let r = deliver(&tg, &without_metadata(&stray, "cus_nobody_links")).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "unmatched");
-        let metrics = tg.client.get(tg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = tg.metrics().await;
         assert!(
             metrics.contains(r#"tollgate_webhooks_total{outcome="unmatched",type="invoice.payment_failed"} 1"#),
             "{metrics}"

@@ -240,6 +240,29 @@ impl Tollgate {
         }
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample of `/metrics` (its name with labels, e.g.
+    /// `tollgate_webhooks_total{outcome="applied",type="invoice.paid"}`); 0 when absent.
+    pub async fn metric(&self, sample: &str) -> i64 {
+        let prefix = format!("{sample} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `GET /admin/customers/{id}` as JSON (the problem body when it is not 200).
     pub async fn admin_customer(&self, id: &str) -> serde_json::Value {
         self.client
