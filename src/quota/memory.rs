@@ -168,11 +168,17 @@ impl QuotaStore for MemoryStore {
             }
         }
         let k = key(c.customer, c.meter, c.period);
-        self.ensure_seeded(&k, c.customer, c.meter, c.period).await;
-        let mut counter = self.counters.entry(k).or_insert(Counter {
-            used: 0,
-            period: c.period,
-        });
+        // One lookup when the counter exists (every call but a period's first).
+        let mut counter = match self.counters.get_mut(&k) {
+            Some(counter) => counter,
+            None => {
+                self.ensure_seeded(&k, c.customer, c.meter, c.period).await;
+                self.counters.entry(k).or_insert(Counter {
+                    used: 0,
+                    period: c.period,
+                })
+            }
+        };
         let used = clamp(counter.used);
         if let Some(cap) = c.cap {
             if used.saturating_add(c.cost) > cap {
