@@ -157,6 +157,10 @@ pub struct Route {
     pub feature: Option<String>,
     pub cost_from_response_header: Option<http::HeaderName>,
     pub charge: Charge,
+    /// `case_sensitive = false`: a path that differs only in ASCII letter case matches.
+    pub case_sensitive: bool,
+    /// `trailing_slash = "ignore"`: a path that differs only in a trailing `/` matches.
+    pub ignore_trailing_slash: bool,
     pub auth: RouteAuth,
     /// Shadow mode: plan decisions on this route (feature gate, rate limit, quota) are
     /// computed, logged and counted, but the request is forwarded and charged anyway.

@@ -149,6 +149,8 @@ pub struct RawRoute {
     pub feature: Option<String>,
     pub cost_from_response_header: Option<String>,
     pub charge: Option<String>,
+    pub case_sensitive: Option<bool>,
+    pub trailing_slash: Option<String>,
     pub auth: Option<String>,
     pub shadow: Option<bool>,
 }

@@ -554,6 +554,17 @@ impl Validator {
                     Charge::Success
                 }
             };
+            let ignore_trailing_slash = match r.trailing_slash.as_deref() {
+                None | Some("exact") => false,
+                Some("ignore") => true,
+                Some(o) => {
+                    self.err(
+                        format!("{key}.trailing_slash"),
+                        format!("must be \"exact\" or \"ignore\", got {o:?}"),
+                    );
+                    false
+                }
+            };
             out.push(Route {
                 name,
                 spec,
@@ -564,6 +575,8 @@ impl Validator {
                 feature: r.feature.clone(),
                 cost_from_response_header,
                 charge,
+                case_sensitive: r.case_sensitive.unwrap_or(true),
+                ignore_trailing_slash,
                 auth,
                 shadow: r.shadow.unwrap_or(false),
             });

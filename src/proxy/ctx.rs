@@ -37,6 +37,8 @@ pub struct Ctx {
     /// For unmatched requests forwarded unmetered.
     pub(super) upstream: Option<String>,
     pub(super) request_id: String,
+    /// The normalised path, when it differs from the one sent (the upstream gets this one).
+    pub(super) path: Option<String>,
     pub(super) customer: Option<String>,
     pub(super) reserved: Option<Reserved>,
     pub(super) decision: Decision,
@@ -65,6 +67,7 @@ impl Ctx {
             route: None,
             upstream: None,
             request_id: String::new(),
+            path: None,
             customer: None,
             reserved: None,
             decision: Decision::Allowed,

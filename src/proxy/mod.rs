@@ -20,6 +20,7 @@
 
 mod admit;
 mod ctx;
+pub mod path;
 pub mod respond;
 pub mod route;
 pub mod selfservice;
@@ -37,6 +38,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use respond::{write_problem, Decision, Denial};
+use route::Found;
 use selfservice::Outcome;
 use state::Shared;
 use std::sync::Arc;
@@ -95,8 +97,31 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // One price per path: route on the normalised target, and send the upstream exactly it.
+        match path::normalize(session.req_header().raw_path()) {
+            Ok(t) if t.changed() => ctx.path = Some(t.path.into_owned()),
+            Ok(_) => {}
+            Err(e) => {
+                if !session.is_body_empty() {
+                    session.set_keepalive(None);
+                }
+                let detail = e.detail();
+                return self
+                    .deny(session, ctx, Denial::InvalidPath { detail })
+                    .await;
+            }
+        }
+
         // Self-service usage (`GET /_tollgate/usage`): free, answered here, never forwarded.
-        match selfservice::handle(&self.shared, &snap, session, &ctx.request_id).await? {
+        match selfservice::handle(
+            &self.shared,
+            &snap,
+            session,
+            ctx.path.as_deref(),
+            &ctx.request_id,
+        )
+        .await?
+        {
             Outcome::NotMine => {}
             Outcome::Served => {
                 ctx.decision = Decision::Unmetered;
@@ -107,10 +132,27 @@ impl ProxyHttp for Proxy {
 
         // 1. route
         let req = session.req_header();
-        ctx.route = snap.router.find(&req.method, req.uri.path());
+        let path = ctx.path.as_deref().unwrap_or(req.uri.path());
+        let near_miss = match snap.router.find(&snap.config.routes, &req.method, path) {
+            Found::Route(i) => {
+                ctx.route = Some(i);
+                None
+            }
+            Found::NearMiss(i) => Some(&snap.config.routes[i]),
+            Found::None => None,
+        };
         let Some(route) = ctx.route(&snap) else {
             return match &snap.config.proxy.unmatched {
                 Unmatched::Deny => self.deny(session, ctx, Denial::NoRoute).await,
+                // A lenient upstream (case-insensitive or slash-tolerant routing, as Express
+                // is by default) would serve this as the metered route: never free.
+                Unmatched::Forward { .. }
+                    if near_miss.is_some_and(|r| r.auth == RouteAuth::Required) =>
+                {
+                    let detail = "the path differs from a metered route only in letter case or a trailing slash";
+                    self.deny(session, ctx, Denial::InvalidPath { detail })
+                        .await
+                }
                 Unmatched::Forward { upstream } => {
                     ctx.upstream = Some(upstream.clone());
                     ctx.decision = Decision::Unmetered;
@@ -168,6 +210,13 @@ impl ProxyHttp for Proxy {
             up.insert_header(CUSTOMER_HEADER, c.as_str())?;
         }
         up.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        if let Some(path) = &ctx.path {
+            let target = match up.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            up.set_raw_path(target.as_bytes())?;
+        }
         ctx.forwarded = true;
         if let Some(snap) = &ctx.snapshot {
             if snap.config.proxy.strip_authorization && ctx.customer.is_some() {

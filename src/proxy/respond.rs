@@ -47,6 +47,11 @@ pub enum Denial {
     HeaderTooLarge {
         limit: usize,
     },
+    /// A request target no price can be right for (see `path`), or one that differs from a
+    /// metered route only in case or trailing slash while unmatched requests are forwarded.
+    InvalidPath {
+        detail: &'static str,
+    },
 }
 
 /// Decision labels for metrics and access logs: bounded, stable.
@@ -68,10 +73,11 @@ pub enum Decision {
     /// denial. Once forwarded, the call goes on and is charged; the answer is written in case
     /// the client only half-closed and still reads.
     ClientClosed,
+    InvalidPath,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 13] = [
+    pub const ALL: [Decision; 14] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -85,6 +91,7 @@ impl Decision {
         Decision::UpstreamUnavailable,
         Decision::HeaderTooLarge,
         Decision::ClientClosed,
+        Decision::InvalidPath,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -103,6 +110,7 @@ impl Decision {
             Decision::UpstreamUnavailable => "upstream-unavailable",
             Decision::HeaderTooLarge => "request-header-too-large",
             Decision::ClientClosed => "client-closed",
+            Decision::InvalidPath => "invalid-path",
         }
     }
 
@@ -202,11 +210,13 @@ impl Denial {
             Denial::QuotaStoreUnavailable => Decision::QuotaStoreUnavailable,
             Denial::UpstreamUnavailable => Decision::UpstreamUnavailable,
             Denial::HeaderTooLarge { .. } => Decision::HeaderTooLarge,
+            Denial::InvalidPath { .. } => Decision::InvalidPath,
         }
     }
 
     pub fn status(&self) -> u16 {
         match self {
+            Denial::InvalidPath { .. } => 400,
             Denial::InvalidToken { .. } => 401,
             Denial::PaymentRequired { .. } => 402,
             Denial::FeatureNotInPlan { .. } | Denial::Suspended => 403,
@@ -230,6 +240,7 @@ impl Denial {
             Denial::QuotaStoreUnavailable => "Quota store unavailable",
             Denial::UpstreamUnavailable => "Upstream unavailable",
             Denial::HeaderTooLarge { .. } => "Request header fields too large",
+            Denial::InvalidPath { .. } => "Invalid request path",
         }
     }
 
@@ -316,6 +327,7 @@ impl Denial {
             Denial::HeaderTooLarge { limit } => {
                 p.detail = format!("request header fields exceed {limit} bytes");
             }
+            Denial::InvalidPath { detail } => p.detail = (*detail).to_string(),
         }
         let body = serde_json::to_vec(&p).unwrap_or_default();
         headers.push(("content-length", body.len().to_string()));

@@ -58,8 +58,28 @@ impl std::fmt::Display for MatchSpec {
 /// Route lookup table. Values are indexes into the config's `routes`.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    by_method: Vec<(Method, matchit::Router<usize>)>,
-    any: matchit::Router<usize>,
+    by_method: Vec<(Method, Tree)>,
+    any: Tree,
+}
+
+/// One method's routes: as written, and folded (lower case, no trailing slash) to find a path
+/// that differs from a route only in case or trailing slash.
+#[derive(Debug, Clone, Default)]
+struct Tree {
+    exact: matchit::Router<usize>,
+    /// Route index and whether its pattern ends in `/`.
+    folded: matchit::Router<(usize, bool)>,
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Route(usize),
+    /// The path differs from this route only in letter case or a trailing slash, and the route
+    /// does not accept that difference. A lenient upstream would serve it as this route, so it
+    /// must never be forwarded unmetered.
+    NearMiss(usize),
+    None,
 }
 
 // === impl Router ===
@@ -75,20 +95,16 @@ impl Router {
                 Some(m) => match router.by_method.iter().position(|(x, _)| x == m) {
                     Some(p) => &mut router.by_method[p].1,
                     None => {
-                        router.by_method.push((m.clone(), matchit::Router::new()));
+                        router.by_method.push((m.clone(), Tree::default()));
                         let last = router.by_method.len() - 1;
                         &mut router.by_method[last].1
                     }
                 },
             };
-            if let Err(e) = tree.insert(r.spec.path.clone(), i) {
+            if let Err(e) = tree.exact.insert(r.spec.path.clone(), i) {
                 let msg = match e {
                     matchit::InsertError::Conflict { with } => {
-                        let other = routes
-                            .iter()
-                            .position(|o| o.spec.method == r.spec.method && o.spec.path == with)
-                            .map(|j| format!(" (routes[{j}])"))
-                            .unwrap_or_default();
+                        let other = other_route(routes, r, |o| o.spec.path == with);
                         if with == r.spec.path {
                             format!("duplicate route {}{other}", r.spec)
                         } else {
@@ -98,6 +114,27 @@ impl Router {
                     other => format!("invalid path {:?}: {other}", r.spec.path),
                 };
                 conflicts.push((i, msg));
+                continue;
+            }
+            let pattern = &r.spec.path;
+            let trailing = pattern.len() > 1 && pattern.ends_with('/');
+            if tree
+                .folded
+                .insert(fold(pattern).into_owned(), (i, trailing))
+                .is_err()
+                && (!r.case_sensitive || r.ignore_trailing_slash)
+            {
+                // Two routes that fold to one path: which one a folded path means is ambiguous
+                // only when this one asks to match folded paths.
+                let other = other_route(routes, r, |o| fold(&o.spec.path) == fold(pattern));
+                conflicts.push((
+                    i,
+                    format!(
+                        "{} differs from another route only in letter case or trailing slash{other}; \
+                         it cannot also set case_sensitive = false or trailing_slash = \"ignore\"",
+                        r.spec
+                    ),
+                ));
             }
         }
         if conflicts.is_empty() {
@@ -107,15 +144,69 @@ impl Router {
         }
     }
 
-    /// The route index for a request, method-specific routes first, then `*` routes.
-    pub fn find(&self, method: &Method, path: &str) -> Option<usize> {
-        if let Some((_, tree)) = self.by_method.iter().find(|(m, _)| m == method) {
-            if let Ok(m) = tree.at(path) {
-                return Some(*m.value);
+    /// The route for a request's normalised path: method-specific routes first, then `*` routes;
+    /// then, when neither matches as written, the route it matches folded (case, trailing
+    /// slash), which is a match when that route accepts the difference.
+    pub fn find(&self, routes: &[Route], method: &Method, path: &str) -> Found {
+        let tree = self
+            .by_method
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, t)| t);
+        for t in tree.into_iter().chain([&self.any]) {
+            if let Ok(m) = t.exact.at(path) {
+                return Found::Route(*m.value);
             }
         }
-        self.any.at(path).ok().map(|m| *m.value)
+        let folded = fold(path);
+        for t in tree.into_iter().chain([&self.any]) {
+            let Ok(m) = t.folded.at(&folded) else {
+                continue;
+            };
+            let (i, pattern_trailing) = *m.value;
+            let r = &routes[i];
+            let path_trailing = path.len() > 1 && path.ends_with('/');
+            let slash_differs = path_trailing != pattern_trailing;
+            // With the slash made like the pattern's, does the path match as written?
+            let same_slash: std::borrow::Cow<str> = match (path_trailing, pattern_trailing) {
+                (true, false) => path[..path.len() - 1].into(),
+                (false, true) => format!("{path}/").into(),
+                _ => path.into(),
+            };
+            let case_differs = t.exact.at(&same_slash).map(|m| *m.value) != Ok(i);
+            let accepted =
+                (!slash_differs || r.ignore_trailing_slash) && (!case_differs || !r.case_sensitive);
+            return if accepted {
+                Found::Route(i)
+            } else {
+                Found::NearMiss(i)
+            };
+        }
+        Found::None
     }
+}
+
+/// A path folded for the loose lookup: ASCII lower case, no trailing slash (except `/`).
+fn fold(path: &str) -> std::borrow::Cow<'_, str> {
+    let p = if path.len() > 1 {
+        path.strip_suffix('/').unwrap_or(path)
+    } else {
+        path
+    };
+    if p.bytes().any(|b| b.is_ascii_uppercase()) {
+        p.to_ascii_lowercase().into()
+    } else {
+        p.into()
+    }
+}
+
+/// `" (routes[j])"` for the first other route with the same method that `is` picks.
+fn other_route(routes: &[Route], r: &Route, is: impl Fn(&Route) -> bool) -> String {
+    routes
+        .iter()
+        .position(|o| o.spec.method == r.spec.method && !std::ptr::eq(o, r) && is(o))
+        .map(|j| format!(" (routes[{j}])"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -157,11 +248,76 @@ mod tests {
         )
         .expect("valid");
         let r = Router::build(&c.routes).expect("builds");
-        assert_eq!(r.find(&Method::GET, "/signals/AAPL"), Some(0));
-        assert_eq!(r.find(&Method::DELETE, "/signals/AAPL"), Some(1));
-        assert_eq!(r.find(&Method::POST, "/v1/a/b/c"), Some(2));
-        assert_eq!(r.find(&Method::GET, "/v1/a"), None);
-        assert_eq!(r.find(&Method::GET, "/nope"), None);
+        let find = |m: Method, p: &str| r.find(&c.routes, &m, p);
+        assert_eq!(find(Method::GET, "/signals/AAPL"), Found::Route(0));
+        assert_eq!(find(Method::DELETE, "/signals/AAPL"), Found::Route(1));
+        assert_eq!(find(Method::POST, "/v1/a/b/c"), Found::Route(2));
+        assert_eq!(find(Method::GET, "/v1/a"), Found::None);
+        assert_eq!(find(Method::GET, "/nope"), Found::None);
+    }
+
+    /// Case and trailing slash are exact by default: a path that differs from a route only in
+    /// those is a near miss (never forwarded unmetered); a route can accept either difference.
+    #[test]
+    fn case_and_trailing_slash_are_route_options() {
+        let c = config(
+            r#"
+            [[routes]]
+            match = "GET /export/pdf"
+            upstream = "u"
+            [[routes]]
+            match = "GET /signals/{symbol}"
+            upstream = "u"
+            case_sensitive = false
+            [[routes]]
+            match = "GET /reports/"
+            upstream = "u"
+            trailing_slash = "ignore"
+            [[routes]]
+            match = "* /Mixed"
+            upstream = "u"
+            case_sensitive = false
+            trailing_slash = "ignore"
+            "#,
+        )
+        .expect("valid");
+        let r = Router::build(&c.routes).expect("builds");
+        let find = |p: &str| r.find(&c.routes, &Method::GET, p);
+        assert_eq!(find("/export/pdf"), Found::Route(0));
+        assert_eq!(find("/EXPORT/PDF"), Found::NearMiss(0));
+        assert_eq!(find("/export/pdf/"), Found::NearMiss(0));
+        assert_eq!(find("/Export/Pdf/"), Found::NearMiss(0));
+        assert_eq!(find("/SIGNALS/aapl"), Found::Route(1));
+        assert_eq!(find("/signals/aapl/"), Found::NearMiss(1));
+        assert_eq!(find("/reports/"), Found::Route(2));
+        assert_eq!(find("/reports"), Found::Route(2));
+        assert_eq!(find("/Reports"), Found::NearMiss(2));
+        assert_eq!(find("/mixed/"), Found::Route(3));
+        assert_eq!(find("/MIXED"), Found::Route(3));
+        assert_eq!(find("/other"), Found::None);
+    }
+
+    /// Two routes that fold to the same path cannot ask to match folded paths.
+    #[test]
+    fn folded_twins_cannot_be_loose() {
+        let e = config(
+            r#"
+            [[routes]]
+            match = "GET /a"
+            upstream = "u"
+            [[routes]]
+            match = "GET /A"
+            upstream = "u"
+            case_sensitive = false
+            "#,
+        )
+        .expect_err("ambiguous");
+        assert!(
+            e.to_string().starts_with(
+                "routes[1].match: GET /A differs from another route only in letter case or trailing slash (routes[0])"
+            ),
+            "{e}"
+        );
     }
 
     /// The same method and path twice is refused with both route indexes named.

@@ -100,10 +100,11 @@ pub async fn handle(
     shared: &Shared,
     snap: &Snapshot,
     session: &mut Session,
+    normalised_path: Option<&str>,
     request_id: &str,
 ) -> pingora::Result<Outcome> {
     let req = session.req_header();
-    if req.method != Method::GET || req.uri.path() != PATH {
+    if req.method != Method::GET || normalised_path.unwrap_or(req.uri.path()) != PATH {
         return Ok(Outcome::NotMine);
     }
     let authorization = req.headers.get(AUTHORIZATION).map(|v| v.as_bytes());

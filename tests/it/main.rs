@@ -17,6 +17,7 @@ mod faults;
 mod live_config;
 mod live_config_sighup;
 mod openapi;
+mod paths;
 mod proxy;
 mod redis_topologies;
 mod selfservice;

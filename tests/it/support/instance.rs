@@ -221,6 +221,46 @@ impl Tollgate {
         }
     }
 
+    /// A customer's ledger rows by request id: (route, units). Waits (up to 10 s) until there
+    /// are at least `rows`.
+    pub async fn ledger_rows(
+        &self,
+        customer: &str,
+        rows: usize,
+    ) -> std::collections::HashMap<String, (String, i64)> {
+        let sql = "SELECT request_id, route, units FROM usage_events WHERE customer = $1";
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            out = match self.backend {
+                Backend::Embedded => {
+                    let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+                    let r: Vec<(String, String, i64)> = sqlx::query_as(sql)
+                        .bind(customer)
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                    pool.close().await;
+                    r
+                }
+                Backend::Shared => {
+                    let pool = self.pg().await;
+                    let r: Vec<(String, String, i64)> = sqlx::query_as(sql)
+                        .bind(customer)
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                    pool.close().await;
+                    r
+                }
+            };
+            if out.len() >= rows {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        out.into_iter().map(|(id, r, u)| (id, (r, u))).collect()
+    }
+
     /// One number from this instance's ledger (`SELECT CAST(COUNT(*) AS BIGINT) …` and the
     /// like: the column must decode as i64 on both backends).
     pub async fn scalar(&self, sql: &str) -> i64 {
