@@ -24,7 +24,10 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::state::{Shared, Snapshot};
 use crate::proxy::{upstream, Proxy};
-use crate::quota::{memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore};
+use crate::quota::fail_open::FailOpen;
+use crate::quota::{
+    memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore, SeedAfterLoss,
+};
 use crate::{alerts, ledger, quota, stripe, usage};
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -152,6 +155,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         ledger: ledger.clone(),
         rt: rt.clone(),
     });
+    let fail_open = Arc::new(FailOpen::new(Some(seed.clone())));
     let fallback = Arc::new(match &storage.redis_url {
         Some(_) => MemoryStore::new(),
         None => MemoryStore::with_seed(seed.clone()),
@@ -161,7 +165,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             Some(url) => Some(Arc::new(
                 RedisStore::new(url, storage.redis_cluster, &storage.redis_prefix, timeout)
                     .context("storage.redis_url")?
-                    .with_seed(seed.clone()),
+                    .with_seed(Arc::new(SeedAfterLoss {
+                        ledger: seed.clone(),
+                        fallback: fallback.clone(),
+                    })),
             )),
             None => None,
         })
@@ -213,6 +220,8 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             entitlements: Arc::new(entitlements),
             store,
             fallback,
+            embedded: storage.redis_url.is_none(),
+            fail_open: fail_open.clone(),
             usage: sink,
             metrics,
             alerts,
@@ -267,11 +276,25 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         stripe::start(stripe, &shared.metrics.registry, &tasks, &rt, &cancel)
             .context("starting the Stripe reporter and reconciler")?;
     }
+    if let Some(census) = channel("config")? {
+        // How many instances share Redis: a fail-open plan's default share of what is left.
+        let fail_open = fail_open.clone();
+        tasks.spawn_on(
+            crate::control::broadcast::census(
+                census,
+                Duration::from_secs(10),
+                move |n| fail_open.set_instances(n),
+                cancel.clone(),
+            ),
+            &rt,
+        );
+    }
     let sweep = shared.clone();
     tasks.spawn_on(
         quota::maintain::run(
             shared.fallback.clone(),
             admin_redis,
+            fail_open.clone(),
             move || sweep.self_service.sweep(),
             cancel.clone(),
         ),

@@ -234,6 +234,8 @@ pub struct Plan {
     pub rate: Option<Rate>,
     pub quotas: BTreeMap<String, Quota>,
     pub fail_mode: FailMode,
+    /// How much of a capped quota's remaining units one instance may grant in fail-open.
+    pub fail_open_allowance: crate::quota::fail_open::Allowance,
     pub past_due_grace: Duration,
     pub rank: i64,
     /// Shadow mode for every route this plan is used on (see [`Route::shadow`]).

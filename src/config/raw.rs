@@ -164,6 +164,8 @@ pub struct RawPlan {
     pub rate_per_minute: Option<i64>,
     pub burst: Option<i64>,
     pub fail_mode: Option<String>,
+    /// Share (0–1) of the units left that one instance may grant while Redis is down.
+    pub fail_open_allowance: Option<f64>,
     pub past_due_grace: Option<String>,
     /// Higher wins when several plans apply (Stripe subscriptions with several prices).
     pub rank: Option<i64>,

@@ -6,6 +6,7 @@
 
 use super::raw::{self, OneOrMany, RawConfig, RawQuota};
 use super::*;
+use crate::quota::fail_open::Allowance;
 
 const DEFAULT_METER: &str = "api_calls";
 /// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
@@ -374,6 +375,19 @@ impl Validator {
                     FailMode::Open
                 }
             };
+            let fail_open_allowance = match p.fail_open_allowance {
+                None => Allowance::PerInstance,
+                Some(x) if (0.0..=1.0).contains(&x) => {
+                    Allowance::PerMille((x * 1000.0).round() as u32)
+                }
+                Some(x) => {
+                    self.err(
+                        format!("{key}.fail_open_allowance"),
+                        format!("must be a share from 0 to 1, got {x}"),
+                    );
+                    Allowance::PerInstance
+                }
+            };
             let past_due_grace = self.duration(
                 &format!("{key}.past_due_grace"),
                 p.past_due_grace.as_deref(),
@@ -387,6 +401,7 @@ impl Validator {
                     rate,
                     quotas,
                     fail_mode,
+                    fail_open_allowance,
                     past_due_grace,
                     rank: p.rank.unwrap_or(0),
                     shadow: p.shadow.unwrap_or(false),

@@ -75,6 +75,24 @@ impl Channel {
         Ok(())
     }
 
+    /// Instances subscribed to this channel (`PUBSUB NUMSUB`), i.e. how many share this Redis.
+    /// On a cluster, the subscribers of the node asked.
+    pub async fn subscribers(&self) -> redis::RedisResult<u32> {
+        let conn = self
+            .publisher
+            .get_or_try_init(|| self.client.get_connection_manager())
+            .await?;
+        let mut conn = conn.clone();
+        let (_, n): (String, u32) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&self.name)
+            .query_async::<Vec<(String, u32)>>(&mut conn)
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok(n)
+    }
+
     /// Subscribed: resync, then messages and the periodic resync until the subscription ends.
     async fn subscribe(&self, follower: &dyn Follower, catch_up: Duration) -> anyhow::Result<()> {
         let mut pubsub = self.client.get_async_pubsub().await?;
@@ -91,6 +109,27 @@ impl Channel {
                 }
                 _ = tick.tick() => follower.resync().await,
             }
+        }
+    }
+}
+
+/// Counts the instances subscribed to `channel` every `every` while Redis answers, handing each
+/// count to `on_count`, until `cancel`.
+pub async fn census(
+    channel: Channel,
+    every: Duration,
+    on_count: impl Fn(u32) + Send,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let counted = tokio::time::timeout(Duration::from_secs(1), channel.subscribers()).await;
+        if let Ok(Ok(n)) = counted {
+            on_count(n);
         }
     }
 }

@@ -139,7 +139,7 @@ async fn reserve(
         cap: quota.cap(),
         rate: plan.rate,
     };
-    let (mut verdict, local) = reserve_or_fall_back(shared, &check, plan.fail_mode).await?;
+    let (mut verdict, local) = reserve_or_fall_back(shared, &check, plan).await?;
     let mut waived = None;
     let denial = match verdict {
         Verdict::Granted { .. } => None,
@@ -198,24 +198,57 @@ async fn reserve(
 }
 
 /// One reservation in the quota store, or in the local fallback when the store is down and the
-/// plan fails open. The bool is true when the fallback took it.
+/// plan fails open. The bool is true when the fallback took it. A capped quota's fallback may
+/// grant only the plan's share of what was left when Redis last answered (`fail_open`), and its
+/// answers count from there.
 async fn reserve_or_fall_back(
     shared: &Shared,
     check: &Check<'_>,
-    fail_mode: FailMode,
+    plan: &Plan,
 ) -> Result<(Verdict, bool), Denial> {
     let started = Instant::now();
+    let remember = check.cap.is_some() && plan.fail_mode == FailMode::Open && !shared.embedded;
     let result = match shared.store.reserve(check).await {
-        Ok(v) => Ok((v, false)),
+        Ok(mut v) => {
+            if !shared.embedded && !shared.fallback.is_empty() {
+                v = fold_local(shared, check, v).await;
+            }
+            if remember {
+                if let Verdict::Granted { used } | Verdict::OverQuota { used } = v {
+                    shared
+                        .fail_open
+                        .record(check.customer, check.meter, check.period, used);
+                }
+            }
+            Ok((v, false))
+        }
         Err(e) => {
             shared.metrics.quota_store_errors.inc();
             tracing::warn!(error = %e, "quota store unavailable");
-            match fail_mode {
+            match plan.fail_mode {
                 FailMode::Closed => Err(Denial::QuotaStoreUnavailable),
-                FailMode::Open => match shared.fallback.reserve(check).await {
-                    Ok(v) => Ok((v, true)),
-                    Err(_) => Err(Denial::QuotaStoreUnavailable),
-                },
+                FailMode::Open => {
+                    let (limited, base) = shared
+                        .fail_open
+                        .limit(check, plan.fail_open_allowance)
+                        .await;
+                    match shared.fallback.reserve(&limited).await {
+                        Ok(Verdict::Granted { used }) => Ok((
+                            Verdict::Granted {
+                                used: base.saturating_add(used),
+                            },
+                            true,
+                        )),
+                        Ok(Verdict::OverQuota { used }) => Ok((
+                            Verdict::OverQuota {
+                                used: base.saturating_add(used),
+                            },
+                            true,
+                        )),
+                        Ok(v) => Ok((v, true)),
+                        Err(_) => Err(Denial::QuotaStoreUnavailable),
+                    }
+                }
             }
         }
     };
@@ -224,6 +257,52 @@ async fn reserve_or_fall_back(
         .quota_store_duration
         .observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// Redis answers again and the fallback still holds what it granted for this counter during the
+/// outage (the periodic fold has not run yet): fold it now, and decide this call against the
+/// total, so the cap holds from the first call after recovery.
+async fn fold_local(shared: &Shared, check: &Check<'_>, verdict: Verdict) -> Verdict {
+    let Some(local) = shared
+        .fallback
+        .take(check.customer, check.meter, check.period)
+    else {
+        return verdict;
+    };
+    let store = shared.store.as_ref();
+    let total = match store
+        .adjust(check.customer, check.meter, check.period, local)
+        .await
+    {
+        Ok(total) => total,
+        Err(_) => {
+            shared.fallback.restore(vec![crate::quota::memory::Drained {
+                customer: check.customer.to_string(),
+                meter: check.meter.to_string(),
+                period: check.period,
+                units: local,
+            }]);
+            return verdict;
+        }
+    };
+    shared
+        .fail_open
+        .add(check.customer, check.meter, check.period, local);
+    match verdict {
+        Verdict::Granted { .. } => match check.cap {
+            Some(cap) if total > cap => {
+                let cost = i64::try_from(check.cost).unwrap_or(i64::MAX);
+                let used = store
+                    .adjust(check.customer, check.meter, check.period, -cost)
+                    .await
+                    .unwrap_or(total);
+                Verdict::OverQuota { used }
+            }
+            _ => Verdict::Granted { used: total },
+        },
+        Verdict::OverQuota { .. } => Verdict::OverQuota { used: total },
+        v => v,
+    }
 }
 
 /// Shadow mode: counts and logs the denial that was not enforced; returns its decision (for the

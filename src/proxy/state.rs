@@ -69,6 +69,10 @@ pub struct Shared {
     pub store: Arc<dyn QuotaStore>,
     /// Where fail-open plans count while `store` is unreachable (the same store when embedded).
     pub fallback: Arc<MemoryStore>,
+    /// No Redis: `store` is the in-process store itself and never fails over.
+    pub embedded: bool,
+    /// What a capped quota's fail-open fallback may grant (last seen counters, instances).
+    pub fail_open: Arc<crate::quota::fail_open::FailOpen>,
     pub usage: UsageSink,
     pub metrics: Arc<Metrics>,
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).

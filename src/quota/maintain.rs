@@ -6,6 +6,7 @@
 //! Runs on the control runtime. Must not touch: reservations in flight (it only adds what the
 //! fallback already granted).
 
+use super::fail_open::FailOpen;
 use super::memory::MemoryStore;
 use super::QuotaStore;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(
     local: Arc<MemoryStore>,
     redis: Option<Arc<dyn QuotaStore>>,
+    fail_open: Arc<FailOpen>,
     also_sweep: impl Fn() + Send,
     cancel: CancellationToken,
 ) {
@@ -30,23 +32,28 @@ pub async fn run(
         ticks += 1;
         if let Some(redis) = &redis {
             if !local.is_empty() && redis.ping().await.is_ok() {
-                fold(&local, redis.as_ref()).await;
+                fold(&local, redis.as_ref(), &fail_open).await;
             }
         }
         if ticks.is_multiple_of(60) {
-            local.sweep(chrono::Utc::now().timestamp());
+            let now = chrono::Utc::now().timestamp();
+            local.sweep(now);
+            fail_open.sweep(now);
             also_sweep();
         }
     }
 }
 
 /// Moves every local count into Redis; what fails to move stays local for the next round.
-async fn fold(local: &MemoryStore, redis: &dyn QuotaStore) {
+async fn fold(local: &MemoryStore, redis: &dyn QuotaStore, fail_open: &FailOpen) {
     let mut failed = Vec::new();
     let mut folded = 0usize;
     for d in local.drain() {
         match redis.adjust(&d.customer, &d.meter, d.period, d.units).await {
-            Ok(_) => folded += 1,
+            Ok(_) => {
+                fail_open.add(&d.customer, &d.meter, d.period, d.units);
+                folded += 1;
+            }
             Err(_) => failed.push(d),
         }
     }

@@ -149,6 +149,14 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.counters.is_empty()
     }
+
+    /// Takes one counter out (its units, when it held any).
+    pub fn take(&self, customer: &str, meter: &str, period: Period) -> Option<i64> {
+        self.counters
+            .remove(&key(customer, meter, period))
+            .map(|(_, c)| c.used)
+            .filter(|u| *u != 0)
+    }
 }
 
 fn clamp(v: i64) -> u64 {

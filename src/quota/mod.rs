@@ -8,6 +8,7 @@
 //! Must not touch: plans or entitlements (callers pass plain numbers and quotas), HTTP, the
 //! ledger.
 
+pub mod fail_open;
 pub(crate) mod maintain;
 pub(crate) mod memory;
 pub(crate) mod redis;
@@ -133,6 +134,25 @@ pub trait QuotaStore: Send + Sync + 'static {
 pub trait CounterSeed: Send + Sync + 'static {
     /// Units recorded for `customer` and `meter` in `period`.
     async fn units(&self, customer: &str, meter: &str, period: Period) -> Result<u64, String>;
+}
+
+/// The seed of a Redis that lost a counter: the ledger's units, which already hold (as rows) what
+/// the fail-open fallback granted meanwhile, so those local counts are dropped instead of being
+/// folded on top.
+pub struct SeedAfterLoss {
+    pub ledger: std::sync::Arc<dyn CounterSeed>,
+    pub fallback: std::sync::Arc<memory::MemoryStore>,
+}
+
+#[async_trait]
+impl CounterSeed for SeedAfterLoss {
+    async fn units(&self, customer: &str, meter: &str, period: Period) -> Result<u64, String> {
+        let units = self.ledger.units(customer, meter, period).await?;
+        if let Some(local) = self.fallback.take(customer, meter, period) {
+            tracing::info!(%customer, %meter, local, "counter rebuilt from the ledger; dropped the fail-open count it already holds");
+        }
+        Ok(units)
+    }
 }
 
 /// How long a reservation waits for its seed before it goes ahead without one (logged).

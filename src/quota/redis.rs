@@ -12,6 +12,13 @@
 //! their period ends. Every call has a deadline (`redis_timeout`): a hang is an outage, and the
 //! caller applies the plan's fail mode.
 //!
+//! A reservation whose caller stopped waiting must not count later: a job still queued when its
+//! caller gave up is never sent; a batch that answers after a caller gave up has that caller's
+//! charge refunded; a batch that did not answer in time (Redis paused, the connection lost) is
+//! cancelled by `cancel.lua` with its own key, which refunds what it granted if it ran, or stops
+//! it from running when it arrives later. So a request answered from the fail-open fallback, or
+//! refused 503 on a fail-closed plan, is never also charged in Redis.
+//!
 //! The connection is created lazily on first use: redis-rs's `ConnectionManager` spawns its
 //! driver task on the runtime it is created on, which must be the runtime that uses it.
 
@@ -27,6 +34,13 @@ use tokio::sync::{mpsc, oneshot, OnceCell};
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("adjust.lua")));
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("cancel.lua")));
+
+/// How long a batch's key lives (milliseconds): the window in which a late batch is still
+/// recognised and cancelled. A cancel is retried for most of it. A cancel normally runs right
+/// after the batch (the same connection keeps their order), so the key only has to outlive a
+/// cancel's retries; short, because every batch writes one.
+const BATCH_KEY_TTL_MS: i64 = 30_000;
 
 /// Counters outlive their period by a day so late refunds and reports still find them.
 const EXPIRY_SLACK_SECS: i64 = 86_400;
@@ -154,9 +168,14 @@ impl RedisStore {
                             .set_response_timeout(Some(self.timeout))
                             .set_number_of_retries(1)
                             .set_pipeline_buffer_size(4096);
-                        ConnectionManager::new_with_config(client.clone(), cfg)
-                            .await
-                            .map(Conn::Single)
+                        let mut conn =
+                            ConnectionManager::new_with_config(client.clone(), cfg).await?;
+                        // A cancel is sent while Redis hangs and must run as soon as it is
+                        // back: with its script unknown it would only get NOSCRIPT then.
+                        for script in [&*RESERVE, &*ADJUST, &*CANCEL] {
+                            script.load_async(&mut conn).await?;
+                        }
+                        Ok(Conn::Single(conn))
                     }
                     Target::Cluster(client) => {
                         client.get_async_connection().await.map(Conn::Cluster)
@@ -250,7 +269,12 @@ impl RedisStore {
                     .batcher
                     .get_or_init(|| async {
                         let (tx, rx) = mpsc::channel(4096);
-                        tokio::spawn(batch_reservations(conn.clone(), rx, self.timeout));
+                        tokio::spawn(batch_reservations(
+                            conn.clone(),
+                            rx,
+                            self.timeout,
+                            self.prefix.clone(),
+                        ));
                         tx
                     })
                     .await;
@@ -271,12 +295,25 @@ impl RedisStore {
                 }
             }
             Conn::Cluster(_) => {
+                // One request per call; its batch key shares the customer's slot.
+                let mut bk = self.tag(c.customer);
+                bk.push_str(":b:");
+                bk.push_str(&uuid::Uuid::now_v7().simple().to_string());
                 let mut inv = RESERVE.prepare_invoke();
-                inv.key(&keys[0]).key(&keys[1]);
+                inv.key(&keys[0]).key(&keys[1]).key(&bk);
                 for a in args {
                     inv.arg(a);
                 }
-                let v: Vec<i64> = self.with_deadline(conn.invoke(&inv)).await?;
+                inv.arg(BATCH_KEY_TTL_MS);
+                let v: Vec<i64> = match self.with_deadline(conn.invoke(&inv)).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if may_run_late(&e) {
+                            spawn_cancel(conn.clone(), bk, vec![keys[0].clone()], vec![args[0]]);
+                        }
+                        return Err(e);
+                    }
+                };
                 match v.as_slice() {
                     [code, value] => (*code, *value),
                     other => {
@@ -354,20 +391,105 @@ impl QuotaStore for RedisStore {
     }
 }
 
+/// A failed call that Redis may still execute (or may have executed): it timed out, or the
+/// connection broke. A script error or a malformed answer means it ran to its end or not at all.
+fn may_run_late(e: &QuotaError) -> bool {
+    match e {
+        QuotaError::Timeout => true,
+        QuotaError::Redis(e) => e.is_io_error() || e.is_timeout() || e.is_connection_dropped(),
+        _ => false,
+    }
+}
+
+/// Cancels a batch nobody waits for any more (`cancel.lua`), retrying while Redis is down, for
+/// most of the batch key's lifetime.
+fn spawn_cancel(mut conn: Conn, batch_key: String, counters: Vec<String>, costs: Vec<i64>) {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let give_up = Duration::from_millis(BATCH_KEY_TTL_MS as u64 * 4 / 5);
+        let mut failures = 0;
+        loop {
+            let mut inv = CANCEL.prepare_invoke();
+            inv.key(&batch_key);
+            for k in &counters {
+                inv.key(k);
+            }
+            inv.arg(BATCH_KEY_TTL_MS);
+            for c in &costs {
+                inv.arg(*c);
+            }
+            match tokio::time::timeout(Duration::from_secs(5), conn.invoke::<i64>(&inv)).await {
+                Ok(Ok(refunded)) => {
+                    if refunded > 0 {
+                        tracing::info!(refunded, "a reservation batch ran after its callers stopped waiting; its charges were refunded");
+                    }
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cancelling a timed-out reservation batch")
+                }
+                Err(_) => tracing::debug!("cancelling a timed-out reservation batch: no answer"),
+            }
+            failures += 1;
+            if started.elapsed() > give_up {
+                tracing::warn!(batch = %batch_key, "could not cancel a timed-out reservation batch; if it ran, its charges stay counted");
+                return;
+            }
+            let wait =
+                crate::backoff::wait(Duration::from_millis(100), failures, Duration::from_secs(5));
+            tokio::time::sleep(wait).await;
+        }
+    });
+}
+
+/// Refunds a charge whose caller stopped waiting before the answer came (`adjust.lua`, an
+/// absent counter left alone: the next reservation seeds it from the ledger, which has no row
+/// for this request).
+fn spawn_refund(mut conn: Conn, counter: String, cost: i64, expiry: i64) {
+    tokio::spawn(async move {
+        let mut inv = ADJUST.prepare_invoke();
+        inv.key(&counter).arg(-cost).arg(expiry).arg(1);
+        match tokio::time::timeout(Duration::from_secs(5), conn.invoke::<i64>(&inv)).await {
+            Ok(Ok(_)) => tracing::info!(
+                cost,
+                "refunded a reservation its caller stopped waiting for"
+            ),
+            _ => tracing::warn!(
+                cost,
+                "could not refund a reservation its caller stopped waiting for"
+            ),
+        }
+    });
+}
+
 /// The batcher: sends whatever reservations are waiting (up to [`BATCH_MAX`]) as one `EVALSHA`,
 /// under the store's deadline, and hands each request its answer. Ends when the store is dropped.
-async fn batch_reservations(mut conn: Conn, mut rx: mpsc::Receiver<Job>, timeout: Duration) {
+async fn batch_reservations(
+    mut conn: Conn,
+    mut rx: mpsc::Receiver<Job>,
+    timeout: Duration,
+    prefix: String,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        // A caller that gave up while its job waited here has its answer already (the
+        // fallback's or a 503): the job must never run.
+        batch.retain(|j| !j.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let batch_key = format!("{prefix}:b:{}", uuid::Uuid::now_v7().simple());
         let mut inv = RESERVE.prepare_invoke();
         for job in &batch {
             inv.key(&job.keys[0]).key(&job.keys[1]);
         }
+        inv.key(&batch_key);
         for job in &batch {
             for a in job.args {
                 inv.arg(a);
             }
         }
+        inv.arg(BATCH_KEY_TTL_MS);
         let answer: Result<Vec<i64>, QuotaError> =
             match tokio::time::timeout(timeout, conn.invoke::<Vec<i64>>(&inv)).await {
                 Ok(Ok(v)) if v.len() == 2 * batch.len() => Ok(v),
@@ -382,10 +504,19 @@ async fn batch_reservations(mut conn: Conn, mut rx: mpsc::Receiver<Job>, timeout
         match answer {
             Ok(v) => {
                 for (job, pair) in batch.drain(..).zip(v.chunks_exact(2)) {
-                    let _ = job.reply.send(Ok((pair[0], pair[1])));
+                    let (code, value) = (pair[0], pair[1]);
+                    if job.reply.send(Ok((code, value))).is_err() && code == 0 {
+                        let [counter, _] = job.keys;
+                        spawn_refund(conn.clone(), counter, job.args[0], job.args[2]);
+                    }
                 }
             }
             Err(e) => {
+                if may_run_late(&e) {
+                    let counters = batch.iter().map(|j| j.keys[0].clone()).collect();
+                    let costs = batch.iter().map(|j| j.args[0]).collect();
+                    spawn_cancel(conn.clone(), batch_key, counters, costs);
+                }
                 let shared = e.to_string();
                 let timed_out = matches!(e, QuotaError::Timeout);
                 for job in batch.drain(..) {
@@ -519,6 +650,8 @@ mod tests {
                 .arg(tolerance)
                 .arg(0);
         }
+        inv.key(format!("{}:b:order", s.prefix))
+            .arg(BATCH_KEY_TTL_MS);
         let mut conn = s.conn().await.expect("conn");
         let v: Vec<i64> = conn.invoke(&inv).await.expect("batch");
         assert_eq!(&v[..6], &[0, 5, 1, 5, 0, 2]);
@@ -530,6 +663,53 @@ mod tests {
         );
         assert_eq!(s.used("b", "api", P).await.expect("u"), 5);
         assert_eq!(s.used("c", "api", P).await.expect("u"), 2);
+    }
+
+    /// A batch its callers gave up on: cancelled after it ran, what it granted is refunded
+    /// (and a second cancel refunds nothing); cancelled before it ran, it does nothing when it
+    /// arrives.
+    #[tokio::test]
+    async fn redis_cancel_refunds_a_late_batch_or_stops_it() {
+        let s = store();
+        let exp = P.end + EXPIRY_SLACK_SECS;
+        let batch = |bk: &str| {
+            let mut inv = RESERVE.prepare_invoke();
+            for customer in ["x", "y"] {
+                inv.key(s.quota_key(customer, "api", P))
+                    .key(s.rate_key(customer));
+            }
+            inv.key(format!("{}:b:{bk}", s.prefix));
+            for cap in [-1, 0] {
+                inv.arg(3).arg(cap).arg(exp).arg(0).arg(0).arg(0);
+            }
+            inv.arg(BATCH_KEY_TTL_MS);
+            inv
+        };
+        let cancel = |bk: &str| {
+            let mut inv = CANCEL.prepare_invoke();
+            inv.key(format!("{}:b:{bk}", s.prefix))
+                .key(s.quota_key("x", "api", P))
+                .key(s.quota_key("y", "api", P))
+                .arg(BATCH_KEY_TTL_MS)
+                .arg(3)
+                .arg(3);
+            inv
+        };
+        let mut conn = s.conn().await.expect("conn");
+        let v: Vec<i64> = conn.invoke(&batch("ran")).await.expect("batch");
+        assert_eq!(v, vec![0, 3, 1, 0], "x granted, y over its cap of 0");
+        assert_eq!(s.used("x", "api", P).await.expect("u"), 3);
+        let refunded: i64 = conn.invoke(&cancel("ran")).await.expect("cancel");
+        assert_eq!(refunded, 1);
+        assert_eq!(s.used("x", "api", P).await.expect("u"), 0);
+        let again: i64 = conn.invoke(&cancel("ran")).await.expect("cancel");
+        assert_eq!(again, 0);
+
+        let none: i64 = conn.invoke(&cancel("late")).await.expect("cancel");
+        assert_eq!(none, 0);
+        let v: Vec<i64> = conn.invoke(&batch("late")).await.expect("batch");
+        assert_eq!(v, vec![4], "a cancelled batch does nothing");
+        assert_eq!(s.used("x", "api", P).await.expect("u"), 0);
     }
 
     /// The ledger says 7 units were used: a counter Redis does not hold starts from there

@@ -6,14 +6,23 @@
 -- ARGV[6i-2] rate emission interval in microseconds (0 = no rate limit),
 -- ARGV[6i-1] rate tolerance in microseconds (interval * burst),
 -- ARGV[6i] 1 = report an absent counter instead of starting it from 0 (the caller seeds it).
+-- The last key is the batch's own: the call records there which requests it granted (for
+-- `cancel.lua`, when the caller stopped waiting), and does nothing if that key already exists
+-- (a cancel came first). ARGV[#ARGV] is its lifetime in milliseconds.
 -- Requests are decided one after the other, each exactly as if it came alone, so a batch changes
 -- nothing about exactness. Returns {code_1, value_1, code_2, value_2, ...}, per request:
 -- {0, used_after} granted, {1, used} over quota, {2, retry_after_us} rate limited,
--- {3, 0} the counter is absent (only when asked): nothing was charged.
+-- {3, 0} the counter is absent (only when asked): nothing was charged;
+-- or {4} for the whole batch: it was cancelled before it ran.
 -- Nothing is written for a request unless it is granted: a rate-limited or refused call is free.
+local bk = KEYS[#KEYS]
+if redis.call('EXISTS', bk) == 1 then
+  return {4}
+end
 local out = {}
+local granted = {}
 local now
-for i = 1, #KEYS / 2 do
+for i = 1, (#KEYS - 1) / 2 do
   local qk, rk, b = KEYS[2 * i - 1], KEYS[2 * i], 6 * (i - 1)
   local cost = tonumber(ARGV[b + 1])
   local cap = tonumber(ARGV[b + 2])
@@ -57,5 +66,7 @@ for i = 1, #KEYS / 2 do
   end
   out[2 * i - 1] = code
   out[2 * i] = value
+  granted[i] = code == 0 and '1' or '0'
 end
+redis.call('SET', bk, table.concat(granted), 'PX', ARGV[#ARGV])
 return out

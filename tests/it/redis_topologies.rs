@@ -79,6 +79,12 @@ async fn quotas_are_exact_on_redis_cluster() {
         12 * 2,
         "a quota counter and a rate key per customer: {per_node:?}"
     );
+    // Each reservation also leaves its batch key (for cancelling it if it ran late): short-lived.
+    let ttl = cluster.longest_batch_key_ttl().await;
+    assert!(
+        (0..=30_000).contains(&ttl),
+        "batch keys expire within 30 s: {ttl} ms"
+    );
     assert!(
         per_node.iter().filter(|n| **n > 0).count() >= 2,
         "customers spread over nodes: {per_node:?}"
@@ -172,4 +178,179 @@ async fn counters_lost_by_redis_are_rebuilt_from_the_ledger() {
     assert_eq!(redis.get(&key("part")).await, Some(5));
     assert_eq!(tg.wait_ledger("part", 5).await, (5, 5));
     assert_eq!(up.hits(), 10);
+}
+
+/// A private Redis, and tollgate on it with a 200 ms deadline and the free plan (5 units,
+/// `deny`, fail-open) allowed half of what is left while Redis is down.
+async fn outage_setup() -> (PrivateRedis, Upstream, Tollgate) {
+    let redis = PrivateRedis::start().await;
+    let up = Upstream::start().await;
+    let url = redis.url();
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Shared, None, |c| {
+        c.storage.redis_url = Some(url);
+        c.storage.redis_timeout = Duration::from_millis(200);
+        c.plans.get_mut("free").unwrap().fail_open_allowance =
+            tollgate::quota::fail_open::Allowance::PerMille(500);
+    })
+    .await;
+    (redis, up, tg)
+}
+
+/// Calls `/signals` for `customer` from two clients for `during`; how many were served.
+async fn hammer(tg: &Tollgate, customer: &str, during: Duration) -> usize {
+    let until = Instant::now() + during;
+    let lanes = (0..2).map(|_| async {
+        let mut served = 0;
+        while Instant::now() < until {
+            if tg.get("/signals", Some(customer)).await.status() == 200 {
+                served += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        served
+    });
+    futures_util::future::join_all(lanes)
+        .await
+        .into_iter()
+        .sum()
+}
+
+/// How Redis goes away under load.
+enum Outage {
+    /// `CLIENT PAUSE 3000 ALL`: Redis hangs for 3 s, then runs what waited.
+    Pause,
+    /// SIGKILL, 16 s down, restarted empty.
+    Kill,
+}
+
+/// "ex" used its 5 calls, "part" 1 of 5 (4 left, so half is 2); both are called under load
+/// through the outage. Then: ex got nothing, part at most 2, and once Redis answers again each
+/// counter equals the ledger.
+async fn outage_gives_nothing_away(outage: Outage) {
+    let (mut redis, _up, tg) = outage_setup().await;
+    for _ in 0..5 {
+        assert_eq!(tg.get("/signals", Some("ex")).await.status(), 200);
+    }
+    assert_eq!(tg.get("/signals", Some("ex")).await.status(), 429);
+    assert_eq!(tg.get("/signals", Some("part")).await.status(), 200);
+
+    let (ex, part) = match outage {
+        Outage::Pause => {
+            redis.pause(3000).await;
+            // Ends before the pause does: what is served after it is not an outage call.
+            let during = Duration::from_millis(2800);
+            tokio::join!(hammer(&tg, "ex", during), hammer(&tg, "part", during))
+        }
+        Outage::Kill => {
+            redis.kill();
+            let during = Duration::from_secs(16);
+            let served = tokio::join!(hammer(&tg, "ex", during), hammer(&tg, "part", during));
+            redis.restart().await;
+            served
+        }
+    };
+    assert_eq!(
+        ex, 0,
+        "an exhausted customer gets no call while Redis is out"
+    );
+    assert!(
+        part <= 2,
+        "part got {part} calls, more than half of its 4 left"
+    );
+
+    // Redis answers again: the fallback's counts are folded, late reservations cancelled, a
+    // lost counter rebuilt from the ledger (by the next reservation, once the ledger has every
+    // row).
+    assert_eq!(tg.wait_ledger("ex", 5).await, (5, 5));
+    let part_rows = 1 + part as i64;
+    assert_eq!(
+        tg.wait_ledger("part", part_rows).await,
+        (part_rows, part_rows)
+    );
+    let key = |customer: &str| {
+        let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+        format!("{}:{{{customer}}}:q:api_calls:{}", tg.prefix, period.start)
+    };
+    // part spends what is left: exactly up to the cap, so nothing was counted twice or lost.
+    let mut extra = 0;
+    let back = Instant::now();
+    loop {
+        match tg.get("/signals", Some("part")).await.status().as_u16() {
+            200 => extra += 1,
+            429 => break,
+            s => assert!(
+                back.elapsed() < Duration::from_secs(15),
+                "part: {s} for 15 s"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        1 + part + extra,
+        5,
+        "part: {part} calls in the outage, {extra} after"
+    );
+    assert_eq!(tg.get("/signals", Some("ex")).await.status(), 429);
+    assert_eq!(tg.wait_ledger("part", 5).await, (5, 5));
+    let back = Instant::now();
+    loop {
+        let (ex_redis, part_redis) = (redis.get(&key("ex")).await, redis.get(&key("part")).await);
+        if ex_redis == Some(5) && part_redis == Some(5) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "counters never matched the ledger's 5: ex {ex_redis:?}, part {part_redis:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still equal a moment later (no late charge arrives).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(redis.get(&key("part")).await, Some(5));
+    assert_eq!(redis.get(&key("ex")).await, Some(5));
+    assert_eq!(tg.ledger_usage("ex").await, (5, 5));
+    assert_eq!(tg.ledger_usage("part").await, (5, 5));
+}
+
+/// Redis hangs for 3 s under load: every reservation times out and falls back; those Redis runs
+/// late, after the pause, are cancelled (nothing counts twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_under_load_gives_nothing_away() {
+    outage_gives_nothing_away(Outage::Pause).await;
+}
+
+/// Redis is killed for 16 s under load and comes back empty: the fallback grants nothing to the
+/// exhausted customer, and the counters are rebuilt from the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_gives_nothing_away() {
+    outage_gives_nothing_away(Outage::Kill).await;
+}
+
+/// A fail-closed plan while Redis hangs: each call is refused 503, and the reservations Redis
+/// runs after the pause are cancelled, so the refused calls consume no quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_during_a_pause_consumes_nothing() {
+    let (redis, _up, tg) = outage_setup().await;
+    tg.put_customer("shut", serde_json::json!({"plan": "closed"}))
+        .await;
+    assert_eq!(tg.get("/signals", Some("shut")).await.status(), 200);
+    redis.pause(1500).await;
+    for _ in 0..4 {
+        let (status, ty, _) = problem(tg.get("/signals", Some("shut")).await).await;
+        assert_eq!(
+            (status, ty.as_str()),
+            (503, "urn:tollgate:problem:quota-store-unavailable")
+        );
+    }
+    let key = {
+        let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+        format!("{}:{{shut}}:q:api_calls:{}", tg.prefix, period.start)
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        redis.get(&key).await,
+        Some(1),
+        "the four refused calls were not charged"
+    );
+    assert_eq!(tg.wait_ledger("shut", 1).await, (1, 1));
 }

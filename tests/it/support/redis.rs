@@ -65,6 +65,27 @@ impl PrivateRedis {
         }
     }
 
+    /// Kills the server (SIGKILL): an outage that loses every key (nothing is persisted).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// `CLIENT PAUSE {ms} ALL`: every client's commands wait (a Redis that hangs, then recovers).
+    pub async fn pause(&self, ms: u64) {
+        let c = redis::Client::open(self.url()).unwrap();
+        let mut conn = c.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("ALL")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     pub async fn get(&self, key: &str) -> Option<i64> {
         redis_get(&self.url(), key).await
     }
@@ -173,13 +194,30 @@ impl PrivateCluster {
             .join(",")
     }
 
-    /// Keys held by each node.
+    /// Keys held by each node, not counting reservation batch keys (`…:b:…`, which expire).
     pub async fn keys_per_node(&self) -> Vec<i64> {
         let mut v = Vec::new();
         for p in &self.ports {
-            v.push(node_cmd(*p, &redis::cmd("DBSIZE")).await);
+            let keys: Vec<String> = node_cmd(*p, redis::cmd("KEYS").arg("*")).await;
+            v.push(keys.iter().filter(|k| !k.contains(":b:")).count() as i64);
         }
         v
+    }
+
+    /// The longest time to live (ms) of any reservation batch key; `-1` when one never expires.
+    pub async fn longest_batch_key_ttl(&self) -> i64 {
+        let mut longest = 0;
+        for p in &self.ports {
+            let keys: Vec<String> = node_cmd(*p, redis::cmd("KEYS").arg("*")).await;
+            for k in keys.iter().filter(|k| k.contains(":b:")) {
+                let ttl: i64 = node_cmd(*p, redis::cmd("PTTL").arg(k)).await;
+                if ttl < 0 {
+                    return ttl;
+                }
+                longest = longest.max(ttl);
+            }
+        }
+        longest
     }
 }
 
