@@ -161,6 +161,9 @@ pub struct Route {
     pub case_sensitive: bool,
     /// `trailing_slash = "ignore"`: a path that differs only in a trailing `/` matches.
     pub ignore_trailing_slash: bool,
+    /// `upgrade = "websocket"`: a WebSocket upgrade is forwarded (and charged as a call); any
+    /// other upgrade, and every upgrade on a route without it, is refused.
+    pub websocket: bool,
     pub auth: RouteAuth,
     /// Shadow mode: plan decisions on this route (feature gate, rate limit, quota) are
     /// computed, logged and counted, but the request is forwarded and charged anyway.

@@ -151,6 +151,7 @@ pub struct RawRoute {
     pub charge: Option<String>,
     pub case_sensitive: Option<bool>,
     pub trailing_slash: Option<String>,
+    pub upgrade: Option<String>,
     pub auth: Option<String>,
     pub shadow: Option<bool>,
 }

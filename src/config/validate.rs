@@ -569,6 +569,17 @@ impl Validator {
                     Charge::Success
                 }
             };
+            let websocket = match r.upgrade.as_deref() {
+                None => false,
+                Some("websocket") => true,
+                Some(o) => {
+                    self.err(
+                        format!("{key}.upgrade"),
+                        format!("the only upgrade tollgate forwards is \"websocket\", got {o:?}"),
+                    );
+                    false
+                }
+            };
             let ignore_trailing_slash = match r.trailing_slash.as_deref() {
                 None | Some("exact") => false,
                 Some("ignore") => true,
@@ -590,6 +601,7 @@ impl Validator {
                 feature: r.feature.clone(),
                 cost_from_response_header,
                 charge,
+                websocket,
                 case_sensitive: r.case_sensitive.unwrap_or(true),
                 ignore_trailing_slash,
                 auth,

@@ -141,6 +141,18 @@ impl ProxyHttp for Proxy {
             Found::NearMiss(i) => Some(&snap.config.routes[i]),
             Found::None => None,
         };
+        // A protocol switch turns the connection into a tunnel the proxy no longer sees
+        // requests in (`Upgrade: h2c` smuggles HTTP/2 requests to any path): only a WebSocket
+        // upgrade, only on a route that asks for it.
+        if let Some(upgrade) = req.headers.get(http::header::UPGRADE) {
+            let allowed = ctx.route(&snap).is_some_and(|r| {
+                r.websocket && upgrade.as_bytes().eq_ignore_ascii_case(b"websocket")
+            });
+            if !allowed {
+                session.set_keepalive(None);
+                return self.deny(session, ctx, Denial::UpgradeNotAllowed).await;
+            }
+        }
         let Some(route) = ctx.route(&snap) else {
             return match &snap.config.proxy.unmatched {
                 Unmatched::Deny => self.deny(session, ctx, Denial::NoRoute).await,

@@ -52,6 +52,8 @@ pub enum Denial {
     InvalidPath {
         detail: &'static str,
     },
+    /// An `Upgrade` the route does not allow (a tunnel would carry requests past metering).
+    UpgradeNotAllowed,
 }
 
 /// Decision labels for metrics and access logs: bounded, stable.
@@ -74,10 +76,11 @@ pub enum Decision {
     /// the client only half-closed and still reads.
     ClientClosed,
     InvalidPath,
+    UpgradeNotAllowed,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 14] = [
+    pub const ALL: [Decision; 15] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -92,6 +95,7 @@ impl Decision {
         Decision::HeaderTooLarge,
         Decision::ClientClosed,
         Decision::InvalidPath,
+        Decision::UpgradeNotAllowed,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -111,6 +115,7 @@ impl Decision {
             Decision::HeaderTooLarge => "request-header-too-large",
             Decision::ClientClosed => "client-closed",
             Decision::InvalidPath => "invalid-path",
+            Decision::UpgradeNotAllowed => "upgrade-not-allowed",
         }
     }
 
@@ -211,12 +216,13 @@ impl Denial {
             Denial::UpstreamUnavailable => Decision::UpstreamUnavailable,
             Denial::HeaderTooLarge { .. } => Decision::HeaderTooLarge,
             Denial::InvalidPath { .. } => Decision::InvalidPath,
+            Denial::UpgradeNotAllowed => Decision::UpgradeNotAllowed,
         }
     }
 
     pub fn status(&self) -> u16 {
         match self {
-            Denial::InvalidPath { .. } => 400,
+            Denial::InvalidPath { .. } | Denial::UpgradeNotAllowed => 400,
             Denial::InvalidToken { .. } => 401,
             Denial::PaymentRequired { .. } => 402,
             Denial::FeatureNotInPlan { .. } | Denial::Suspended => 403,
@@ -241,6 +247,7 @@ impl Denial {
             Denial::UpstreamUnavailable => "Upstream unavailable",
             Denial::HeaderTooLarge { .. } => "Request header fields too large",
             Denial::InvalidPath { .. } => "Invalid request path",
+            Denial::UpgradeNotAllowed => "Upgrade not allowed",
         }
     }
 
@@ -328,6 +335,9 @@ impl Denial {
                 p.detail = format!("request header fields exceed {limit} bytes");
             }
             Denial::InvalidPath { detail } => p.detail = (*detail).to_string(),
+            Denial::UpgradeNotAllowed => {
+                p.detail = "this route does not accept a protocol upgrade (only routes with upgrade = \"websocket\" accept a WebSocket upgrade)".into()
+            }
         }
         let body = serde_json::to_vec(&p).unwrap_or_default();
         headers.push(("content-length", body.len().to_string()));

@@ -646,3 +646,55 @@ async fn ledger_row_is_stamped_when_the_call_was_charged() {
         "row stamped {after_send} ms after the call was sent"
     );
 }
+
+/// Sends one raw request (`Connection: close`), returns the whole answer as text.
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+both!(
+    /// A protocol upgrade would turn the connection into a tunnel the proxy sees no requests in
+    /// (`Upgrade: h2c` smuggles HTTP/2 requests to any path, unmetered): refused 400
+    /// `upgrade-not-allowed` on every route, public ones too, and the connection closed; only a
+    /// route with `upgrade = "websocket"` forwards a WebSocket upgrade, charged as a call.
+    upgrades_are_refused_unless_the_route_allows_websocket,
+    |b| {
+        let up = Upstream::start().await;
+        let toml = base_config(up.addr)
+            + r#"
+[[routes]]
+name = "ws"
+match = "GET /ws"
+upstream = "api"
+upgrade = "websocket"
+"#;
+        let tg = Tollgate::start(&toml, b).await;
+        let tok = token("up");
+        let ask = |path: &str, upgrade: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {tok}\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nGET /export/pdf HTTP/1.1\r\nHost: api.test\r\n\r\n"
+            )
+        };
+        for (path, upgrade) in [("/signals", "h2c"), ("/public", "websocket"), ("/nowhere", "websocket"), ("/ws", "h2c")] {
+            let answer = raw_exchange(tg.proxy, &ask(path, upgrade)).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{path} {upgrade}: {answer}");
+            assert!(answer.contains("urn:tollgate:problem:upgrade-not-allowed"), "{answer}");
+            assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer, then closed: {answer}");
+        }
+        assert_eq!(up.hits(), 0, "nothing refused reached the upstream");
+        let answer = raw_exchange(tg.proxy, &ask("/ws", "websocket").replace("Connection: Upgrade", "Connection: Upgrade, close")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let seen = up.last().unwrap();
+        assert_eq!(seen.path, "/ws");
+        assert_eq!(seen.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(tg.wait_ledger("up", 1).await, (1, 1));
+    }
+);
