@@ -307,6 +307,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         ledger,
         store: admin_store,
         token: admin_token(&config),
+        metrics: metrics_access(&config),
         entitlements,
         stripe,
         live,
@@ -421,6 +422,21 @@ fn admin_token(config: &Config) -> Option<Arc<secrecy::SecretString>> {
         tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
     }
     token
+}
+
+/// Who may read `/metrics`: anyone without `admin.metrics_token_env`; with it, its token (or the
+/// admin token), and only the admin token while that env var is empty (logged).
+fn metrics_access(config: &Config) -> admin::MetricsAccess {
+    let Some(env) = &config.admin.metrics_token_env else {
+        return admin::MetricsAccess::Open;
+    };
+    match std::env::var(env).ok().filter(|t| !t.is_empty()) {
+        Some(t) => admin::MetricsAccess::Token(Arc::new(t.into())),
+        None => {
+            tracing::warn!(%env, "metrics token not set: /metrics takes the admin token only");
+            admin::MetricsAccess::AdminOnly
+        }
+    }
 }
 
 /// The threshold-alert queue and worker, when `[alerts]` is configured and its secret is set

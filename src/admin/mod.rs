@@ -44,6 +44,8 @@ pub struct AdminState {
     /// `None` when the token env var is unset: every `/admin` call is then refused. Shared, so
     /// cloning the state per request does not copy the secret.
     pub token: Option<Arc<SecretString>>,
+    /// Who may read `/metrics`.
+    pub metrics: MetricsAccess,
     /// The one entitlement writer (ledger → cache → audit → broadcast).
     pub entitlements: Arc<EntitlementSync>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
@@ -79,22 +81,49 @@ pub fn app(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Who may read `/metrics` (`admin.metrics_token_env`).
+#[derive(Clone)]
+pub enum MetricsAccess {
+    /// No token configured: anyone who reaches the listener.
+    Open,
+    /// The metrics token or the admin token.
+    Token(Arc<SecretString>),
+    /// A token is configured but its env var is empty: only the admin token.
+    AdminOnly,
+}
+
 /// Every `/admin/…` route takes the admin bearer token, checked here once for all of them, so a
-/// handler cannot forget it. `/healthz`, `/readyz`, `/metrics` and `/webhooks/stripe` (its
-/// signature is its credential) are open; unknown paths are 404 either way.
+/// handler cannot forget it; `/metrics` takes the metrics token (or the admin token) when one is
+/// configured. `/healthz`, `/readyz` and `/webhooks/stripe` (its signature is its credential)
+/// are open; unknown paths are 404 either way.
 async fn require_token(
     State(s): State<AdminState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.uri().path().starts_with("/admin/") && !authorized(&s, req.headers()) {
+    if !allowed(&s, req.uri().path(), req.headers()) {
         return AdminError::Unauthorized.into_response();
     }
     next.run(req).await
 }
 
-/// `Authorization: Bearer {token}` matches the admin token (compared in constant time).
-fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
+fn allowed(s: &AdminState, path: &str, headers: &HeaderMap) -> bool {
+    let admin_ok = || matches_token(s.token.as_deref(), headers);
+    if path.starts_with("/admin/") {
+        admin_ok()
+    } else if path == "/metrics" {
+        match &s.metrics {
+            MetricsAccess::Open => true,
+            MetricsAccess::Token(t) => matches_token(Some(t), headers) || admin_ok(),
+            MetricsAccess::AdminOnly => admin_ok(),
+        }
+    } else {
+        true
+    }
+}
+
+/// `Authorization: Bearer {token}` matches `token` (compared in constant time).
+fn matches_token(token: Option<&SecretString>, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -102,7 +131,7 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
-    match (&state.token, presented) {
+    match (token, presented) {
         (Some(t), Some(p)) => t
             .expose_secret()
             .as_bytes()

@@ -62,7 +62,7 @@ const SECURITY_SCHEME: &str = "admin_token";
     components(schemas(Problem)),
     modifiers(&AdminAuth),
     tags(
-        (name = "health", description = "liveness, readiness, Prometheus metrics (no token)"),
+        (name = "health", description = "liveness, readiness (no token), Prometheus metrics (the metrics token when admin.metrics_token_env is set)"),
         (name = "config", description = "live config: versions, changes, rollback, audit log"),
         (name = "customers", description = "entitlements, usage this period, suspension, credits"),
         (name = "usage", description = "usage reports from the ledger"),

@@ -65,6 +65,8 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Env var holding the admin bearer token.
     pub token_env: String,
+    /// Env var holding the bearer token `/metrics` requires; `None`: `/metrics` is open.
+    pub metrics_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -335,6 +337,7 @@ impl Config {
     /// Names of env vars the config needs that are not set (check-config warns, serve fails later).
     pub fn missing_env(&self) -> Vec<String> {
         let mut names: Vec<&String> = vec![&self.admin.token_env];
+        names.extend(self.admin.metrics_token_env.iter());
         names.extend(self.auth.secret_env.iter());
         if let Some(s) = &self.stripe {
             names.push(&s.webhook_secrets_env);

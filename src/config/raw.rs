@@ -54,6 +54,7 @@ pub struct RawProxy {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_env: Option<String>,
+    pub metrics_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

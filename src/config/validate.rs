@@ -206,6 +206,7 @@ impl Validator {
                 .token_env
                 .clone()
                 .unwrap_or_else(|| "TOLLGATE_ADMIN_TOKEN".into()),
+            metrics_token_env: raw.admin.metrics_token_env.clone(),
         };
         let s = &raw.storage;
         let redis_cluster = s.redis_cluster.unwrap_or(false);

@@ -281,3 +281,71 @@ both!(
         assert_eq!(tg.put_customer(&ok, json!({"plan": "pro"})).await.status(), 200);
     }
 );
+
+/// With `admin.metrics_token_env`, `/metrics` takes that token (or the admin token), and the
+/// metrics token opens nothing else; health stays open for load balancers. Named but unset, the
+/// env var leaves `/metrics` to the admin token only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_behind_their_own_token() {
+    let up = Upstream::start().await;
+    let get = |tg: &Tollgate, path: &str, token: Option<&str>| {
+        let mut r = tg.client.get(tg.admin_url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Embedded, None, |c| {
+        c.admin.metrics_token_env = Some("TOLLGATE_TEST_METRICS_TOKEN".into());
+    })
+    .await;
+    let metrics_token = "tollgate-test-metrics-token";
+    let (status, ty, _) = problem(get(&tg, "/metrics", None).await.unwrap()).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (401, "urn:tollgate:problem:admin-unauthorized")
+    );
+    assert_eq!(
+        get(&tg, "/metrics", Some("wrong")).await.unwrap().status(),
+        401
+    );
+    let r = get(&tg, "/metrics", Some(metrics_token)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("tollgate_requests_total"));
+    assert_eq!(
+        get(&tg, "/metrics", Some(ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(&tg, "/admin/customers/x", Some(metrics_token))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(get(&tg, "/readyz", None).await.unwrap().status(), 200);
+    assert_eq!(get(&tg, "/healthz", None).await.unwrap().status(), 200);
+
+    let unset = Tollgate::start_with(&base_config(up.addr), Backend::Embedded, None, |c| {
+        c.admin.metrics_token_env = Some("TOLLGATE_TEST_METRICS_TOKEN_UNSET".into());
+    })
+    .await;
+    assert_eq!(get(&unset, "/metrics", None).await.unwrap().status(), 401);
+    assert_eq!(
+        get(&unset, "/metrics", Some(metrics_token))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        get(&unset, "/metrics", Some(ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
