@@ -58,6 +58,8 @@ pub enum Stop {
 pub struct Ready {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The webhook listener, when `stripe.webhook_listen` is set.
+    pub webhooks: Option<SocketAddr>,
 }
 
 pub struct Options {
@@ -302,6 +304,18 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     );
 
     let admin_addr = admin_listener.local_addr()?;
+    let webhook_listener = match config.stripe.as_ref().and_then(|s| s.webhook_listen) {
+        Some(addr) => Some(
+            control
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("stripe.webhook_listen: cannot bind {addr}"))?,
+        ),
+        None => None,
+    };
+    let webhooks_addr = match &webhook_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let admin_state = AdminState {
         shared: shared.clone(),
         ledger,
@@ -312,6 +326,19 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         stripe,
         live,
     };
+    if let Some(listener) = webhook_listener {
+        let (app, stop) = (admin::webhook_app(admin_state.clone()), cancel.clone());
+        tasks.spawn_on(
+            async move {
+                let serve =
+                    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "webhook listener failed");
+                }
+            },
+            &rt,
+        );
+    }
     let stop_admin = cancel.clone();
     tasks.spawn_on(
         async move {
@@ -344,6 +371,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         f(Ready {
             proxy: config.proxy.listen,
             admin: admin_addr,
+            webhooks: webhooks_addr,
         });
     }
     let signal: Box<dyn ShutdownSignalWatch + Send + Sync> = match opts.stop {

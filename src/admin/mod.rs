@@ -92,6 +92,17 @@ pub enum MetricsAccess {
     AdminOnly,
 }
 
+/// The webhook listener (`stripe.webhook_listen`): `POST /webhooks/stripe` and nothing else, so
+/// the admin listener need not be reachable from the internet.
+pub fn webhook_app(state: AdminState) -> Router {
+    Router::new()
+        .route("/webhooks/stripe", post(webhook::receive))
+        .layer(axum::middleware::map_response(
+            error::problem_for_plain_errors,
+        ))
+        .with_state(state)
+}
+
 /// Every `/admin/…` route takes the admin bearer token, checked here once for all of them, so a
 /// handler cannot forget it; `/metrics` takes the metrics token (or the admin token) when one is
 /// configured. `/healthz`, `/readyz` and `/webhooks/stripe` (its signature is its credential)

@@ -91,6 +91,9 @@ pub struct StripeSettings {
     /// Env var with the API secret key (not used yet: the reconciler and reporter will).
     pub secret_key_env: String,
     pub api_base: String,
+    /// A listener that serves only `POST /webhooks/stripe`, so the admin listener can stay
+    /// private; `None`: webhooks on the admin listener only.
+    pub webhook_listen: Option<SocketAddr>,
     /// Subscription metadata key whose value is the tollgate customer id.
     pub customer_metadata_key: String,
     /// Stripe price id → plan name (every plan checked to exist).

@@ -104,6 +104,8 @@ pub struct RawStripe {
     /// Env var holding the Stripe API secret key.
     pub secret_key_env: Option<String>,
     pub api_base: Option<String>,
+    /// A listener of its own for `POST /webhooks/stripe` (ip:port).
+    pub webhook_listen: Option<String>,
     /// Subscription metadata key naming the tollgate customer.
     pub customer_metadata_key: Option<String>,
     /// Stripe price id → plan name.

@@ -733,6 +733,10 @@ impl Validator {
                 .clone()
                 .unwrap_or_else(|| "STRIPE_SECRET_KEY".into()),
             api_base: api_base.trim_end_matches('/').to_string(),
+            webhook_listen: s
+                .webhook_listen
+                .as_deref()
+                .map(|v| self.addr("stripe.webhook_listen", Some(v), v)),
             customer_metadata_key: key,
             prices: s.prices.clone(),
         }

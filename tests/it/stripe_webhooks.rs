@@ -551,3 +551,56 @@ both!(
         assert_eq!(rows(&tg).await, (1, 0));
     }
 );
+
+/// `stripe.webhook_listen`: a listener of its own that takes signed webhooks (the event is
+/// applied: the customer's plan follows) and serves nothing else, so the admin listener can stay
+/// private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_their_own_listener() {
+    let up = Upstream::start().await;
+    let toml =
+        config(up.addr).replace("[stripe]\n", "[stripe]\nwebhook_listen = \"127.0.0.1:0\"\n");
+    let tg = Tollgate::start_with(&toml, Backend::Embedded, None, ranks).await;
+    let hooks = tg.webhooks.expect("webhook listener bound");
+    assert_ne!(hooks, tg.admin);
+    let url = |path: &str| format!("http://{hooks}{path}");
+    let body = sub_event(
+        "evt_own_listener",
+        "created",
+        now(),
+        "hook-co",
+        &["price_pro"],
+        "active",
+    );
+    let r = tg
+        .client
+        .post(url("/webhooks/stripe"))
+        .header("content-type", "application/json")
+        .header("stripe-signature", signature(&body, WHSEC, now()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(tg.admin_customer("hook-co").await["plan"], "pro");
+    // Unsigned: refused, as on the admin listener.
+    let r = tg
+        .client
+        .post(url("/webhooks/stripe"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(r).await.0, 400);
+    // Nothing else lives there.
+    for path in ["/metrics", "/readyz", "/admin/customers/hook-co"] {
+        let r = tg
+            .client
+            .get(url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+}

@@ -21,6 +21,8 @@ pub enum Backend {
 pub struct Tollgate {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The webhook listener (`stripe.webhook_listen`), when set.
+    pub webhooks: Option<SocketAddr>,
     pub backend: Backend,
     /// Redis key prefix (Shared backend).
     pub prefix: String,
@@ -94,8 +96,8 @@ impl Tollgate {
         let opts = Options {
             admin_listener: Some(admin_listener),
             stop: Stop::Notify(stop.clone()),
-            on_ready: Some(Box::new(move |_| {
-                ready_tx.send(()).ok();
+            on_ready: Some(Box::new(move |ready| {
+                ready_tx.send(ready.webhooks).ok();
             })),
         };
         let thread = std::thread::spawn(move || server::run(config, opts));
@@ -103,9 +105,10 @@ impl Tollgate {
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
-        let t = Tollgate {
+        let mut t = Tollgate {
             proxy,
             admin,
+            webhooks: None,
             backend,
             prefix,
             schema,
@@ -122,13 +125,15 @@ impl Tollgate {
             tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(30)))
                 .await
                 .unwrap();
-        if started.is_err() {
-            // Stop it first: joining a server that never started and was never told to stop
-            // would hang the test instead of failing it.
-            let mut t = t;
-            t.stop.notify_one();
-            let r = t.thread.take().map(|h| h.join());
-            panic!("tollgate did not start: {r:?}");
+        match started {
+            Ok(webhooks) => t.webhooks = webhooks,
+            Err(_) => {
+                // Stop it first: joining a server that never started and was never told to
+                // stop would hang the test instead of failing it.
+                t.stop.notify_one();
+                let r = t.thread.take().map(|h| h.join());
+                panic!("tollgate did not start: {r:?}");
+            }
         }
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(proxy).await.is_ok() {
