@@ -54,6 +54,7 @@ const SECURITY_SCHEME: &str = "admin_token";
         crate::admin::usage::usage,
         crate::admin::alerts::delivery_log,
         crate::admin::stripe::sync,
+        crate::admin::stripe::unmatched,
         crate::admin::stripe::link,
         crate::admin::stripe::portal_session,
         crate::admin::stripe::resolve_report,

@@ -2,7 +2,8 @@
 //! `POST /admin/stripe/sync` (run the reconciler now, answer what it changed),
 //! `PUT /admin/customers/{id}/stripe` (link a tollgate customer to a Stripe customer) and
 //! `POST /admin/customers/{id}/portal-session` (a Stripe billing portal URL for the customer),
-//! `POST /admin/stripe/reports/{identifier}/resolve` (settle a meter event left `uncertain`).
+//! `POST /admin/stripe/reports/{identifier}/resolve` (settle a meter event left `uncertain`),
+//! `GET /admin/stripe/unmatched` (events that named no known customer).
 //!
 //! Owns: these HTTP shapes. Must not touch: reconciling, linking and its audit row
 //! (`stripe::link`), the Stripe API (`stripe::api`), the error mapping (`admin::error`).
@@ -12,16 +13,18 @@ use crate::admin::extract::{json_body, CustomerId, Intent};
 use crate::admin::{audit, AdminState};
 use crate::stripe::reconcile::SyncReport;
 use crate::stripe::{Control, Linked, StripeWebhook};
-use axum::extract::{Path, State};
-use axum::routing::{post, put};
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use utoipa::ToSchema;
 
 /// The routes, merged into the admin router.
 pub(crate) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/admin/stripe/sync", post(sync))
+        .route("/admin/stripe/unmatched", get(unmatched))
         .route("/admin/customers/{id}/stripe", put(link))
         .route("/admin/customers/{id}/portal-session", post(portal_session))
         .route(
@@ -59,6 +62,82 @@ fn section(s: &AdminState) -> Result<&StripeWebhook, AdminError> {
 )]
 pub(crate) async fn sync(State(s): State<AdminState>) -> Result<Json<SyncReport>, AdminError> {
     Ok(Json(control(&s)?.reconciler.sync().await?))
+}
+
+/// One event that named no known customer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UnmatchedEvent {
+    /// Stripe's event id.
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    /// Stripe's `created` (RFC 3339).
+    created: String,
+    received_at: String,
+    /// The Stripe customer the event's object belongs to, when it names one: link it with
+    /// `PUT /admin/customers/{id}/stripe`, then replay with `POST /admin/stripe/sync`.
+    stripe_customer: Option<String>,
+}
+
+/// Answer of `GET /admin/stripe/unmatched`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct UnmatchedList {
+    /// Newest first.
+    events: Vec<UnmatchedEvent>,
+}
+
+/// Webhook events that named no known customer (neither by metadata nor by a stored Stripe
+/// link): acknowledged to Stripe, changed nothing, kept here for the operator.
+#[utoipa::path(
+    get,
+    path = "/admin/stripe/unmatched",
+    tag = "stripe",
+    params(("limit" = Option<i64>, Query, description = "events, 1-500 (default 50)")),
+    responses(
+        (status = 200, description = "the newest unmatched events", body = UnmatchedList),
+        (status = 400, description = "a bad `limit`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn unmatched(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<UnmatchedList>, AdminError> {
+    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
+        None => 50,
+        Some(Ok(l)) if (1..=500).contains(&l) => l,
+        Some(_) => {
+            return Err(AdminError::InvalidQuery(
+                "limit must be an integer from 1 to 500".into(),
+            ))
+        }
+    };
+    let events = s
+        .ledger
+        .unmatched_stripe_events(limit)
+        .await?
+        .into_iter()
+        .map(|e| {
+            let payload: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+            let object = &payload["data"]["object"];
+            let stripe_customer = match &object["customer"] {
+                serde_json::Value::String(c) => Some(c.clone()),
+                serde_json::Value::Object(c) => {
+                    c.get("id").and_then(|v| v.as_str()).map(String::from)
+                }
+                _ if object["object"] == "customer" => object["id"].as_str().map(String::from),
+                _ => None,
+            };
+            UnmatchedEvent {
+                id: e.id,
+                event_type: e.event_type,
+                created: e.created.to_rfc3339(),
+                received_at: e.received_at.to_rfc3339(),
+                stripe_customer,
+            }
+        })
+        .collect();
+    Ok(Json(UnmatchedList { events }))
 }
 
 /// Body of `PUT /admin/customers/{id}/stripe`.

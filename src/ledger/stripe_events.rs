@@ -18,8 +18,13 @@ const PROCESSED: &str =
     "SELECT processed_at IS NOT NULL AS processed FROM stripe_events WHERE id = $1";
 
 /// Of several concurrent deliveries exactly one sets `processed_at`: the claim.
-const CLAIM: &str =
-    "UPDATE stripe_events SET processed_at = $2 WHERE id = $1 AND processed_at IS NULL";
+/// `unmatched`: the event named no known customer (listed for the operator).
+const CLAIM: &str = "UPDATE stripe_events SET processed_at = $2, unmatched = $3 \
+     WHERE id = $1 AND processed_at IS NULL";
+
+/// Unmatched events, newest first.
+const UNMATCHED: &str = "SELECT id, type, created, received_at, payload FROM stripe_events \
+     WHERE unmatched ORDER BY received_at DESC, id LIMIT $1";
 
 /// Stripe webhook events: stored, then applied once.
 #[async_trait::async_trait]
@@ -40,7 +45,23 @@ pub trait StripeEventLedger: Send + Sync {
         &self,
         id: &str,
         apply: Option<(&str, &Entitlement)>,
+        unmatched: bool,
     ) -> Result<StripeFinish, LedgerError>;
+    /// The newest `limit` processed events that named no known customer.
+    async fn unmatched_stripe_events(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<UnmatchedStripeEvent>, LedgerError>;
+}
+
+/// A stored event that named no known customer.
+#[derive(Debug, Clone)]
+pub struct UnmatchedStripeEvent {
+    pub id: String,
+    pub event_type: String,
+    pub created: chrono::DateTime<Utc>,
+    pub received_at: chrono::DateTime<Utc>,
+    pub payload: String,
 }
 
 #[async_trait::async_trait]
@@ -78,6 +99,7 @@ impl<DB: Backend> StripeEventLedger for SqlLedger<DB> {
         &self,
         id: &str,
         apply: Option<(&str, &Entitlement)>,
+        unmatched: bool,
     ) -> Result<StripeFinish, LedgerError> {
         let op = "finish_stripe_event";
         let mut tx = DB::begin_write(self.pool())
@@ -88,6 +110,7 @@ impl<DB: Backend> StripeEventLedger for SqlLedger<DB> {
         let claimed = DB::sql(CLAIM)
             .bind(id)
             .bind(Time(Utc::now()))
+            .bind(unmatched)
             .execute(&mut *tx)
             .await
             .map_err(LedgerError::query(op))?;
@@ -104,6 +127,30 @@ impl<DB: Backend> StripeEventLedger for SqlLedger<DB> {
         }
         tx.commit().await.map_err(LedgerError::query(op))?;
         Ok(StripeFinish::Processed { changed })
+    }
+
+    async fn unmatched_stripe_events(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<UnmatchedStripeEvent>, LedgerError> {
+        let op = "unmatched_stripe_events";
+        let rows = DB::sql(UNMATCHED)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                Ok(UnmatchedStripeEvent {
+                    id: r.col("id")?,
+                    event_type: r.col("type")?,
+                    created: r.time("created")?,
+                    received_at: r.time("received_at")?,
+                    payload: r.col("payload")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::query(op))
     }
 }
 
@@ -142,7 +189,7 @@ mod tests {
         let pro = sub("pro", Status::Active, t);
         assert_eq!(
             ledger
-                .finish_stripe_event("evt_1", Some(("acme", &pro)))
+                .finish_stripe_event("evt_1", Some(("acme", &pro)), false)
                 .await
                 .expect("finish"),
             StripeFinish::Processed { changed: true }
@@ -155,7 +202,7 @@ mod tests {
         let free = sub("free", Status::Active, t + Duration::seconds(9));
         assert_eq!(
             ledger
-                .finish_stripe_event("evt_1", Some(("acme", &free)))
+                .finish_stripe_event("evt_1", Some(("acme", &free)), false)
                 .await
                 .expect("finish again"),
             StripeFinish::AlreadyProcessed
@@ -178,7 +225,7 @@ mod tests {
         newer.trial_end = Some(t - Duration::days(14));
         assert_eq!(
             ledger
-                .finish_stripe_event("evt_2", Some(("acme", &newer)))
+                .finish_stripe_event("evt_2", Some(("acme", &newer)), false)
                 .await
                 .expect("finish 2"),
             StripeFinish::Processed { changed: true }
@@ -203,7 +250,7 @@ mod tests {
         let older = sub("free", Status::Canceled, t + Duration::seconds(5));
         assert_eq!(
             ledger
-                .finish_stripe_event("evt_0", Some(("acme", &older)))
+                .finish_stripe_event("evt_0", Some(("acme", &older)), false)
                 .await
                 .expect("finish 0"),
             StripeFinish::Processed { changed: false }
@@ -222,7 +269,10 @@ mod tests {
             .await
             .expect("record x");
         assert_eq!(
-            ledger.finish_stripe_event("evt_x", None).await.expect("x"),
+            ledger
+                .finish_stripe_event("evt_x", None, false)
+                .await
+                .expect("x"),
             StripeFinish::Processed { changed: false }
         );
     }
@@ -236,9 +286,10 @@ mod tests {
         let tasks: Vec<_> = (0..10)
             .map(|_| {
                 let (l, e) = (ledger.clone(), e.clone());
-                tokio::spawn(
-                    async move { l.finish_stripe_event("evt_c", Some(("acme", &e))).await },
-                )
+                tokio::spawn(async move {
+                    l.finish_stripe_event("evt_c", Some(("acme", &e)), false)
+                        .await
+                })
             })
             .collect();
         let mut processed = 0;

@@ -216,7 +216,11 @@ impl StripeWebhook {
         }
         let finish = self
             .ledger
-            .finish_stripe_event(&env.id, apply.as_ref().map(|(c, e)| (c.as_str(), e)))
+            .finish_stripe_event(
+                &env.id,
+                apply.as_ref().map(|(c, e)| (c.as_str(), e)),
+                unmatched,
+            )
             .await?;
         let outcome = match (finish, &apply) {
             (StripeFinish::AlreadyProcessed, _) => Outcome::Duplicate,

@@ -535,6 +535,30 @@ both!(
             "{metrics}"
         );
         assert_eq!(tg.admin_customer("initech").await["status"], "active");
+        // Listed for the operator, with the Stripe customer to link; the applied events are not.
+        let list: Value = tg
+            .client
+            .get(tg.admin_url("/admin/stripe/unmatched"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let events = list["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "{list}");
+        assert_eq!(events[0]["id"], "evt_co_stray");
+        assert_eq!(events[0]["type"], "invoice.payment_failed");
+        assert_eq!(events[0]["stripe_customer"], "cus_nobody_links");
+        let r = tg
+            .client
+            .get(tg.admin_url("/admin/stripe/unmatched?limit=0"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(problem(r).await.1, "urn:tollgate:problem:invalid-query");
     }
 );
 
