@@ -57,6 +57,16 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Set each Redis quota counter of the current period to the ledger's units (counters that
+    /// drifted; absent ones are rebuilt by their next call anyway). Prints every change. Calls
+    /// not yet in the ledger are not counted: run it while traffic is low or stopped.
+    RepairCounters {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Start a self-contained demo: its own upstream, embedded storage, a printed token.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -93,6 +103,10 @@ pub fn main() -> ExitCode {
             ttl,
         } => match load(&config) {
             Ok(c) => token(c, &customer, &ttl),
+            Err(code) => code,
+        },
+        Command::RepairCounters { config, dry_run } => match load(&config) {
+            Ok(c) => finish(repair(&c, dry_run)),
             Err(code) => code,
         },
         Command::Demo { listen, admin } => finish(crate::demo::run(&listen, &admin)),
@@ -166,6 +180,23 @@ fn migrate(c: &Config) -> anyhow::Result<()> {
         "applied {applied} migration(s) to {}",
         server::redact(&c.storage.database_url)
     );
+    Ok(())
+}
+
+fn repair(c: &Config, dry_run: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let repairs = rt.block_on(crate::repair::repair_counters(c, dry_run))?;
+    let verb = if dry_run { "would set" } else { "set" };
+    for r in &repairs {
+        let held = r.redis.map_or("absent".to_string(), |v| v.to_string());
+        println!(
+            "{verb} customer={} meter={} period_start={} from {held} to {}",
+            r.customer, r.meter, r.period_start, r.ledger
+        );
+    }
+    println!("{} counter(s) differed from the ledger", repairs.len());
     Ok(())
 }
 

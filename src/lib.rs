@@ -18,7 +18,8 @@
 //! - [`admin`]: the admin listener's HTTP handlers (health, metrics, operator API, Stripe's
 //!   webhook endpoint, OpenAPI).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
-//! - [`metrics`], [`backoff`], [`server`] (assembly and lifecycle), [`cli`], [`demo`].
+//! - [`metrics`], [`backoff`], [`server`] (assembly and lifecycle), [`cli`], [`demo`],
+//!   [`repair`] (`repair-counters`: Redis counters set to the ledger's units).
 //!
 //! Public (for the binary, the integration tests and the benches): [`cli`], [`config`],
 //! [`server`], [`quota`] (periods), [`ledger`] (reading what was recorded) with [`entitle`]
@@ -37,6 +38,7 @@ pub mod ledger;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub mod quota;
+pub(crate) mod repair;
 pub mod server;
 pub(crate) mod stripe;
 pub(crate) mod usage;

@@ -186,6 +186,30 @@ impl RedisStore {
         Ok(c.clone())
     }
 
+    /// Sets a counter to `units` (unless `dry_run`) and returns what it held: `repair-counters`.
+    /// A counter that already holds `units` is left alone.
+    pub async fn set_counter(
+        &self,
+        customer: &str,
+        meter: &str,
+        period: Period,
+        units: i64,
+        dry_run: bool,
+    ) -> Result<Option<i64>, QuotaError> {
+        let key = self.quota_key(customer, meter, period);
+        let held: Option<i64> = self.read(redis::cmd("GET").arg(&key)).await?;
+        if !dry_run && held != Some(units) && !(held.is_none() && units == 0) {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&key)
+                .arg(units)
+                .arg("EXAT")
+                .arg(period.end + EXPIRY_SLACK_SECS);
+            let mut conn = self.conn().await?;
+            let _: String = self.with_deadline(conn.query(&cmd)).await?;
+        }
+        Ok(held)
+    }
+
     /// The key of a quota counter (public for tests and the admin API).
     pub fn quota_key(&self, customer: &str, meter: &str, period: Period) -> String {
         let mut k = self.tag(customer);

@@ -354,3 +354,79 @@ async fn refused_during_a_pause_consumes_nothing() {
     );
     assert_eq!(tg.wait_ledger("shut", 1).await, (1, 1));
 }
+
+/// `tollgate repair-counters`: a counter that drifted below the ledger (a Redis restored from an
+/// old snapshot) would hand out calls again; the command reports it (`--dry-run` changes
+/// nothing), then sets it to the ledger's units, and the cap holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_counters_sets_drifted_counters_to_the_ledger() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&base_config(up.addr), Backend::Shared).await;
+    for _ in 0..3 {
+        assert_eq!(tg.get("/signals", Some("drift")).await.status(), 200);
+    }
+    assert_eq!(tg.get("/signals", Some("steady")).await.status(), 200);
+    assert_eq!(tg.wait_ledger("drift", 3).await, (3, 3));
+    assert_eq!(tg.wait_ledger("steady", 1).await, (1, 1));
+    let period = tollgate::quota::Period::calendar_month(chrono::Utc::now());
+    let key = format!("{}:{{drift}}:q:api_calls:{}", tg.prefix, period.start);
+    let c = ::redis::Client::open(REDIS_URL).unwrap();
+    let mut conn = c.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let dir = TempDir(std::env::temp_dir().join(unique("tollgate-repair")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("tollgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n[storage]\nredis_url = \"{REDIS_URL}\"\nredis_prefix = \"{}\"\ndatabase_url = \"{}\"\ndatabase_schema = \"{}\"\n",
+            base_config(up.addr),
+            tg.prefix,
+            tg.database_url,
+            tg.schema
+        ),
+    )
+    .unwrap();
+    let run = |dry: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["repair-counters", "--config"]).arg(&file);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let line = format!(
+        "customer=drift meter=api_calls period_start={} from 1 to 3",
+        period.start
+    );
+    let dry = run(true);
+    assert!(dry.contains(&format!("would set {line}")), "{dry}");
+    assert!(dry.contains("1 counter(s) differed"), "{dry}");
+    assert_eq!(
+        tg.redis_used("drift", "api_calls").await,
+        Some(1),
+        "a dry run changes nothing"
+    );
+
+    let done = run(false);
+    assert!(done.contains(&format!("set {line}")), "{done}");
+    assert_eq!(tg.redis_used("drift", "api_calls").await, Some(3));
+    assert_eq!(tg.redis_used("steady", "api_calls").await, Some(1));
+    assert!(run(true).contains("0 counter(s) differed"));
+    // The free plan's 5: exactly 2 more.
+    assert_eq!(tg.get("/signals", Some("drift")).await.status(), 200);
+    assert_eq!(tg.get("/signals", Some("drift")).await.status(), 200);
+    assert_eq!(tg.get("/signals", Some("drift")).await.status(), 429);
+}
