@@ -15,6 +15,8 @@ pub struct Metrics {
     duration: HistogramVec,
     pub quota_store_duration: Histogram,
     pub quota_store_errors: IntCounter,
+    /// Connections closed at once: their IP held `proxy.max_connections_per_ip` already.
+    pub connections_refused: IntCounter,
     /// `tollgate_usage_events_total` by outcome (queued, spooled, lost), brought up to the usage
     /// pipeline's own counts at scrape time ([`Metrics::sync_usage`]): the pipeline counts both
     /// the request path's overflow and the flusher's spooled batches.
@@ -82,6 +84,10 @@ impl Metrics {
             "tollgate_quota_store_errors_total",
             "Quota store calls that failed or timed out",
         )?;
+        let connections_refused = IntCounter::new(
+            "tollgate_connections_refused_total",
+            "Proxy connections closed at once because their IP held proxy.max_connections_per_ip",
+        )?;
         let usage_events = IntCounterVec::new(
             Opts::new(
                 "tollgate_usage_events_total",
@@ -114,6 +120,7 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(quota_store_duration.clone()))?;
         registry.register(Box::new(quota_store_errors.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(usage_events.clone()))?;
         registry.register(Box::new(usage_queue_depth.clone()))?;
         registry.register(Box::new(usage_spool_bytes.clone()))?;
@@ -126,6 +133,7 @@ impl Metrics {
             duration,
             quota_store_duration,
             quota_store_errors,
+            connections_refused,
             usage_events: ["queued", "spooled", "lost"]
                 .map(|o| usage_events.with_label_values(&[o])),
             usage_synced: std::sync::Mutex::new([0; 3]),

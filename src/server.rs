@@ -23,7 +23,7 @@ use crate::entitle::Entitlements;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::state::{Shared, Snapshot};
-use crate::proxy::{upstream, Proxy};
+use crate::proxy::{conn_cap::PerIpCap, upstream, Proxy};
 use crate::quota::fail_open::FailOpen;
 use crate::quota::{
     memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore, SeedAfterLoss,
@@ -355,12 +355,18 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         Proxy {
             shared: shared.clone(),
         },
     );
+    let app = PerIpCap::new(
+        app,
+        config.proxy.max_connections_per_ip,
+        shared.metrics.connections_refused.clone(),
+    );
+    let mut proxy = pingora::services::listening::Service::new("tollgate proxy".into(), app);
     proxy.add_tcp(&config.proxy.listen.to_string());
     server.add_service(proxy);
     for hc in health_checks {

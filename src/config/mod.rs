@@ -48,6 +48,8 @@ pub struct ProxySettings {
     pub unmatched: Unmatched,
     pub strip_authorization: bool,
     pub max_request_header_bytes: usize,
+    /// Connections one client IP may hold open at once (0: no cap). Read at start.
+    pub max_connections_per_ip: usize,
     pub shutdown_grace: Duration,
     /// Worker threads of the proxy runtime; 0 = one per core.
     pub threads: usize,

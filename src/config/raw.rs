@@ -45,6 +45,7 @@ pub struct RawProxy {
     pub unmatched_upstream: Option<String>,
     pub strip_authorization: Option<bool>,
     pub max_request_header_bytes: Option<i64>,
+    pub max_connections_per_ip: Option<i64>,
     pub shutdown_grace: Option<String>,
     pub threads: Option<i64>,
 }

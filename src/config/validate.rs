@@ -188,6 +188,11 @@ impl Validator {
                 p.max_request_header_bytes,
                 16 * 1024,
             ) as usize,
+            max_connections_per_ip: self.non_negative(
+                "proxy.max_connections_per_ip".into(),
+                p.max_connections_per_ip,
+                0,
+            ) as usize,
             shutdown_grace: self.duration(
                 "proxy.shutdown_grace",
                 p.shutdown_grace.as_deref(),

@@ -19,6 +19,7 @@
 //! keep-alive off) and never reach the upstream. Nothing here awaits the ledger or Stripe.
 
 mod admit;
+pub mod conn_cap;
 mod ctx;
 pub mod path;
 pub mod respond;

@@ -698,3 +698,43 @@ upgrade = "websocket"
         assert_eq!(tg.wait_ledger("up", 1).await, (1, 1));
     }
 );
+
+/// `proxy.max_connections_per_ip = 2`: two idle connections (heads never sent) hold the address's
+/// slots, a third is closed at once and counted; the held ones still serve, and a slot frees when
+/// one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_ip_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Embedded, None, |c| {
+        c.proxy.max_connections_per_ip = 2;
+    })
+    .await;
+    let mut first = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+    let second = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("the third connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert_eq!(tg.metric("tollgate_connections_refused_total").await, 1);
+
+    let req = format!(
+        "GET /signals HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token("capped")
+    );
+    first.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    first.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        tg.get("/signals", Some("capped")).await.status(),
+        200,
+        "a slot freed"
+    );
+}
