@@ -699,9 +699,10 @@ upgrade = "websocket"
     }
 );
 
-/// `proxy.max_connections_per_ip = 2`: two idle connections (heads never sent) hold the address's
-/// slots, a third is closed at once and counted; the held ones still serve, and a slot frees when
-/// one closes.
+/// `proxy.max_connections_per_ip = 2`: of three idle connections from one address (heads never
+/// sent), one is closed at once and counted, whichever the proxy took last; the other two still
+/// serve, and a slot frees when one closes. (From 127.0.0.2, so the harness's own connections
+/// from 127.0.0.1 do not count.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_ip_are_capped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -710,31 +711,51 @@ async fn connections_per_ip_are_capped() {
         c.proxy.max_connections_per_ip = 2;
     })
     .await;
-    let mut first = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
-    let second = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut third = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
-        .await
-        .expect("the third connection is closed at once")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    let connect = || async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        s.connect(tg.proxy).await.unwrap()
+    };
+    let mut conns = vec![connect().await, connect().await, connect().await];
+    // The refused one reads EOF; the held ones read nothing (they wait for a head).
+    let start = std::time::Instant::now();
+    let closed = loop {
+        let mut found = None;
+        for (i, c) in conns.iter_mut().enumerate() {
+            let mut buf = [0u8; 64];
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf)).await {
+                assert_eq!(r.unwrap_or(0), 0, "closed without an answer");
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no connection was refused"
+        );
+    };
+    conns.remove(closed);
     assert_eq!(tg.metric("tollgate_connections_refused_total").await, 1);
 
     let req = format!(
         "GET /signals HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
         token("capped")
     );
+    let mut first = conns.remove(0);
     first.write_all(req.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     first.read_to_end(&mut answer).await.unwrap();
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
-    drop(second);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        tg.get("/signals", Some("capped")).await.status(),
-        200,
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = connect().await;
+    again.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    again.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
         "a slot freed"
     );
+    assert_eq!(tg.metric("tollgate_connections_refused_total").await, 1);
 }
