@@ -38,15 +38,7 @@ pub(crate) async fn delivery_log(
     State(s): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<DeliveryLog>, AdminError> {
-    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
-        None => 50,
-        Some(Ok(l)) if (1..=500).contains(&l) => l,
-        Some(_) => {
-            return Err(AdminError::InvalidQuery(
-                "limit must be an integer from 1 to 500".into(),
-            ))
-        }
-    };
+    let limit = super::extract::limit(&q, 50, 500)?;
     let deliveries = s.ledger.alert_deliveries(limit).await?;
     Ok(Json(DeliveryLog { deliveries }))
 }

@@ -180,6 +180,22 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ()> {
         .map_err(|_| ())
 }
 
+/// The `limit` query parameter: `default` when absent, else an integer from 1 to `max`
+/// (400 `invalid-query` otherwise).
+pub(crate) fn limit(
+    q: &std::collections::HashMap<String, String>,
+    default: i64,
+    max: i64,
+) -> Result<i64, AdminError> {
+    match q.get("limit").map(|l| l.parse::<i64>()) {
+        None => Ok(default),
+        Some(Ok(l)) if (1..=max).contains(&l) => Ok(l),
+        Some(_) => Err(AdminError::InvalidQuery(format!(
+            "limit must be an integer from 1 to {max}"
+        ))),
+    }
+}
+
 /// A JSON request body, or the 400 `invalid-body` naming what is wrong with it.
 pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     serde_json::from_slice(body).map_err(|e| AdminError::InvalidBody(e.to_string()))

@@ -103,15 +103,7 @@ pub(crate) async fn unmatched(
     State(s): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<UnmatchedList>, AdminError> {
-    let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
-        None => 50,
-        Some(Ok(l)) if (1..=500).contains(&l) => l,
-        Some(_) => {
-            return Err(AdminError::InvalidQuery(
-                "limit must be an integer from 1 to 500".into(),
-            ))
-        }
-    };
+    let limit = super::extract::limit(&q, 50, 500)?;
     let events = s
         .ledger
         .unmatched_stripe_events(limit)
