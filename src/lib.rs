@@ -9,6 +9,8 @@
 //! - [`entitle`]: customer → plan and status policy; the in-process entitlement cache.
 //! - [`quota`]: billing periods and the atomic check-and-charge (Redis or in-process).
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
+//! - [`journal`]: each reservation on disk before its request is forwarded, until its ledger
+//!   row is safe; what a crashed process left is recovered at the next start.
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, Stripe, config
 //!   history, audit, alerts; migrations.
 //! - [`stripe`]: webhooks' meaning (signature, event store, subscription → entitlement), usage →
@@ -34,6 +36,7 @@ pub mod config;
 pub(crate) mod control;
 pub(crate) mod demo;
 pub mod entitle;
+pub mod journal;
 pub mod ledger;
 pub(crate) mod metrics;
 pub(crate) mod proxy;

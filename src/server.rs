@@ -20,10 +20,12 @@ use crate::control::broadcast::Channel;
 use crate::control::entitlement_sync::EntitlementSync;
 use crate::control::live_config::LiveConfig;
 use crate::entitle::Entitlements;
+use crate::journal::{Journal, Leftover};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::proxy::conn_cap::PerIpCap;
 use crate::proxy::state::{Shared, Snapshot};
-use crate::proxy::{conn_cap::PerIpCap, upstream, Proxy};
+use crate::proxy::{upstream, Proxy};
 use crate::quota::fail_open::FailOpen;
 use crate::quota::{
     memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore, SeedAfterLoss,
@@ -120,6 +122,49 @@ impl ShutdownSignalWatch for DrainWatch {
     }
 }
 
+/// Recovers what a crashed (or stopped) process left in the journal: asks the quota store what
+/// each of its batches granted, records the rows owed, and deletes the leftovers once every row
+/// is safe. A store that cannot say (Redis down at start) keeps them for the next start.
+async fn recover(
+    leftover: &Leftover,
+    journal: &Journal,
+    flusher: &usage::Flusher,
+    store: &dyn QuotaStore,
+) {
+    if leftover.is_empty() {
+        journal.recovered();
+        return;
+    }
+    let mut outcomes = std::collections::HashMap::new();
+    let keys: Vec<&str> = leftover.batch_keys().collect();
+    let mut unknown = 0;
+    for chunk in keys.chunks(500) {
+        if unknown > 0 {
+            unknown += chunk.len(); // the store is down: asking again would only time out
+            continue;
+        }
+        match store.batch_outcomes(chunk).await {
+            Ok(bits) => outcomes.extend(chunk.iter().map(|k| k.to_string()).zip(bits)),
+            Err(e) => {
+                unknown += chunk.len();
+                tracing::warn!(error = %e, "cannot read what journaled reservation batches granted");
+            }
+        }
+    }
+    let safe = flusher.recover(leftover.owed(&outcomes)).await;
+    if leftover.unreadable > 0 {
+        tracing::warn!(
+            lines = leftover.unreadable,
+            "unreadable journal lines skipped (a line torn by the crash)"
+        );
+    }
+    if unknown > 0 {
+        tracing::error!(batches = unknown, dir = %journal.dir().display(), "the quota store could not say what some journaled reservations charged; they are kept for the next start");
+    } else if safe {
+        journal.recovered();
+    }
+}
+
 /// Runs tollgate until stopped. Returns after the usage channel has been flushed to the ledger.
 pub fn run(config: Config, opts: Options) -> anyhow::Result<()> {
     run_from(config, None, opts)
@@ -158,10 +203,23 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         rt: rt.clone(),
     });
     let fail_open = Arc::new(FailOpen::new(Some(seed.clone())));
-    let fallback = Arc::new(match &storage.redis_url {
-        Some(_) => MemoryStore::new(),
-        None => MemoryStore::with_seed(seed.clone()),
-    });
+    // Every charge is on disk before its request is forwarded; a previous process's leftovers
+    // are recovered below, before anything is served.
+    let journal_dir = storage.spool_dir.join("journal");
+    let (journal, leftover) = Journal::open(&journal_dir).with_context(|| {
+        format!(
+            "opening the reservation journal in {}",
+            journal_dir.display()
+        )
+    })?;
+    let journal = Arc::new(journal);
+    let fallback = Arc::new(
+        match &storage.redis_url {
+            Some(_) => MemoryStore::new(),
+            None => MemoryStore::with_seed(seed.clone()),
+        }
+        .with_journal(journal.clone()),
+    );
     let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<dyn QuotaStore>>> {
         Ok(match &storage.redis_url {
             Some(url) => Some(Arc::new(
@@ -170,7 +228,8 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
                     .with_seed(Arc::new(SeedAfterLoss {
                         ledger: seed.clone(),
                         fallback: fallback.clone(),
-                    })),
+                    }))
+                    .with_journal(journal.clone()),
             )),
             None => None,
         })
@@ -202,7 +261,9 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             storage.spool_dir.clone(),
             1000,
             storage.usage_flush_interval,
+            Some(journal.clone()),
         );
+        recover(&leftover, &journal, &flusher, admin_store.as_ref()).await;
         let listener = match opts.admin_listener {
             Some(l) => {
                 l.set_nonblocking(true)?;
@@ -225,6 +286,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             embedded: storage.redis_url.is_none(),
             fail_open: fail_open.clone(),
             usage: sink,
+            journal: Some(journal.clone()),
             metrics,
             alerts,
             self_service: Default::default(),
@@ -402,6 +464,9 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         stats
     });
     tracing::info!(?stats, "usage flushed");
+    // Every row is safe now (unless the ledger and the spool both failed): a clean stop leaves
+    // no journal to recover.
+    journal.close();
     drop(shared);
     control.shutdown_timeout(DRAIN);
     Ok(())

@@ -13,6 +13,7 @@ use super::state::{Shared, Snapshot};
 use crate::auth::Identity;
 use crate::config::{FailMode, Plan, Quota, Route};
 use crate::entitle::{self, Entitlement, Refusal};
+use crate::journal::Line;
 use crate::quota::{Check, QuotaStore, Verdict};
 use chrono::{DateTime, Utc};
 use http::header::AUTHORIZATION;
@@ -131,6 +132,20 @@ async fn reserve(
     let included = quota.included();
     let period = entitle::period_of(ent, now);
     let customer = ctx.customer.as_deref().unwrap_or_default();
+    // The request's ledger row has this id from here on: the journal line written before the
+    // charge can count, and the row settled later, are the same row.
+    let id = uuid::Uuid::now_v7();
+    let line = shared.journal.as_ref().map(|_| {
+        std::sync::Arc::new(Line::new(
+            id,
+            now,
+            customer,
+            &route.meter,
+            route.cost,
+            &route.name,
+            &ctx.request_id,
+        ))
+    });
     let check = Check {
         customer,
         meter: &route.meter,
@@ -138,6 +153,7 @@ async fn reserve(
         cost: route.cost,
         cap: quota.cap(),
         rate: plan.rate,
+        record: line.as_ref(),
     };
     let (mut verdict, local) = reserve_or_fall_back(shared, &check, plan).await?;
     let mut waived = None;
@@ -188,6 +204,7 @@ async fn reserve(
         alerts.on_charge(plan, customer, &route.meter, period, route.cost, used);
     }
     let reserved = Reserved {
+        id,
         period,
         units: route.cost,
         used,
@@ -291,6 +308,11 @@ async fn fold_local(shared: &Shared, check: &Check<'_>, verdict: Verdict) -> Ver
     match verdict {
         Verdict::Granted { .. } => match check.cap {
             Some(cap) if total > cap => {
+                // Taken back: this grant owes no row (journaled first: a crash after the
+                // refund must not recover it as charged).
+                if let (Some(journal), Some(line)) = (&shared.journal, check.record) {
+                    journal.cancelled(line.id());
+                }
                 let cost = i64::try_from(check.cost).unwrap_or(i64::MAX);
                 let used = store
                     .adjust(check.customer, check.meter, check.period, -cost)

@@ -18,6 +18,8 @@ use std::time::Instant;
 /// A granted reservation, to settle after the upstream answered.
 #[derive(Debug)]
 pub(super) struct Reserved {
+    /// The id of the request's ledger row (and of its journal line).
+    pub id: uuid::Uuid,
     pub period: Period,
     pub units: u64,
     /// Period total including this charge.
@@ -91,11 +93,19 @@ impl Ctx {
             .or(self.upstream.as_deref())
     }
 
-    /// Hands the request's ledger row to the usage pipeline. The request is over: its id and
-    /// customer move into the event instead of being copied.
-    pub(super) fn record_usage(&mut self, route: &Route, units: u64, status: u16) {
+    /// Hands the request's ledger row `id` to the usage pipeline. The request is over: its
+    /// id and customer move into the event instead of being copied. `settled_differently`:
+    /// the charge is not the reservation's (journaled, so a crash now recovers this row).
+    pub(super) fn record_usage(
+        &mut self,
+        route: &Route,
+        id: uuid::Uuid,
+        units: u64,
+        status: u16,
+        settled_differently: bool,
+    ) {
         let event = UsageEvent {
-            id: uuid::Uuid::now_v7(),
+            id,
             ts: self.arrived.unwrap_or_else(chrono::Utc::now),
             customer: self.customer.take().unwrap_or_default(),
             meter: route.meter.clone(),
@@ -106,6 +116,11 @@ impl Ctx {
             latency_us: self.started.elapsed().as_micros() as i64,
             request_id: std::mem::take(&mut self.request_id),
         };
+        if settled_differently {
+            if let Some(journal) = &self.shared.journal {
+                journal.settled_differently(&event);
+            }
+        }
         // Counted by the pipeline itself (`tollgate_usage_events_total`, synced at scrape).
         self.shared.usage.record(event);
     }
@@ -128,7 +143,7 @@ impl Drop for Ctx {
             return;
         };
         tracing::warn!(request_id = %self.request_id, units = r.units, "request cut off before settling; charge recorded");
-        self.record_usage(route, r.units, 0);
+        self.record_usage(route, r.id, r.units, 0, false);
     }
 }
 

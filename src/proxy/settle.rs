@@ -56,6 +56,7 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
 
     // Refund on upstream failure (charge = "success"), or adjust to the exact cost.
     let mut charged = None;
+    let mut differs = false;
     let reserved = ctx.reserved.take(); // settled here, so `Drop for Ctx` has nothing to do
     if let (Some(r), Some(route)) = (&reserved, route) {
         let failed = ctx.upstream_failed || ctx.upstream_status.is_some_and(|s| s >= 500);
@@ -81,7 +82,8 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
                 tracing::warn!(error = %e, request_id = %ctx.request_id, delta, "could not settle reservation");
             }
         }
-        charged = Some(units);
+        charged = Some((r.id, units));
+        differs = delta != 0;
     }
 
     let m = match ctx.route {
@@ -97,16 +99,16 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
         route = route.map_or("-", |r| r.name.as_str()),
         decision = ctx.decision.as_str(),
         shadow = ctx.shadowed.map_or("-", Decision::as_str),
-        cost = charged.unwrap_or(0),
+        cost = charged.map_or(0, |(_, units)| units),
         status,
         upstream_status = ctx.upstream_status.unwrap_or(0),
         latency_us = latency.as_micros() as u64,
     );
 
     // One ledger row per forwarded request, with the units finally charged.
-    if let (Some(units), Some(route)) = (charged, route) {
+    if let (Some((id, units)), Some(route)) = (charged, route) {
         let status = ctx.upstream_status.unwrap_or(status);
-        ctx.record_usage(route, units, status);
+        ctx.record_usage(route, id, units, status, differs);
     }
 }
 

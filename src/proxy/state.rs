@@ -74,6 +74,9 @@ pub struct Shared {
     /// What a capped quota's fail-open fallback may grant (last seen counters, instances).
     pub fail_open: Arc<crate::quota::fail_open::FailOpen>,
     pub usage: UsageSink,
+    /// Where reservations are written before they are forwarded (`None`: not protected against
+    /// a crash; tests of other parts).
+    pub journal: Option<Arc<crate::journal::Journal>>,
     pub metrics: Arc<Metrics>,
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
     pub alerts: Option<crate::alerts::Alerts>,

@@ -189,6 +189,7 @@ mod tests {
             cost: 1,
             cap,
             rate: None,
+            record: None,
         }
     }
 

@@ -6,6 +6,7 @@
 
 use super::{seed_of, Check, CounterSeed, Period, QuotaError, QuotaStore, Verdict};
 use crate::config::Rate;
+use crate::journal::Journal;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use governor::{clock::Clock, DefaultKeyedRateLimiter, Quota};
@@ -20,6 +21,9 @@ pub struct MemoryStore {
     /// Where an absent counter starts from (the ledger) when this is the embedded primary; the
     /// fail-open fallback has none (it counts only what it granted, to fold it into Redis).
     seed: Option<Arc<dyn CounterSeed>>,
+    /// Where each grant is written before it is answered (its counter dies with the process;
+    /// the charge must not).
+    journal: Option<Arc<Journal>>,
 }
 
 /// Units used in one period. Signed: as a fail-open fallback, a refund that arrives after the
@@ -65,6 +69,12 @@ impl MemoryStore {
             seed: Some(seed),
             ..MemoryStore::default()
         }
+    }
+
+    /// Grants are journaled in `journal` (before they are answered).
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> MemoryStore {
+        self.journal = Some(journal);
+        self
     }
 
     /// With a seed, makes sure the counter of `k` exists, starting from the seed (a counter
@@ -196,9 +206,12 @@ impl QuotaStore for MemoryStore {
         counter.used = counter
             .used
             .saturating_add(c.cost.min(i64::MAX as u64) as i64);
-        Ok(Verdict::Granted {
-            used: clamp(counter.used),
-        })
+        let used = clamp(counter.used);
+        drop(counter); // the journal write happens outside the shard lock
+        if let (Some(journal), Some(line)) = (&self.journal, c.record) {
+            journal.granted(line);
+        }
+        Ok(Verdict::Granted { used })
     }
 
     async fn adjust(
@@ -221,11 +234,12 @@ impl QuotaStore for MemoryStore {
         Ok(clamp(counter.used))
     }
 
+    /// With a seed, an absent counter is seeded first: after a restart, the operator's and the
+    /// customer's views show the ledger's units, not 0.
     async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError> {
-        Ok(self
-            .counters
-            .get(&key(customer, meter, period))
-            .map_or(0, |c| clamp(c.used)))
+        let k = key(customer, meter, period);
+        self.ensure_seeded(&k, customer, meter, period).await;
+        Ok(self.counters.get(&k).map_or(0, |c| clamp(c.used)))
     }
 
     async fn ping(&self) -> Result<(), QuotaError> {
@@ -247,6 +261,7 @@ mod tests {
             cost,
             cap,
             rate,
+            record: None,
         }
     }
 
@@ -308,6 +323,20 @@ mod tests {
         assert_eq!(seed.calls(), 1);
     }
 
+    /// After a restart, a read (the operator's or the customer's view) shows the ledger's units,
+    /// and the reservation after it counts on top without asking the ledger again.
+    #[tokio::test]
+    async fn a_read_seeds_an_absent_counter() {
+        let seed = Arc::new(super::super::tests::FixedSeed::new(4));
+        let s = MemoryStore::with_seed(seed.clone());
+        assert_eq!(s.used("c", "m", P).await.expect("u"), 4);
+        assert_eq!(
+            s.reserve(&check(1, Some(5), None)).await.expect("r"),
+            Verdict::Granted { used: 5 }
+        );
+        assert_eq!(seed.calls(), 1);
+    }
+
     /// The burst passes at once, the next call is rate limited with a retry hint, quota untouched.
     #[tokio::test]
     async fn rate_limit_before_quota() {
@@ -351,6 +380,7 @@ mod drain_tests {
             cost: 3,
             cap: None,
             rate: None,
+            record: None,
         };
         s.reserve(&c).await.expect("reserve");
         let d = s.drain();

@@ -6,7 +6,8 @@
 //! (embedded default and the fail-open fallback).
 //! [`usage_view`] reads the counters back against a plan's quotas (operator and self-service).
 //! Must not touch: plans or entitlements (callers pass plain numbers and quotas), HTTP, the
-//! ledger.
+//! ledger. A store given a [`crate::journal::Journal`] writes each reservation there before it
+//! can count (and says which it refused); it never reads it.
 
 pub mod fail_open;
 pub(crate) mod maintain;
@@ -77,6 +78,9 @@ pub struct Check<'a> {
     /// Hard limit on units used this period; `None` counts without limit (unlimited or overage).
     pub cap: Option<u64>,
     pub rate: Option<Rate>,
+    /// The request's journal line: a store that charges it journals it first (the embedded
+    /// store as granted, Redis as sent with its batch), so a crash cannot lose the charge.
+    pub record: Option<&'a std::sync::Arc<crate::journal::Line>>,
 }
 
 /// The answer to a [`Check`]. Nothing is charged unless it is `Granted`.
@@ -120,6 +124,12 @@ pub trait QuotaStore: Send + Sync + 'static {
     async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), QuotaError>;
+    /// What each reservation batch (by its key, from a journal's sent records) granted, one
+    /// `1`/`0` per request; `None` for a batch that never ran, and then it never will.
+    /// Recovery after a crash. A store without batches has none.
+    async fn batch_outcomes(&self, keys: &[&str]) -> Result<Vec<Option<String>>, QuotaError> {
+        Ok(vec![None; keys.len()])
+    }
 }
 
 /// Where a counter the store does not hold starts from: the units the ledger already has for

@@ -23,12 +23,13 @@
 //! driver task on the runtime it is created on, which must be the runtime that uses it.
 
 use super::{seed_of, Check, CounterSeed, Period, QuotaError, QuotaStore, Verdict};
+use crate::journal::{Journal, Line};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisResult, Script, ScriptInvocation};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
@@ -52,6 +53,8 @@ const BATCH_MAX: usize = 64;
 struct Job {
     keys: [String; 2],
     args: [i64; 6],
+    /// Its journal line (written with the batch before it is sent).
+    line: Option<Arc<Line>>,
     reply: oneshot::Sender<Result<(i64, i64), QuotaError>>,
 }
 
@@ -64,6 +67,8 @@ pub struct RedisStore {
     timeout: Duration,
     /// Where a counter Redis does not hold starts from (the ledger); `None`: from 0.
     seed: Option<std::sync::Arc<dyn CounterSeed>>,
+    /// Where each batch is written before it is sent (see `journal`).
+    journal: Option<Arc<Journal>>,
 }
 
 /// Where to connect: one server, or a cluster through its seed nodes.
@@ -129,7 +134,14 @@ impl RedisStore {
             prefix: prefix.to_string(),
             timeout,
             seed: None,
+            journal: None,
         })
+    }
+
+    /// Batches are journaled in `journal` before they are sent.
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> RedisStore {
+        self.journal = Some(journal);
+        self
     }
 
     /// Counters Redis does not hold are seeded from `seed` before their first reservation.
@@ -298,6 +310,7 @@ impl RedisStore {
                             rx,
                             self.timeout,
                             self.prefix.clone(),
+                            self.journal.clone(),
                         ));
                         tx
                     })
@@ -306,7 +319,12 @@ impl RedisStore {
                 // The request's own deadline covers the wait for the batch before it, too.
                 let queued = async {
                     queue
-                        .send(Job { keys, args, reply })
+                        .send(Job {
+                            keys,
+                            args,
+                            line: c.record.cloned(),
+                            reply,
+                        })
                         .await
                         .map_err(|_| QuotaError::Batch("the batcher stopped".into()))?;
                     answer.await.map_err(|_| {
@@ -329,6 +347,10 @@ impl RedisStore {
                     inv.arg(a);
                 }
                 inv.arg(BATCH_KEY_TTL_MS);
+                let journaled = self.journal.as_ref().zip(c.record);
+                if let Some((journal, line)) = journaled {
+                    journal.sent(&bk, std::iter::once(Some(&**line)));
+                }
                 let v: Vec<i64> = match self.with_deadline(conn.invoke(&inv)).await {
                     Ok(v) => v,
                     Err(e) => {
@@ -339,7 +361,12 @@ impl RedisStore {
                     }
                 };
                 match v.as_slice() {
-                    [code, value] => (*code, *value),
+                    [code, value] => {
+                        if let (Some((journal, line)), true) = (journaled, *code != 0) {
+                            journal.resolve([line.id()]);
+                        }
+                        (*code, *value)
+                    }
                     other => {
                         return Err(QuotaError::Protocol(format!(
                             "reserve returned {} values for one request",
@@ -403,15 +430,67 @@ impl QuotaStore for RedisStore {
         Ok(v.max(0) as u64)
     }
 
+    /// With a seed, a counter Redis lost is seeded first (as a reservation would), so the
+    /// operator's and the customer's views show the ledger's units, not 0.
     async fn used(&self, customer: &str, meter: &str, period: Period) -> Result<u64, QuotaError> {
         let key = self.quota_key(customer, meter, period);
-        let v: Option<i64> = self.read(redis::cmd("GET").arg(key)).await?;
+        let mut v: Option<i64> = self.read(redis::cmd("GET").arg(&key)).await?;
+        if let (None, Some(seed)) = (v, &self.seed) {
+            let c = Check {
+                customer,
+                meter,
+                period,
+                cost: 0,
+                cap: None,
+                rate: None,
+                record: None,
+            };
+            self.seed_counter(seed.as_ref(), &c).await?;
+            v = self.read(redis::cmd("GET").arg(&key)).await?;
+        }
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), QuotaError> {
         let _: String = self.read(&redis::cmd("PING")).await?;
         Ok(())
+    }
+
+    /// Per key, `SET key x NX PX ttl GET`: the batch's record of what it granted, or, when it
+    /// has none, a tombstone that makes the batch do nothing if it still arrives (as
+    /// `cancel.lua` leaves). Pipelined on a single server; one call per key on a cluster.
+    async fn batch_outcomes(&self, keys: &[&str]) -> Result<Vec<Option<String>>, QuotaError> {
+        let claim = |key: &str| {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg("x")
+                .arg("NX")
+                .arg("PX")
+                .arg(BATCH_KEY_TTL_MS)
+                .arg("GET");
+            cmd
+        };
+        let mut conn = self.conn().await?;
+        let held: Vec<Option<String>> = match &mut conn {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.add_command(claim(key));
+                }
+                self.with_deadline(pipe.query_async(c)).await?
+            }
+            Conn::Cluster(_) => {
+                let mut held = Vec::with_capacity(keys.len());
+                for key in keys {
+                    held.push(self.with_deadline(conn.query(&claim(key))).await?);
+                }
+                held
+            }
+        };
+        Ok(held
+            .into_iter()
+            .map(|bits| bits.filter(|bits| bits != "x"))
+            .collect())
     }
 }
 
@@ -493,6 +572,7 @@ async fn batch_reservations(
     mut rx: mpsc::Receiver<Job>,
     timeout: Duration,
     prefix: String,
+    journal: Option<Arc<Journal>>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
@@ -514,6 +594,13 @@ async fn batch_reservations(
             }
         }
         inv.arg(BATCH_KEY_TTL_MS);
+        // On disk before Redis can count it: if the process dies before the answer, recovery
+        // asks Redis what this batch granted.
+        if let Some(journal) = &journal {
+            if batch.iter().any(|j| j.line.is_some()) {
+                journal.sent(&batch_key, batch.iter().map(|j| j.line.as_deref()));
+            }
+        }
         let answer: Result<Vec<i64>, QuotaError> =
             match tokio::time::timeout(timeout, conn.invoke::<Vec<i64>>(&inv)).await {
                 Ok(Ok(v)) if v.len() == 2 * batch.len() => Ok(v),
@@ -527,9 +614,18 @@ async fn batch_reservations(
             };
         match answer {
             Ok(v) => {
-                for (job, pair) in batch.drain(..).zip(v.chunks_exact(2)) {
+                for (i, (job, pair)) in batch.drain(..).zip(v.chunks_exact(2)).enumerate() {
                     let (code, value) = (pair[0], pair[1]);
-                    if job.reply.send(Ok((code, value))).is_err() && code == 0 {
+                    let id = job.line.as_ref().map(|line| line.id());
+                    let late = job.reply.send(Ok((code, value))).is_err();
+                    if let (Some(journal), Some(id)) = (&journal, id) {
+                        if code != 0 {
+                            journal.resolve([id]); // nothing was charged
+                        } else if late {
+                            journal.cancelled_in_batch(&batch_key, i, id);
+                        }
+                    }
+                    if late && code == 0 {
                         let [counter, _] = job.keys;
                         spawn_refund(conn.clone(), counter, job.args[0], job.args[2]);
                     }
@@ -593,6 +689,7 @@ mod tests {
                     cost: 1,
                     cap: Some(50),
                     rate: None,
+                    record: None,
                 })
                 .await
             }));
@@ -616,6 +713,75 @@ mod tests {
         assert!(ttl > 0, "counter must expire, ttl={ttl}");
     }
 
+    /// Each batch is journaled before it is sent; what it refused is resolved at once, what it
+    /// granted stays outstanding. After a "crash" (the journal reopened), Redis says what each
+    /// journaled batch granted, so exactly the granted requests are owed a row; a batch key
+    /// Redis never saw is claimed, so that batch can never run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journaled_batches_are_recovered_from_what_redis_granted() {
+        use crate::journal::{Journal, Line};
+        let dir = crate::ledger::test_support::TempDir::new();
+        let (journal, _) = Journal::open(dir.path()).expect("open");
+        let s = store().with_journal(Arc::new(journal));
+        let lines: Vec<Arc<Line>> = (0..3)
+            .map(|_| {
+                Arc::new(Line::new(
+                    uuid::Uuid::now_v7(),
+                    chrono::Utc::now(),
+                    "j",
+                    "api",
+                    1,
+                    "signals",
+                    "req",
+                ))
+            })
+            .collect();
+        let mut granted = Vec::new();
+        for line in &lines {
+            let v = s
+                .reserve(&Check {
+                    customer: "j",
+                    meter: "api",
+                    period: P,
+                    cost: 1,
+                    cap: Some(2),
+                    rate: None,
+                    record: Some(line),
+                })
+                .await
+                .expect("reserve");
+            if matches!(v, Verdict::Granted { .. }) {
+                granted.push(line.id());
+            }
+        }
+        assert_eq!(granted.len(), 2);
+        assert_eq!(s.journal.as_ref().expect("journal").outstanding(), 2);
+
+        let (_, leftover) = Journal::open(dir.path()).expect("reopen");
+        let keys: Vec<&str> = leftover.batch_keys().collect();
+        assert_eq!(keys.len(), 3, "one batch per sequential reservation");
+        let bits = s.batch_outcomes(&keys).await.expect("outcomes");
+        let outcomes = keys.iter().map(|k| k.to_string()).zip(bits).collect();
+        let owed: Vec<uuid::Uuid> = leftover.owed(&outcomes).iter().map(|e| e.id).collect();
+        assert_eq!(owed, granted);
+
+        let never = format!("{}:b:never", s.prefix);
+        assert_eq!(
+            s.batch_outcomes(&[never.as_str()]).await.expect("outcome"),
+            [None]
+        );
+        let mut conn = s.conn().await.expect("conn");
+        let tombstone: Option<String> = conn
+            .query(redis::cmd("GET").arg(&never))
+            .await
+            .expect("get");
+        assert_eq!(
+            tombstone.as_deref(),
+            Some("x"),
+            "a late batch will do nothing"
+        );
+    }
+
     /// The GCRA burst passes, the next is limited with a retry hint, and a limited call is free.
     #[tokio::test]
     async fn redis_rate_limit_is_free() {
@@ -631,6 +797,7 @@ mod tests {
             cost: 2,
             cap: None,
             rate,
+            record: None,
         };
         for _ in 0..3 {
             assert!(matches!(
@@ -744,7 +911,14 @@ mod tests {
         let seed = std::sync::Arc::new(super::super::tests::FixedSeed::new(7));
         let s = store().with_seed(seed.clone());
         assert_eq!(s.adjust("sd", "api", P, -3).await.expect("a"), 0);
-        assert_eq!(s.used("sd", "api", P).await.expect("u"), 0, "still absent");
+        let mut conn = s.conn().await.expect("conn");
+        let raw: Option<i64> = conn
+            .query(redis::cmd("GET").arg(s.quota_key("sd", "api", P)))
+            .await
+            .expect("get");
+        assert_eq!(raw, None, "still absent");
+        // A read seeds it too: the operator's view shows the ledger's units, not 0.
+        assert_eq!(s.used("sd", "api", P).await.expect("u"), 7);
         let c = Check {
             customer: "sd",
             meter: "api",
@@ -752,6 +926,7 @@ mod tests {
             cost: 2,
             cap: Some(10),
             rate: None,
+            record: None,
         };
         assert_eq!(
             s.reserve(&c).await.expect("r"),
@@ -762,7 +937,6 @@ mod tests {
             Verdict::OverQuota { used: 9 }
         );
         assert_eq!(seed.calls(), 1);
-        let mut conn = s.conn().await.expect("conn");
         let ttl: i64 = conn
             .query(redis::cmd("TTL").arg(s.quota_key("sd", "api", P)))
             .await

@@ -36,6 +36,7 @@ pub struct Flusher {
     ledger: Arc<dyn Ledger>,
     spool: Arc<Spool>,
     counters: Arc<UsageCounters>,
+    journal: Option<Arc<crate::journal::Journal>>,
     batch_max: usize,
     flush_every: Duration,
 }
@@ -118,6 +119,7 @@ impl Flusher {
             ledger,
             spool: sink.spool.clone(),
             counters: sink.counters.clone(),
+            journal: sink.journal.clone(),
             batch_max: batch_max.max(1),
             flush_every: flush_every.max(Duration::from_millis(1)),
         }
@@ -226,6 +228,7 @@ impl Flusher {
             match self.insert(batch).await {
                 Ok(inserted) => {
                     self.counters.inserted_of(batch.len(), inserted);
+                    self.safe(batch);
                     batch.clear();
                     return;
                 }
@@ -239,7 +242,10 @@ impl Flusher {
         // A synchronous append from the flusher task: only while the ledger is down, one
         // buffered write per batch.
         match self.spool.append(batch) {
-            Ok(()) => UsageCounters::add(&self.counters.spooled, batch.len()),
+            Ok(()) => {
+                UsageCounters::add(&self.counters.spooled, batch.len());
+                self.safe(batch);
+            }
             Err(e) => {
                 UsageCounters::add(&self.counters.lost, batch.len());
                 tracing::error!(
@@ -249,6 +255,39 @@ impl Flusher {
             }
         }
         batch.clear();
+    }
+
+    /// These rows are in the ledger or the spool: their journal lines may go.
+    fn safe(&self, events: &[UsageEvent]) {
+        if let Some(journal) = &self.journal {
+            journal.resolve(events.iter().map(|e| e.id));
+        }
+    }
+
+    /// Rows a crashed process owed (from its journal, [`crate::journal::Leftover::owed`]):
+    /// into the ledger now, or the spool when the ledger fails. Runs before anything is served,
+    /// so an embedded counter rebuilt from the ledger includes them. True when every row is
+    /// safe (the journal's leftovers may then be deleted).
+    pub async fn recover(&self, rows: Vec<UsageEvent>) -> bool {
+        let lost_before = self
+            .counters
+            .lost
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut health = Health::new();
+        let total = rows.len();
+        for chunk in rows.chunks(self.batch_max) {
+            self.flush(&mut chunk.to_vec(), &mut health).await;
+        }
+        if total > 0 {
+            tracing::info!(
+                rows = total,
+                "charges a crashed process had not recorded were recovered from its journal"
+            );
+        }
+        self.counters
+            .lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == lost_before
     }
 
     /// `insert_usage` bounded by [`INSERT_TIMEOUT`].
@@ -371,6 +410,7 @@ mod tests {
             spool.to_path_buf(),
             batch_max,
             flush_every,
+            None,
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(flusher.run(async {
@@ -557,7 +597,14 @@ mod tests {
         assert!(spool_files(&spool) > 0);
 
         let up = s.open().await;
-        let (_sink, flusher) = pipeline(up.clone(), 8, spool.clone(), 20, Duration::from_millis(5));
+        let (_sink, flusher) = pipeline(
+            up.clone(),
+            8,
+            spool.clone(),
+            20,
+            Duration::from_millis(5),
+            None,
+        );
         let second = flusher.run(async {}).await;
         assert_eq!((second.inserted, second.duplicates), (500, 0));
         assert_eq!(rows(&up, "acme").await, 500);

@@ -10,7 +10,8 @@
 //! idempotent because event ids are the ledger's primary key.
 //!
 //! This file owns the request path's half: the sink, the counters, [`Recorded`] and [`pipeline`],
-//! which wires the two halves together. It must not touch the ledger (only the flusher writes to
+//! which wires the two halves together. A row that is safe (in the ledger or the spool) is
+//! reported to the [`Journal`], which then forgets its reservation. It must not touch the ledger (only the flusher writes to
 //! it) or the spool's files (only through `spool`'s methods).
 //!
 //! - `flusher`: the background writer: batching, ledger health and backoff, the replay loop.
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::journal::Journal;
 use crate::ledger::{Ledger, UsageEvent};
 use spool::Spool;
 
@@ -143,17 +145,22 @@ pub struct UsageSink {
     counters: Arc<UsageCounters>,
     /// Wakes the flusher early when the queue is half full (it otherwise drains on its tick).
     wake: Arc<Notify>,
+    /// Told when an event's row is safe (in the ledger or the spool): its reservation's journal
+    /// line is then no longer needed.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Creates the pair. `capacity` = channel bound, `spool_dir` = where overflow and failed batches
 /// go (created on first use), `batch_max` = most events per ledger insert, `flush_every` = longest
-/// an event waits in a partial batch. Zero values are raised to the smallest workable ones.
+/// an event waits in a partial batch, `journal` = told which rows are safe. Zero values are
+/// raised to the smallest workable ones.
 pub fn pipeline(
     ledger: Arc<dyn Ledger>,
     capacity: usize,
     spool_dir: PathBuf,
     batch_max: usize,
     flush_every: Duration,
+    journal: Option<Arc<Journal>>,
 ) -> (UsageSink, Flusher) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let sink = UsageSink {
@@ -161,6 +168,7 @@ pub fn pipeline(
         spool: Arc::new(Spool::new(spool_dir)),
         counters: Arc::default(),
         wake: Arc::default(),
+        journal,
     };
     let flusher = Flusher::new(rx, &sink, ledger, batch_max, flush_every);
     (sink, flusher)
@@ -185,6 +193,7 @@ impl UsageSink {
                 match self.spool.append(std::slice::from_ref(&ev)) {
                     Ok(()) => {
                         UsageCounters::add(&self.counters.spooled, 1);
+                        self.safe(std::slice::from_ref(&ev));
                         Recorded::Spooled
                     }
                     Err(e) => {
@@ -197,6 +206,13 @@ impl UsageSink {
                     }
                 }
             }
+        }
+    }
+
+    /// These events' rows are in the ledger or the spool: their journal lines may go.
+    fn safe(&self, events: &[UsageEvent]) {
+        if let Some(journal) = &self.journal {
+            journal.resolve(events.iter().map(|e| e.id));
         }
     }
 
@@ -248,6 +264,7 @@ mod tests {
             spool.clone(),
             10,
             Duration::from_millis(5),
+            None,
         );
         let evs = events(3, "acme", "api_calls");
         assert_eq!(sink.record(evs[0].clone()), Recorded::Queued);
@@ -257,7 +274,8 @@ mod tests {
         assert_eq!(stats.inserted, 2);
         // The flusher is gone: the channel is closed, the spool still takes events.
         assert_eq!(sink.record(evs[2].clone()), Recorded::Spooled);
-        let (_sink2, flusher2) = pipeline(ledger.clone(), 1, spool, 10, Duration::from_millis(5));
+        let (_sink2, flusher2) =
+            pipeline(ledger.clone(), 1, spool, 10, Duration::from_millis(5), None);
         assert_eq!(flusher2.run(async {}).await.inserted, 1);
         assert_eq!(rows(&ledger, "acme").await, 3);
     }
@@ -276,6 +294,7 @@ mod tests {
             blocker.join("spool"),
             10,
             Duration::from_millis(5),
+            None,
         );
         let evs = events(2, "acme", "api_calls");
         assert_eq!(sink.record(evs[0].clone()), Recorded::Queued);

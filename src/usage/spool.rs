@@ -289,6 +289,7 @@ mod tests {
             spool.clone(),
             2,
             Duration::from_millis(5),
+            None,
         );
         let stats = flusher.run(async {}).await;
         assert_eq!((stats.inserted, stats.lost), (3, 3));

@@ -12,6 +12,7 @@ mod alerts;
 mod asymmetric;
 mod concurrency;
 mod config_files;
+mod crash;
 mod entitlement_sync;
 mod faults;
 mod live_config;
