@@ -17,6 +17,7 @@ pub struct Metrics {
     pub quota_store_errors: IntCounter,
     /// Connections closed at once: their IP held `proxy.max_connections_per_ip` already.
     pub connections_refused: IntCounter,
+    pub header_timeouts: IntCounter,
     /// `tollgate_usage_events_total` by outcome (queued, spooled, lost), brought up to the usage
     /// pipeline's own counts at scrape time ([`Metrics::sync_usage`]): the pipeline counts both
     /// the request path's overflow and the flusher's spooled batches.
@@ -88,6 +89,10 @@ impl Metrics {
             "tollgate_connections_refused_total",
             "Proxy connections closed at once because their IP held proxy.max_connections_per_ip",
         )?;
+        let header_timeouts = IntCounter::new(
+            "tollgate_header_timeouts_total",
+            "Proxy connections closed because their first request head was not complete within proxy.header_read_timeout",
+        )?;
         let usage_events = IntCounterVec::new(
             Opts::new(
                 "tollgate_usage_events_total",
@@ -121,6 +126,7 @@ impl Metrics {
         registry.register(Box::new(quota_store_duration.clone()))?;
         registry.register(Box::new(quota_store_errors.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(header_timeouts.clone()))?;
         registry.register(Box::new(usage_events.clone()))?;
         registry.register(Box::new(usage_queue_depth.clone()))?;
         registry.register(Box::new(usage_spool_bytes.clone()))?;
@@ -134,6 +140,7 @@ impl Metrics {
             quota_store_duration,
             quota_store_errors,
             connections_refused,
+            header_timeouts,
             usage_events: ["queued", "spooled", "lost"]
                 .map(|o| usage_events.with_label_values(&[o])),
             usage_synced: std::sync::Mutex::new([0; 3]),

@@ -23,7 +23,7 @@ use crate::entitle::Entitlements;
 use crate::journal::{Journal, Leftover};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::proxy::conn_cap::PerIpCap;
+use crate::proxy::conn_cap::{self, PerIpCap};
 use crate::proxy::state::{Shared, Snapshot};
 use crate::proxy::{upstream, Proxy};
 use crate::quota::fail_open::FailOpen;
@@ -291,6 +291,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             alerts,
             self_service: Default::default(),
             lifecycle: Default::default(),
+            heads: Default::default(),
         });
         anyhow::Ok((shared, flusher, listener, alert_worker))
     })?;
@@ -426,7 +427,12 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     let app = PerIpCap::new(
         app,
         config.proxy.max_connections_per_ip,
-        shared.metrics.connections_refused.clone(),
+        config.proxy.header_read_timeout,
+        shared.heads.clone(),
+        conn_cap::Counters {
+            refused: shared.metrics.connections_refused.clone(),
+            timed_out: shared.metrics.header_timeouts.clone(),
+        },
     );
     let mut proxy = pingora::services::listening::Service::new("tollgate proxy".into(), app);
     proxy.add_tcp(&config.proxy.listen.to_string());

@@ -50,6 +50,9 @@ pub struct ProxySettings {
     pub max_request_header_bytes: usize,
     /// Connections one client IP may hold open at once (0: no cap). Read at start.
     pub max_connections_per_ip: usize,
+    /// A new connection's first request head must be complete within this (0: no deadline).
+    /// Read at start.
+    pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     /// Worker threads of the proxy runtime; 0 = one per core.
     pub threads: usize,

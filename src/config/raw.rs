@@ -46,6 +46,7 @@ pub struct RawProxy {
     pub strip_authorization: Option<bool>,
     pub max_request_header_bytes: Option<i64>,
     pub max_connections_per_ip: Option<i64>,
+    pub header_read_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub threads: Option<i64>,
 }

@@ -193,6 +193,11 @@ impl Validator {
                 p.max_connections_per_ip,
                 0,
             ) as usize,
+            header_read_timeout: self.duration(
+                "proxy.header_read_timeout",
+                p.header_read_timeout.as_deref(),
+                Duration::from_secs(10),
+            ),
             shutdown_grace: self.duration(
                 "proxy.shutdown_grace",
                 p.shutdown_grace.as_deref(),

@@ -76,6 +76,8 @@ impl ProxyHttp for Proxy {
         // `nc -N`) is still waiting for the answer: pingora's default aborts the request at that
         // FIN (after the reservation, so the call was charged and never answered).
         session.downstream_session.set_abort_on_close(false);
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        self.shared.heads.arrived(peer); // its first head came in time (`conn_cap`)
         let snap = self.shared.snapshot.load_full();
         ctx.snapshot = Some(snap.clone());
         ctx.request_id = ctx::request_id(session.req_header());

@@ -84,6 +84,8 @@ pub struct Shared {
     pub self_service: super::selfservice::Guard,
     /// Requests in flight and the drain at shutdown.
     pub lifecycle: Lifecycle,
+    /// Connections still owing their first request head (`proxy.header_read_timeout`).
+    pub heads: Arc<super::conn_cap::Heads>,
 }
 
 /// Requests in flight (a `Ctx` exists), when the last one ended, and whether a graceful stop

@@ -759,3 +759,70 @@ async fn connections_per_ip_are_capped() {
     );
     assert_eq!(tg.metric("tollgate_connections_refused_total").await, 1);
 }
+
+/// `proxy.header_read_timeout = 1s`: a client trickling its first head a byte every 100 ms is
+/// cut off after about a second (pingora alone bounds each read, so it would wait forever),
+/// never reaches the upstream, and is counted; a client that sent its head in time keeps its
+/// keep-alive connection past the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_not_complete_in_time_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let tg = Tollgate::start_with(&base_config(up.addr), Backend::Embedded, None, |c| {
+        c.proxy.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let head = format!(
+        "GET /signals HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {}\r\n\r\n",
+        token("slow-head")
+    );
+
+    let mut slow = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut cut_off = None;
+    for b in head.as_bytes() {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut_off = Some(start.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {
+                cut_off = Some(start.elapsed());
+                break;
+            }
+            Ok(Ok(n)) => panic!("answered: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {} // still open: the next byte
+        }
+    }
+    let cut_off = cut_off.expect("the trickled head was read to its end");
+    assert!(
+        cut_off >= Duration::from_millis(900) && cut_off < Duration::from_secs(3),
+        "cut off after {cut_off:?}"
+    );
+    assert_eq!(tg.metric("tollgate_header_timeouts_total").await, 1);
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+
+    let mut prompt = tokio::net::TcpStream::connect(tg.proxy).await.unwrap();
+    prompt.write_all(head.as_bytes()).await.unwrap();
+    assert!(one_answer(&mut prompt).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    prompt.write_all(head.as_bytes()).await.unwrap();
+    assert!(
+        one_answer(&mut prompt).await.starts_with("HTTP/1.1 200"),
+        "a keep-alive connection is not cut off by the first head's deadline"
+    );
+    assert_eq!(tg.metric("tollgate_header_timeouts_total").await, 1);
+}
+
+/// The first read of an answer on a keep-alive connection (the test upstream's answers are
+/// small enough to arrive in one).
+async fn one_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 8192];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
