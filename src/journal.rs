@@ -175,7 +175,13 @@ impl Leftover {
                     .collect(),
             )),
             Record::Final { e } => {
-                self.finals.insert(e.id, e);
+                // Owed by itself too: its grant's segment may be gone (the reservation moved
+                // to the final's segment, and the older one was deleted once resolved).
+                self.finals.insert(e.id, e.clone());
+                self.granted.push(Entry {
+                    row: e,
+                    cancelled: false,
+                });
             }
             Record::Cancelled {
                 id,
@@ -460,8 +466,11 @@ impl Journal {
         let n = seg.n;
         for id in ids {
             if let Some(old) = inner.outstanding.insert(id, n) {
-                // A second record for the same reservation (a seeded retry, a final row).
-                inner.release(old);
+                // A second record for the same reservation (a seeded retry, a final row): the
+                // older segment no longer holds it, and may be done.
+                if inner.release(old) && old != n {
+                    doomed.push(old);
+                }
             }
             *inner.per_segment.entry(n).or_default() += 1;
         }
@@ -618,6 +627,34 @@ mod tests {
         journal.resolve([second.id()]);
         assert_eq!(segments(dir.path()), 1, "the active segment stays");
         assert_eq!(journal.outstanding(), 0);
+    }
+
+    /// A final row is recovered even when the segment with its grant was deleted meanwhile.
+    #[test]
+    fn a_final_row_outlives_its_grants_segment() {
+        let dir = TempDir::new();
+        let granted = line("a", 5);
+        {
+            let (journal, _) = Journal::open(dir.path()).expect("open");
+            journal.granted(&granted);
+            journal.lock().active.as_mut().expect("active").bytes = SEGMENT_MAX_BYTES;
+            let mut settled: UsageEvent = serde_json::from_slice(&granted.json).expect("row");
+            settled.units = 3;
+            settled.status = 200;
+            journal.settled_differently(&settled);
+            assert_eq!(
+                segments(dir.path()),
+                1,
+                "the grant's segment is resolved and gone"
+            );
+        } // the process dies before the row is safe
+        let (_, left) = Journal::open(dir.path()).expect("reopen");
+        let owed = left.owed(&HashMap::new());
+        assert_eq!(owed.len(), 1);
+        assert_eq!(
+            (owed[0].id, owed[0].units, owed[0].status),
+            (granted.id(), 3, 200)
+        );
     }
 
     /// A torn last line (the process died mid-write) is counted and skipped.
