@@ -2,8 +2,9 @@
 //!
 //! `reserve.lua` checks a customer's rate (GCRA on Redis's clock, so instances agree) and the
 //! meter's cap, and charges only if both pass. On a single server, reservations are batched: one
-//! task per store sends whatever requests are waiting as one `EVALSHA` and, while it waits for the
-//! answer, the next batch gathers. The script decides the requests one after the other, each as
+//! task per store sends whatever requests are waiting as one `EVALSHA`, and while that batch is
+//! on its way the next one gathers and is sent too (a few in flight, pipelined on the one
+//! connection, in order). The script decides the requests one after the other, each as
 //! if alone, so batching changes nothing about exactness; it divides Redis's per-script cost and
 //! the syscalls by the batch size (the latency a request can wait is one batch's round trip). On
 //! a cluster a batch would span slots, so each request is its own call. Keys look like
@@ -48,6 +49,11 @@ const EXPIRY_SLACK_SECS: i64 = 86_400;
 
 /// Most reservations in one `EVALSHA` (bounds one call's time inside Redis).
 const BATCH_MAX: usize = 64;
+
+/// Most batches waiting for Redis at once: while one is on its way, the next gathers and is sent
+/// too, instead of waiting for the first's answer. (More would only make batches smaller, and
+/// Redis's cost per request larger, for no shorter wait.)
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// One reservation waiting for the batcher: two keys, six arguments (see `reserve.lua`).
 struct Job {
@@ -566,86 +572,115 @@ fn spawn_refund(mut conn: Conn, counter: String, cost: i64, expiry: i64) {
 }
 
 /// The batcher: sends whatever reservations are waiting (up to [`BATCH_MAX`]) as one `EVALSHA`,
-/// under the store's deadline, and hands each request its answer. Ends when the store is dropped.
+/// under the store's deadline, and hands each request its answer. Up to [`BATCHES_IN_FLIGHT`]
+/// batches are on the (multiplexed) connection at once, so a request waits for one round trip,
+/// not for the batch before it too. They are sent in the order they were formed, and Redis runs
+/// one connection's commands in order, so each customer's requests are still decided in order.
+/// Ends when the store is dropped and the last batch has its answer.
 async fn batch_reservations(
-    mut conn: Conn,
+    conn: Conn,
     mut rx: mpsc::Receiver<Job>,
     timeout: Duration,
     prefix: String,
     journal: Option<Arc<Journal>>,
 ) {
-    let mut batch: Vec<Job> = Vec::with_capacity(BATCH_MAX);
-    while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
-        // A caller that gave up while its job waited here has its answer already (the
-        // fallback's or a 503): the job must never run.
-        batch.retain(|j| !j.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let batch_key = format!("{prefix}:b:{}", uuid::Uuid::now_v7().simple());
-        let mut inv = RESERVE.prepare_invoke();
-        for job in &batch {
-            inv.key(&job.keys[0]).key(&job.keys[1]);
-        }
-        inv.key(&batch_key);
-        for job in &batch {
-            for a in job.args {
-                inv.arg(a);
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        let mut batch: Vec<Job> = Vec::with_capacity(BATCH_MAX);
+        tokio::select! {
+            // Answers first; and a batch just formed is polled (so sent) before the next forms.
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            n = rx.recv_many(&mut batch, BATCH_MAX), if open && in_flight.len() < BATCHES_IN_FLIGHT => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                // A caller that gave up while its job waited here has its answer already (the
+                // fallback's or a 503): the job must never run.
+                batch.retain(|j| !j.reply.is_closed());
+                if !batch.is_empty() {
+                    let batch_key = format!("{prefix}:b:{}", uuid::Uuid::now_v7().simple());
+                    in_flight.push(run_batch(conn.clone(), batch, batch_key, timeout, journal.clone()));
+                }
             }
+            else => return,
         }
-        inv.arg(BATCH_KEY_TTL_MS);
-        // On disk before Redis can count it: if the process dies before the answer, recovery
-        // asks Redis what this batch granted.
-        if let Some(journal) = &journal {
-            if batch.iter().any(|j| j.line.is_some()) {
-                journal.sent(&batch_key, batch.iter().map(|j| j.line.as_deref()));
-            }
+    }
+}
+
+/// One batch: journaled, sent, answered (or cancelled when it may still run late).
+async fn run_batch(
+    mut conn: Conn,
+    mut batch: Vec<Job>,
+    batch_key: String,
+    timeout: Duration,
+    journal: Option<Arc<Journal>>,
+) {
+    let mut inv = RESERVE.prepare_invoke();
+    for job in &batch {
+        inv.key(&job.keys[0]).key(&job.keys[1]);
+    }
+    inv.key(&batch_key);
+    for job in &batch {
+        for a in job.args {
+            inv.arg(a);
         }
-        let answer: Result<Vec<i64>, QuotaError> =
-            match tokio::time::timeout(timeout, conn.invoke::<Vec<i64>>(&inv)).await {
-                Ok(Ok(v)) if v.len() == 2 * batch.len() => Ok(v),
-                Ok(Ok(v)) => Err(QuotaError::Protocol(format!(
-                    "reserve returned {} values for {} requests",
-                    v.len(),
-                    batch.len()
-                ))),
-                Ok(Err(e)) => Err(QuotaError::Redis(e)),
-                Err(_) => Err(QuotaError::Timeout),
-            };
-        match answer {
-            Ok(v) => {
-                for (i, (job, pair)) in batch.drain(..).zip(v.chunks_exact(2)).enumerate() {
-                    let (code, value) = (pair[0], pair[1]);
-                    let id = job.line.as_ref().map(|line| line.id());
-                    let late = job.reply.send(Ok((code, value))).is_err();
-                    if let (Some(journal), Some(id)) = (&journal, id) {
-                        if code != 0 {
-                            journal.resolve([id]); // nothing was charged
-                        } else if late {
-                            journal.cancelled_in_batch(&batch_key, i, id);
-                        }
+    }
+    inv.arg(BATCH_KEY_TTL_MS);
+    // On disk before Redis can count it: if the process dies before the answer, recovery
+    // asks Redis what this batch granted.
+    if let Some(journal) = &journal {
+        if batch.iter().any(|j| j.line.is_some()) {
+            journal.sent(&batch_key, batch.iter().map(|j| j.line.as_deref()));
+        }
+    }
+    let answer: Result<Vec<i64>, QuotaError> =
+        match tokio::time::timeout(timeout, conn.invoke::<Vec<i64>>(&inv)).await {
+            Ok(Ok(v)) if v.len() == 2 * batch.len() => Ok(v),
+            Ok(Ok(v)) => Err(QuotaError::Protocol(format!(
+                "reserve returned {} values for {} requests",
+                v.len(),
+                batch.len()
+            ))),
+            Ok(Err(e)) => Err(QuotaError::Redis(e)),
+            Err(_) => Err(QuotaError::Timeout),
+        };
+    match answer {
+        Ok(v) => {
+            for (i, (job, pair)) in batch.drain(..).zip(v.chunks_exact(2)).enumerate() {
+                let (code, value) = (pair[0], pair[1]);
+                let id = job.line.as_ref().map(|line| line.id());
+                let late = job.reply.send(Ok((code, value))).is_err();
+                if let (Some(journal), Some(id)) = (&journal, id) {
+                    if code != 0 {
+                        journal.resolve([id]); // nothing was charged
+                    } else if late {
+                        journal.cancelled_in_batch(&batch_key, i, id);
                     }
-                    if late && code == 0 {
-                        let [counter, _] = job.keys;
-                        spawn_refund(conn.clone(), counter, job.args[0], job.args[2]);
-                    }
+                }
+                if late && code == 0 {
+                    let [counter, _] = job.keys;
+                    spawn_refund(conn.clone(), counter, job.args[0], job.args[2]);
                 }
             }
-            Err(e) => {
-                if may_run_late(&e) {
-                    let counters = batch.iter().map(|j| j.keys[0].clone()).collect();
-                    let costs = batch.iter().map(|j| j.args[0]).collect();
-                    spawn_cancel(conn.clone(), batch_key, counters, costs);
-                }
-                let shared = e.to_string();
-                let timed_out = matches!(e, QuotaError::Timeout);
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(if timed_out {
-                        QuotaError::Timeout
-                    } else {
-                        QuotaError::Batch(shared.clone())
-                    }));
-                }
+        }
+        Err(e) => {
+            if may_run_late(&e) {
+                let counters = batch.iter().map(|j| j.keys[0].clone()).collect();
+                let costs = batch.iter().map(|j| j.args[0]).collect();
+                spawn_cancel(conn.clone(), batch_key, counters, costs);
+            }
+            let shared = e.to_string();
+            let timed_out = matches!(e, QuotaError::Timeout);
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(if timed_out {
+                    QuotaError::Timeout
+                } else {
+                    QuotaError::Batch(shared.clone())
+                }));
             }
         }
     }
