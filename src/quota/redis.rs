@@ -653,13 +653,13 @@ async fn run_batch(
             for (i, (job, pair)) in batch.drain(..).zip(v.chunks_exact(2)).enumerate() {
                 let (code, value) = (pair[0], pair[1]);
                 let id = job.line.as_ref().map(|line| line.id());
+                let journal = journal.as_ref().zip(id);
+                if let (Some((journal, id)), true) = (journal, code != 0) {
+                    journal.resolve([id]); // nothing was charged (before the caller hears it)
+                }
                 let late = job.reply.send(Ok((code, value))).is_err();
-                if let (Some(journal), Some(id)) = (&journal, id) {
-                    if code != 0 {
-                        journal.resolve([id]); // nothing was charged
-                    } else if late {
-                        journal.cancelled_in_batch(&batch_key, i, id);
-                    }
+                if let (Some((journal, id)), true) = (journal, code == 0 && late) {
+                    journal.cancelled_in_batch(&batch_key, i, id);
                 }
                 if late && code == 0 {
                     let [counter, _] = job.keys;
