@@ -228,7 +228,7 @@ impl Flusher {
             match self.insert(batch).await {
                 Ok(inserted) => {
                     self.counters.inserted_of(batch.len(), inserted);
-                    self.safe(batch);
+                    super::mark_safe(self.journal.as_deref(), batch);
                     batch.clear();
                     return;
                 }
@@ -244,7 +244,7 @@ impl Flusher {
         match self.spool.append(batch) {
             Ok(()) => {
                 UsageCounters::add(&self.counters.spooled, batch.len());
-                self.safe(batch);
+                super::mark_safe(self.journal.as_deref(), batch);
             }
             Err(e) => {
                 UsageCounters::add(&self.counters.lost, batch.len());
@@ -255,13 +255,6 @@ impl Flusher {
             }
         }
         batch.clear();
-    }
-
-    /// These rows are in the ledger or the spool: their journal lines may go.
-    fn safe(&self, events: &[UsageEvent]) {
-        if let Some(journal) = &self.journal {
-            journal.resolve(events.iter().map(|e| e.id));
-        }
     }
 
     /// Rows a crashed process owed (from its journal, [`crate::journal::Leftover::owed`]):

@@ -11,8 +11,9 @@
 //!
 //! This file owns the request path's half: the sink, the counters, [`Recorded`] and [`pipeline`],
 //! which wires the two halves together. A row that is safe (in the ledger or the spool) is
-//! reported to the [`Journal`], which then forgets its reservation. It must not touch the ledger (only the flusher writes to
-//! it) or the spool's files (only through `spool`'s methods).
+//! reported to the [`Journal`], which then forgets its reservation. It must not touch the
+//! ledger (only the flusher writes to it) or the spool's files (only through `spool`'s
+//! methods).
 //!
 //! - `flusher`: the background writer: batching, ledger health and backoff, the replay loop.
 //! - `spool`: the disk spool: file format, rotation, listing and reading closed files.
@@ -174,6 +175,14 @@ pub fn pipeline(
     (sink, flusher)
 }
 
+/// These events' rows are in the ledger or the spool: their reservations' journal lines may go
+/// (the sink's spool appends and the flusher's inserts and spool appends all end here).
+fn mark_safe(journal: Option<&Journal>, events: &[UsageEvent]) {
+    if let Some(journal) = journal {
+        journal.resolve(events.iter().map(|e| e.id));
+    }
+}
+
 // === impl UsageSink ===
 
 impl UsageSink {
@@ -193,7 +202,7 @@ impl UsageSink {
                 match self.spool.append(std::slice::from_ref(&ev)) {
                     Ok(()) => {
                         UsageCounters::add(&self.counters.spooled, 1);
-                        self.safe(std::slice::from_ref(&ev));
+                        mark_safe(self.journal.as_deref(), std::slice::from_ref(&ev));
                         Recorded::Spooled
                     }
                     Err(e) => {
@@ -206,13 +215,6 @@ impl UsageSink {
                     }
                 }
             }
-        }
-    }
-
-    /// These events' rows are in the ledger or the spool: their journal lines may go.
-    fn safe(&self, events: &[UsageEvent]) {
-        if let Some(journal) = &self.journal {
-            journal.resolve(events.iter().map(|e| e.id));
         }
     }
 
