@@ -133,6 +133,15 @@ struct Entry {
     cancelled: bool,
 }
 
+impl Entry {
+    fn new(row: UsageEvent) -> Entry {
+        Entry {
+            row,
+            cancelled: false,
+        }
+    }
+}
+
 /// What a previous process left, in journal order, for [`crate::usage::Flusher::recover`].
 #[derive(Debug, Default)]
 pub struct Leftover {
@@ -159,29 +168,15 @@ impl Leftover {
 
     fn push(&mut self, record: Record) {
         match record {
-            Record::Granted { e } => self.granted.push(Entry {
-                row: e,
-                cancelled: false,
-            }),
-            Record::Sent { b, e } => self.sent.push((
-                b,
-                e.into_iter()
-                    .map(|row| {
-                        row.map(|row| Entry {
-                            row,
-                            cancelled: false,
-                        })
-                    })
-                    .collect(),
-            )),
+            Record::Granted { e } => self.granted.push(Entry::new(e)),
+            Record::Sent { b, e } => self
+                .sent
+                .push((b, e.into_iter().map(|row| row.map(Entry::new)).collect())),
             Record::Final { e } => {
                 // Owed by itself too: its grant's segment may be gone (the reservation moved
                 // to the final's segment, and the older one was deleted once resolved).
                 self.finals.insert(e.id, e.clone());
-                self.granted.push(Entry {
-                    row: e,
-                    cancelled: false,
-                });
+                self.granted.push(Entry::new(e));
             }
             Record::Cancelled {
                 id,

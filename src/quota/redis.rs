@@ -158,16 +158,22 @@ impl RedisStore {
 
     /// Sets an absent counter to its seed (`SET … NX`: a counter another request or instance
     /// seeded or charged meanwhile is kept), expiring with the counter.
-    async fn seed_counter(&self, seed: &dyn CounterSeed, c: &Check<'_>) -> Result<(), QuotaError> {
-        let Some(units) = seed_of(seed, c.customer, c.meter, c.period).await else {
+    async fn seed_counter(
+        &self,
+        seed: &dyn CounterSeed,
+        customer: &str,
+        meter: &str,
+        period: Period,
+    ) -> Result<(), QuotaError> {
+        let Some(units) = seed_of(seed, customer, meter, period).await else {
             return Ok(());
         };
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.quota_key(c.customer, c.meter, c.period))
+        cmd.arg(self.quota_key(customer, meter, period))
             .arg(i64::try_from(units).unwrap_or(i64::MAX))
             .arg("NX")
             .arg("EXAT")
-            .arg(c.period.end + EXPIRY_SLACK_SECS);
+            .arg(period.end + EXPIRY_SLACK_SECS);
         let mut conn = self.conn().await?;
         let _: Option<String> = self.with_deadline(conn.query(&cmd)).await?;
         Ok(())
@@ -402,7 +408,8 @@ impl QuotaStore for RedisStore {
         let (mut code, mut value) = self.reserve_once(c, self.seed.is_some()).await?;
         if code == 3 {
             if let Some(seed) = &self.seed {
-                self.seed_counter(seed.as_ref(), c).await?;
+                self.seed_counter(seed.as_ref(), c.customer, c.meter, c.period)
+                    .await?;
             }
             (code, value) = self.reserve_once(c, false).await?;
         }
@@ -442,16 +449,8 @@ impl QuotaStore for RedisStore {
         let key = self.quota_key(customer, meter, period);
         let mut v: Option<i64> = self.read(redis::cmd("GET").arg(&key)).await?;
         if let (None, Some(seed)) = (v, &self.seed) {
-            let c = Check {
-                customer,
-                meter,
-                period,
-                cost: 0,
-                cap: None,
-                rate: None,
-                record: None,
-            };
-            self.seed_counter(seed.as_ref(), &c).await?;
+            self.seed_counter(seed.as_ref(), customer, meter, period)
+                .await?;
             v = self.read(redis::cmd("GET").arg(&key)).await?;
         }
         Ok(v.unwrap_or(0).max(0) as u64)
