@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub struct MemoryStore {
     /// `customer \0 meter \0 period_start` → counter.
     counters: DashMap<String, Counter>,
-    limiters: DashMap<Rate, Arc<DefaultKeyedRateLimiter<String>>>,
+    limiters: Limiters,
     /// Where an absent counter starts from (the ledger) when this is the embedded primary; the
     /// fail-open fallback has none (it counts only what it granted, to fold it into Redis).
     seed: Option<Arc<dyn CounterSeed>>,
@@ -43,7 +43,44 @@ pub struct Drained {
     pub units: i64,
 }
 
-fn key(customer: &str, meter: &str, period: Period) -> String {
+/// Per-minute rate limits in process: governor's GCRA, one keyed limiter per distinct
+/// (rate, burst), keyed by customer.
+#[derive(Default)]
+pub(crate) struct Limiters {
+    by_rate: DashMap<Rate, Arc<DefaultKeyedRateLimiter<String>>>,
+}
+
+impl Limiters {
+    /// `None` when `customer` may go ahead (and is counted); else the milliseconds to wait.
+    pub(crate) fn check(&self, rate: Rate, customer: &str) -> Option<u64> {
+        let limiter = self.limiter(rate);
+        let not_until = limiter.check_key(&customer.to_string()).err()?;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        Some(wait.as_millis().max(1) as u64)
+    }
+
+    fn limiter(&self, rate: Rate) -> Arc<DefaultKeyedRateLimiter<String>> {
+        if let Some(l) = self.by_rate.get(&rate) {
+            return l.clone();
+        }
+        let per_minute = NonZeroU32::new(rate.per_minute).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_minute(per_minute).allow_burst(burst);
+        self.by_rate
+            .entry(rate)
+            .or_insert_with(|| Arc::new(DefaultKeyedRateLimiter::keyed(quota)))
+            .clone()
+    }
+
+    /// Forgets idle customers' state.
+    pub(crate) fn sweep(&self) {
+        for l in self.by_rate.iter() {
+            l.retain_recent();
+        }
+    }
+}
+
+pub(crate) fn key(customer: &str, meter: &str, period: Period) -> String {
     let mut k = String::with_capacity(customer.len() + meter.len() + 24);
     k.push_str(customer);
     k.push('\0');
@@ -95,27 +132,12 @@ impl MemoryStore {
         });
     }
 
-    fn limiter(&self, rate: Rate) -> Arc<DefaultKeyedRateLimiter<String>> {
-        if let Some(l) = self.limiters.get(&rate) {
-            return l.clone();
-        }
-        let per_minute = NonZeroU32::new(rate.per_minute).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_minute(per_minute).allow_burst(burst);
-        self.limiters
-            .entry(rate)
-            .or_insert_with(|| Arc::new(DefaultKeyedRateLimiter::keyed(quota)))
-            .clone()
-    }
-
     /// Drops counters of periods that ended (plus slack) before `now` (unix seconds), and idle
     /// rate-limiter state.
     pub fn sweep(&self, now: i64) {
         self.counters
             .retain(|_, c| c.period.end + SWEEP_SLACK_SECS > now);
-        for l in self.limiters.iter() {
-            l.retain_recent();
-        }
+        self.limiters.sweep();
     }
 
     /// Takes every non-zero counter out (fail-open fallback → Redis on recovery). A reservation
@@ -177,12 +199,8 @@ fn clamp(v: i64) -> u64 {
 impl QuotaStore for MemoryStore {
     async fn reserve(&self, c: &Check<'_>) -> Result<Verdict, QuotaError> {
         if let Some(rate) = c.rate {
-            let limiter = self.limiter(rate);
-            if let Err(not_until) = limiter.check_key(&c.customer.to_string()) {
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-                return Ok(Verdict::RateLimited {
-                    retry_after_ms: wait.as_millis().max(1) as u64,
-                });
+            if let Some(retry_after_ms) = self.limiters.check(rate, c.customer) {
+                return Ok(Verdict::RateLimited { retry_after_ms });
             }
         }
         let k = key(c.customer, c.meter, c.period);
@@ -262,6 +280,7 @@ mod tests {
             cap,
             rate,
             record: None,
+            lease: None,
         }
     }
 
@@ -381,6 +400,7 @@ mod drain_tests {
             cap: None,
             rate: None,
             record: None,
+            lease: None,
         };
         s.reserve(&c).await.expect("reserve");
         let d = s.drain();
