@@ -28,7 +28,8 @@ use crate::proxy::state::{Shared, Snapshot};
 use crate::proxy::{upstream, Proxy};
 use crate::quota::fail_open::FailOpen;
 use crate::quota::{
-    memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore, SeedAfterLoss,
+    lease::Leases, memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore,
+    SeedAfterLoss,
 };
 use crate::{alerts, ledger, quota, stripe, usage};
 use anyhow::Context;
@@ -220,7 +221,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         }
         .with_journal(journal.clone()),
     );
-    let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<dyn QuotaStore>>> {
+    let redis_store = |timeout: Duration| -> anyhow::Result<Option<Arc<RedisStore>>> {
         Ok(match &storage.redis_url {
             Some(url) => Some(Arc::new(
                 RedisStore::new(url, storage.redis_cluster, &storage.redis_prefix, timeout)
@@ -234,11 +235,22 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             None => None,
         })
     };
-    // The proxy's handle connects lazily on pingora's runtime; the admin's on the control runtime.
-    let store: Arc<dyn QuotaStore> =
-        redis_store(storage.redis_timeout)?.unwrap_or_else(|| fallback.clone());
+    // The proxy's handle connects lazily on pingora's runtime; the admin's on the control
+    // runtime, which also looks after lease-mode plans' leases (and gives them back at stop).
+    let proxy_redis = redis_store(storage.redis_timeout)?;
     let admin_redis = redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?;
-    let admin_store: Arc<dyn QuotaStore> = admin_redis.clone().unwrap_or_else(|| fallback.clone());
+    let leases = admin_redis.as_ref().map(|r| {
+        Arc::new(Leases::new(
+            r.clone(),
+            Some(journal.clone()),
+            fail_open.clone(),
+        ))
+    });
+    let (store, admin_store): (Arc<dyn QuotaStore>, Arc<dyn QuotaStore>) =
+        match (&leases, proxy_redis, &admin_redis) {
+            (Some(l), Some(p), Some(a)) => (Arc::new(l.store(p)), Arc::new(l.store(a.clone()))),
+            _ => (fallback.clone(), fallback.clone()),
+        };
     let channel = |topic: &str| -> anyhow::Result<Option<Channel>> {
         match &storage.redis_url {
             Some(url) => Ok(Some(
@@ -287,6 +299,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             fail_open: fail_open.clone(),
             usage: sink,
             journal: Some(journal.clone()),
+            leases: leases.clone(),
             metrics,
             alerts,
             self_service: Default::default(),
@@ -354,11 +367,14 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             &rt,
         );
     }
+    if let Some(leases) = &shared.leases {
+        tasks.spawn_on(leases.clone().run(cancel.clone()), &rt);
+    }
     let sweep = shared.clone();
     tasks.spawn_on(
         quota::maintain::run(
             shared.fallback.clone(),
-            admin_redis,
+            admin_redis.map(|r| r as Arc<dyn QuotaStore>),
             fail_open.clone(),
             move || sweep.self_service.sweep(),
             cancel.clone(),
@@ -459,9 +475,18 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     });
     server.run(RunArgs { shutdown_signal });
 
-    // The proxy has drained: nothing records usage any more. Flush what is queued.
+    // The proxy has drained: nothing records usage any more. Give back what leases hold and
+    // flush what is queued.
     tracing::info!("proxy stopped; flushing usage");
     cancel.cancel();
+    if let Some(leases) = &shared.leases {
+        if control
+            .block_on(async { tokio::time::timeout(DRAIN, leases.give_back_all()).await })
+            .is_err()
+        {
+            tracing::warn!("leases not all given back in time; they come back when they expire");
+        }
+    }
     let stats = control.block_on(async {
         let stats = flush.await;
         if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {

@@ -249,6 +249,9 @@ pub struct Plan {
     pub fail_mode: FailMode,
     /// How much of a capped quota's remaining units one instance may grant in fail-open.
     pub fail_open_allowance: crate::quota::fail_open::Allowance,
+    /// `quota_mode = "lease"`: the plan's quotas are spent from in-process leases (Redis only;
+    /// the embedded store is in process already and ignores it). `None`: exact.
+    pub lease: Option<crate::quota::lease::LeaseTerms>,
     pub past_due_grace: Duration,
     pub rank: i64,
     /// Shadow mode for every route this plan is used on (see [`Route::shadow`]).

@@ -172,6 +172,13 @@ pub struct RawPlan {
     pub fail_mode: Option<String>,
     /// Share (0–1) of the units left that one instance may grant while Redis is down.
     pub fail_open_allowance: Option<f64>,
+    /// `"exact"` (default: every request asks Redis) or `"lease"` (blocks of units spent in
+    /// process).
+    pub quota_mode: Option<String>,
+    /// Lease mode: the most units one lease holds.
+    pub lease_units: Option<i64>,
+    /// Lease mode: how long a lease lives without being extended (a duration: `10s`).
+    pub lease_ttl: Option<String>,
     pub past_due_grace: Option<String>,
     /// Higher wins when several plans apply (Stripe subscriptions with several prices).
     pub rank: Option<i64>,

@@ -4,9 +4,10 @@
 //! Owns: defaults, ranges, cross-references (route → upstream/meter/feature, plan → meter,
 //! Stripe prices → plans). Must not touch: secrets' values, the network, storage.
 
-use super::raw::{self, OneOrMany, RawConfig, RawQuota};
+use super::raw::{self, OneOrMany, RawConfig, RawPlan, RawQuota};
 use super::*;
 use crate::quota::fail_open::Allowance;
+use crate::quota::lease::LeaseTerms;
 
 const DEFAULT_METER: &str = "api_calls";
 /// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
@@ -399,6 +400,7 @@ impl Validator {
                     Allowance::PerInstance
                 }
             };
+            let lease = self.lease_terms(&key, p);
             let past_due_grace = self.duration(
                 &format!("{key}.past_due_grace"),
                 p.past_due_grace.as_deref(),
@@ -413,6 +415,7 @@ impl Validator {
                     quotas,
                     fail_mode,
                     fail_open_allowance,
+                    lease,
                     past_due_grace,
                     rank: p.rank.unwrap_or(0),
                     shadow: p.shadow.unwrap_or(false),
@@ -421,6 +424,51 @@ impl Validator {
             );
         }
         out
+    }
+
+    /// `quota_mode` and the lease keys of a plan (`key` is `plans.<name>`).
+    fn lease_terms(&mut self, key: &str, p: &RawPlan) -> Option<LeaseTerms> {
+        let lease = match p.quota_mode.as_deref() {
+            None | Some("exact") => false,
+            Some("lease") => true,
+            Some(o) => {
+                self.err(
+                    format!("{key}.quota_mode"),
+                    format!("must be \"exact\" or \"lease\", got {o:?}"),
+                );
+                false
+            }
+        };
+        if !lease {
+            for (k, set) in [
+                ("lease_units", p.lease_units.is_some()),
+                ("lease_ttl", p.lease_ttl.is_some()),
+            ] {
+                if set {
+                    self.err(
+                        format!("{key}.{k}"),
+                        "only meaningful with quota_mode = \"lease\"",
+                    );
+                }
+            }
+            return None;
+        }
+        let max_units = self.positive(format!("{key}.lease_units"), p.lease_units, 100);
+        let lifetime = self.duration(
+            &format!("{key}.lease_ttl"),
+            p.lease_ttl.as_deref(),
+            Duration::from_secs(10),
+        );
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&lifetime) {
+            self.err(
+                format!("{key}.lease_ttl"),
+                format!("must be from 1s to 1h, got {lifetime:?}"),
+            );
+        }
+        Some(LeaseTerms {
+            max_units,
+            lifetime,
+        })
     }
 
     fn quota(&mut self, key: &str, q: &RawQuota) -> Quota {

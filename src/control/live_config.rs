@@ -398,6 +398,18 @@ impl LiveConfig {
         Ok(stored)
     }
 
+    /// Leases were taken under the old plans: they go back now (a lowered `included` must not
+    /// stay leased out), and the next requests take new ones under the new terms.
+    fn give_back_leases(&self) {
+        let (Some(leases), Ok(rt)) = (
+            self.shared.leases.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        rt.spawn(async move { leases.give_back_all().await });
+    }
+
     /// Swaps in `config` as `version` if that is newer than the version in force.
     fn install(&self, config: Config, pools: Arc<BTreeMap<String, Pool>>, version: u64) -> bool {
         let _g = self.install.lock().unwrap_or_else(|e| e.into_inner());
@@ -408,6 +420,7 @@ impl LiveConfig {
             Ok(snap) => {
                 self.shared.snapshot.store(Arc::new(snap));
                 self.shared.metrics.config_version.set(version as i64);
+                self.give_back_leases();
                 true
             }
             Err(e) => {

@@ -154,6 +154,7 @@ async fn reserve(
         cap: quota.cap(),
         rate: plan.rate,
         record: line.as_ref(),
+        lease: plan.lease,
     };
     let (mut verdict, local) = reserve_or_fall_back(shared, &check, plan).await?;
     let mut waived = None;
@@ -180,6 +181,7 @@ async fn reserve(
         let anyway = Check {
             cap: None,
             rate: None,
+            lease: None,
             ..check
         };
         let store = if local {

@@ -77,6 +77,8 @@ pub struct Shared {
     /// Where reservations are written before they are forwarded (`None`: not protected against
     /// a crash; tests of other parts).
     pub journal: Option<Arc<crate::journal::Journal>>,
+    /// This instance's leases of lease-mode plans (with Redis only); `store` grants from them.
+    pub leases: Option<Arc<crate::quota::lease::Leases>>,
     pub metrics: Arc<Metrics>,
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
     pub alerts: Option<crate::alerts::Alerts>,

@@ -190,6 +190,7 @@ mod tests {
             cap,
             rate: None,
             record: None,
+            lease: None,
         }
     }
 

@@ -3,13 +3,15 @@
 //! Owns: billing periods, the atomic "check every limit and charge" operation, refunds and
 //! adjustments. Two implementations behind [`QuotaStore`]: [`redis::RedisStore`] (production,
 //! shared by many instances, one Lua call per batch of waiting requests) and [`memory::MemoryStore`]
-//! (embedded default and the fail-open fallback).
+//! (embedded default and the fail-open fallback). [`lease::Leased`] sits in front of Redis for
+//! plans in lease mode: units taken from Redis in blocks and spent in process.
 //! [`usage_view`] reads the counters back against a plan's quotas (operator and self-service).
 //! Must not touch: plans or entitlements (callers pass plain numbers and quotas), HTTP, the
 //! ledger. A store given a [`crate::journal::Journal`] writes each reservation there before it
 //! can count (and says which it refused); it never reads it.
 
 pub mod fail_open;
+pub mod lease;
 pub(crate) mod maintain;
 pub(crate) mod memory;
 pub(crate) mod redis;
@@ -81,6 +83,9 @@ pub struct Check<'a> {
     /// The request's journal line: a store that charges it journals it first (the embedded
     /// store as granted, Redis as sent with its batch), so a crash cannot lose the charge.
     pub record: Option<&'a std::sync::Arc<crate::journal::Line>>,
+    /// The plan leases its quota (`quota_mode = "lease"`): a store with leases grants this from
+    /// the instance's lease; any other store reserves it exactly.
+    pub lease: Option<lease::LeaseTerms>,
 }
 
 /// The answer to a [`Check`]. Nothing is charged unless it is `Granted`.
@@ -105,6 +110,9 @@ pub enum QuotaError {
     /// A batched call failed; every request in the batch gets the message.
     #[error("quota store: {0}")]
     Batch(String),
+    /// Not tried: a call like it failed a moment ago.
+    #[error("quota store: {0}")]
+    Unavailable(&'static str),
 }
 
 /// Real-time counters. Implementations must make `reserve` atomic: N concurrent reservations

@@ -15,6 +15,7 @@ mod config_files;
 mod crash;
 mod entitlement_sync;
 mod faults;
+mod lease;
 mod live_config;
 mod live_config_sighup;
 mod openapi;

@@ -21,11 +21,13 @@
 //! refused 503 on a fail-closed plan, is never also charged in Redis.
 //!
 //! `batch`: the single-server batcher (forming, journaling, sending, cancelling batches).
+//! `lease`: the lease call of lease-mode plans (`quota::lease` spends what it takes).
 //!
 //! The connection is created lazily on first use: redis-rs's `ConnectionManager` spawns its
 //! driver task on the runtime it is created on, which must be the runtime that uses it.
 
 mod batch;
+mod lease;
 
 use super::{seed_of, Check, CounterSeed, Period, QuotaError, QuotaStore, Verdict};
 use crate::journal::Journal;
@@ -38,6 +40,8 @@ use redis::{Cmd, FromRedisValue, RedisResult, Script, ScriptInvocation};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OnceCell};
+
+pub(crate) use lease::{Held, LeaseAnswer, Want};
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../reserve.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../adjust.lua")));
@@ -184,7 +188,7 @@ impl RedisStore {
                             ConnectionManager::new_with_config(client.clone(), cfg).await?;
                         // A cancel is sent while Redis hangs and must run as soon as it is
                         // back: with its script unknown it would only get NOSCRIPT then.
-                        for script in [&*RESERVE, &*ADJUST, &*CANCEL] {
+                        for script in [&*RESERVE, &*ADJUST, &*CANCEL, &*lease::LEASE] {
                             script.load_async(&mut conn).await?;
                         }
                         Ok(Conn::Single(conn))
@@ -526,6 +530,7 @@ mod tests {
                     cap: Some(50),
                     rate: None,
                     record: None,
+                    lease: None,
                 })
                 .await
             }));
@@ -583,6 +588,7 @@ mod tests {
                     cap: Some(2),
                     rate: None,
                     record: Some(line),
+                    lease: None,
                 })
                 .await
                 .expect("reserve");
@@ -634,6 +640,7 @@ mod tests {
             cap: None,
             rate,
             record: None,
+            lease: None,
         };
         for _ in 0..3 {
             assert!(matches!(
@@ -763,6 +770,7 @@ mod tests {
             cap: Some(10),
             rate: None,
             record: None,
+            lease: None,
         };
         assert_eq!(
             s.reserve(&c).await.expect("r"),
