@@ -12,13 +12,14 @@
 //! What the fallback grants is folded into Redis on recovery as before (`maintain`), and added
 //! to the last-seen value then, so a flapping Redis cannot reset the allowance.
 //!
-//! Owns: the last-seen map, the instance count, the allowance arithmetic. Must not touch:
+//! Owns: the last-seen map (bounded: the coldest customers are dropped past 200,000), the
+//! instance count, the allowance arithmetic. Must not touch:
 //! reservations themselves (the caller passes the capped check to the fallback).
 
 use super::{seed_of, Check, CounterSeed, Period};
-use dashmap::DashMap;
+use quick_cache::sync::Cache;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a fallback reservation waits for the ledger for a customer it never saw.
@@ -41,13 +42,21 @@ struct Seen {
     used: u64,
 }
 
-#[derive(Default)]
+/// Customers whose last-seen counters are kept: bounded, so a million distinct callers do not
+/// grow the process. One evicted (the coldest) starts from the ledger in an outage, as a
+/// customer never seen does.
+const SEEN_MAX_CUSTOMERS: usize = 200_000;
+
 pub struct FailOpen {
     /// customer → the counters seen for it (a handful of meters; searched linearly).
-    seen: DashMap<String, Vec<Seen>>,
+    seen: Cache<Box<str>, Arc<Mutex<Vec<Seen>>>>,
     /// Instances sharing Redis, as last counted (0: not counted yet, taken as 1).
     instances: AtomicU32,
     seed: Option<Arc<dyn CounterSeed>>,
+}
+
+fn lock(list: &Mutex<Vec<Seen>>) -> std::sync::MutexGuard<'_, Vec<Seen>> {
+    list.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 // === impl FailOpen ===
@@ -55,45 +64,38 @@ pub struct FailOpen {
 impl FailOpen {
     pub fn new(seed: Option<Arc<dyn CounterSeed>>) -> FailOpen {
         FailOpen {
+            seen: Cache::new(SEEN_MAX_CUSTOMERS),
+            instances: AtomicU32::new(0),
             seed,
-            ..FailOpen::default()
         }
     }
 
     /// Records what Redis answered for a capped counter. Allocates only for a new customer or
     /// meter.
     pub fn record(&self, customer: &str, meter: &str, period: Period, used: u64) {
-        if let Some(mut list) = self.seen.get_mut(customer) {
-            if let Some(s) = list.iter_mut().find(|s| &*s.meter == meter) {
-                if s.period == period {
-                    s.used = used;
-                } else if period.start >= s.period.start {
-                    s.period = period;
-                    s.used = used;
-                }
-                return;
-            }
-            list.push(Seen {
-                meter: meter.into(),
-                period,
-                used,
-            });
+        let seen = Seen {
+            meter: meter.into(),
+            period,
+            used,
+        };
+        let Some(list) = self.seen.get(customer) else {
+            self.seen
+                .insert(customer.into(), Arc::new(Mutex::new(vec![seen])));
             return;
+        };
+        let mut list = lock(&list);
+        match list.iter_mut().find(|s| &*s.meter == meter) {
+            Some(s) if s.period == period => s.used = used,
+            Some(s) if period.start >= s.period.start => *s = seen,
+            Some(_) => {}
+            None => list.push(seen),
         }
-        self.seen
-            .entry(customer.to_string())
-            .or_default()
-            .push(Seen {
-                meter: meter.into(),
-                period,
-                used,
-            });
     }
 
     /// Adds units folded into Redis from the fallback to what was last seen.
     pub fn add(&self, customer: &str, meter: &str, period: Period, units: i64) {
-        if let Some(mut list) = self.seen.get_mut(customer) {
-            if let Some(s) = list
+        if let Some(list) = self.seen.get(customer) {
+            if let Some(s) = lock(&list)
                 .iter_mut()
                 .find(|s| &*s.meter == meter && s.period == period)
             {
@@ -104,9 +106,11 @@ impl FailOpen {
 
     fn last_seen(&self, customer: &str, meter: &str, period: Period) -> Option<u64> {
         let list = self.seen.get(customer)?;
-        list.iter()
+        let found = lock(&list)
+            .iter()
             .find(|s| &*s.meter == meter && s.period == period)
-            .map(|s| s.used)
+            .map(|s| s.used);
+        found
     }
 
     /// Sets the instance count (from the broadcast census).
@@ -166,6 +170,7 @@ impl FailOpen {
     /// Forgets counters of periods that ended before `now` (unix seconds).
     pub fn sweep(&self, now: i64) {
         self.seen.retain(|_, list| {
+            let mut list = lock(list);
             list.retain(|s| s.period.end > now);
             !list.is_empty()
         });
@@ -228,6 +233,18 @@ mod tests {
         let f = FailOpen::new(Some(Arc::new(crate::quota::tests::FixedSeed::new(95))));
         let (c, base) = f.limit(&check(Some(100)), Allowance::PerMille(1000)).await;
         assert_eq!((c.cap, base), (Some(5), 95));
+    }
+
+    /// A million distinct customers do not grow the map past its bound; recent ones stay.
+    #[test]
+    fn the_last_seen_map_is_bounded() {
+        let f = FailOpen::new(None);
+        for i in 0..(SEEN_MAX_CUSTOMERS + 100_000) {
+            f.record(&format!("c{i}"), "m", P, 1);
+        }
+        assert!(f.seen.len() <= SEEN_MAX_CUSTOMERS, "{}", f.seen.len());
+        let last = format!("c{}", SEEN_MAX_CUSTOMERS + 99_999);
+        assert_eq!(f.last_seen(&last, "m", P), Some(1));
     }
 
     /// A later period replaces an older one; ended periods are swept.
