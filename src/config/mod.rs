@@ -56,6 +56,27 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// Worker threads of the proxy runtime; 0 = one per core.
     pub threads: usize,
+    /// Which requests get an access-log line.
+    pub access_log: AccessLog,
+}
+
+/// `proxy.access_log`: which requests get a line (target `tollgate::access`, info level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    All,
+    /// Only answers that are not 2xx or 3xx: denials, upstream failures.
+    Errors,
+    Off,
+}
+
+impl AccessLog {
+    pub fn wants(self, status: u16) -> bool {
+        match self {
+            AccessLog::All => true,
+            AccessLog::Errors => status >= 400 || status < 200,
+            AccessLog::Off => false,
+        }
+    }
 }
 
 /// What happens to a request no route matches.

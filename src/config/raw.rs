@@ -49,6 +49,8 @@ pub struct RawProxy {
     pub header_read_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub threads: Option<i64>,
+    /// `all` (default), `errors` (only answers that are not 2xx/3xx) or `off`.
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

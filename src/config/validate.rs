@@ -205,6 +205,18 @@ impl Validator {
                 Duration::from_secs(10),
             ),
             threads: self.non_negative("proxy.threads".into(), p.threads, 0) as usize,
+            access_log: match p.access_log.as_deref() {
+                None | Some("all") => AccessLog::All,
+                Some("errors") => AccessLog::Errors,
+                Some("off") => AccessLog::Off,
+                Some(o) => {
+                    self.err(
+                        "proxy.access_log",
+                        format!("must be \"all\", \"errors\" or \"off\", got {o:?}"),
+                    );
+                    AccessLog::All
+                }
+            },
         };
         let admin = AdminSettings {
             listen: self.addr(

@@ -92,6 +92,25 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
     };
     m.requests[ctx.decision.index()].inc();
     m.duration.observe(latency.as_secs_f64());
+    if snap.config.proxy.access_log.wants(status) {
+        access_line(ctx, route, charged, status, latency);
+    }
+
+    // One ledger row per forwarded request, with the units finally charged.
+    if let (Some((id, units)), Some(route)) = (charged, route) {
+        let status = ctx.upstream_status.unwrap_or(status);
+        ctx.record_usage(route, id, units, status, differs);
+    }
+}
+
+/// The request's access-log line (`proxy.access_log`).
+fn access_line(
+    ctx: &Ctx,
+    route: Option<&crate::config::Route>,
+    charged: Option<(uuid::Uuid, u64)>,
+    status: u16,
+    latency: std::time::Duration,
+) {
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
@@ -104,12 +123,6 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
         upstream_status = ctx.upstream_status.unwrap_or(0),
         latency_us = latency.as_micros() as u64,
     );
-
-    // One ledger row per forwarded request, with the units finally charged.
-    if let (Some((id, units)), Some(route)) = (charged, route) {
-        let status = ctx.upstream_status.unwrap_or(status);
-        ctx.record_usage(route, id, units, status, differs);
-    }
 }
 
 /// The store that holds the reservation: the local fallback when it took it (fail-open).

@@ -1,6 +1,7 @@
-//! Signals through the real binary: SIGHUP makes `tollgate serve` reload its config file's live
-//! part as a new version (a bad file is logged with its keys and the running config stays);
-//! SIGTERM on an idle instance exits at once, whatever the grace.
+//! Signals and logs through the real binary: SIGHUP makes `tollgate serve` reload its config
+//! file's live part as a new version (a bad file is logged with its keys and the running config
+//! stays); SIGTERM on an idle instance exits at once, whatever the grace; `proxy.access_log`
+//! decides which requests get a line, and every queued line is written before the exit.
 
 use crate::support::*;
 use serde_json::Value;
@@ -15,8 +16,14 @@ struct Serve {
 impl Serve {
     /// `tollgate serve --config file`, its log in `dir/serve.log`.
     fn spawn(file: &std::path::Path, dir: &TempDir) -> Serve {
+        Self::spawn_with(file, dir, &[])
+    }
+
+    /// The same with more arguments before `serve`.
+    fn spawn_with(file: &std::path::Path, dir: &TempDir, args: &[&str]) -> Serve {
         let log = dir.0.join("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
             .args(["serve", "--config"])
             .arg(file)
             .stdout(Stdio::null())
@@ -200,4 +207,48 @@ async fn idle_sigterm_exits_at_once() {
             .await
             .unwrap();
     assert_eq!(rows, 1);
+}
+
+/// `proxy.access_log = "errors"`: a refused call gets its access line, a served one does not;
+/// the lines queued for the log writer are all written by the time the process has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_can_keep_errors_only() {
+    let up = Upstream::start().await;
+    let dir = TempDir(std::env::temp_dir().join(unique("tollgate-access")));
+    let (proxy, admin) = (free_port(), free_port());
+    let base = base_config(up.addr).replace("[proxy]\n", "[proxy]\naccess_log = \"errors\"\n");
+    let toml = serve_config(&base, &dir, proxy, admin);
+    assert!(toml.contains("access_log = \"errors\""));
+    let file = dir.0.join("tollgate.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let mut serve = Serve::spawn_with(&file, &dir, &["--log-format", "json"]);
+    let client = reqwest::Client::new();
+    until(30, "tollgate serve to start", || {
+        admin_config(&client, admin)
+    })
+    .await;
+    let url = format!("http://{proxy}/signals");
+    let served = client
+        .get(&url)
+        .bearer_auth(token("logged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let refused = client.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    signal(&serve.child, "-TERM");
+    let sent = Instant::now();
+    while serve.child.try_wait().unwrap().is_none() {
+        assert!(sent.elapsed() < Duration::from_secs(5), "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = std::fs::read_to_string(&serve.log).unwrap();
+    let access: Vec<Value> = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "tollgate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logged}");
+    assert_eq!(access[0]["fields"]["status"], 401, "{logged}");
 }
