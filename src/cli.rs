@@ -78,7 +78,8 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Flushes the log lines still queued when `main` returns.
+    let _logs = init_tracing(cli.log_format);
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
         Command::Serve { config } => match load(&config) {
@@ -113,16 +114,24 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a proxy thread formats its line and queues it,
+/// and never waits on the write (a slow pipe or terminal). Past 128,000 queued lines, new ones
+/// are dropped rather than slowing requests down. The guard flushes the queue when dropped.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn,sqlx=warn"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("tollgate-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
     }
+    guard
 }
 
 fn finish(r: anyhow::Result<()>) -> ExitCode {
