@@ -73,7 +73,7 @@ impl AccessLog {
     pub fn wants(self, status: u16) -> bool {
         match self {
             AccessLog::All => true,
-            AccessLog::Errors => status >= 400 || status < 200,
+            AccessLog::Errors => !(200..400).contains(&status),
             AccessLog::Off => false,
         }
     }
