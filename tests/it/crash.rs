@@ -222,3 +222,112 @@ async fn embedded_sigkill_under_load_loses_no_charge() {
 async fn shared_sigkill_under_load_loses_no_charge() {
     sigkill_under_load_loses_no_charge(Backend::Shared).await;
 }
+
+/// Calls `path` as `customer` until refused; returns how many were served.
+async fn until_refused(t: &Tollgate, customer: &str) -> i64 {
+    let mut served = 0;
+    loop {
+        match t.get("/signals", Some(customer)).await.status().as_u16() {
+            200 => served += 1,
+            429 => return served,
+            other => panic!("unexpected {other}"),
+        }
+    }
+}
+
+/// A lease holder killed with SIGKILL: its lease stays counted until it expires (`lease_ttl`),
+/// then the next call on the counter gives it back, so the customer can get at most one lease
+/// more than `included`. The requests it served still reach the ledger (its journal, at its
+/// restart); Redis then says less than the ledger by what the dead lease had spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_overshoots_by_at_most_one_lease() {
+    let up = Upstream::start().await;
+    let storage = Storage::new(Backend::Shared);
+    let (proxy, admin) = (free_port(), free_port());
+    let free = "[plans.free]\ndefault = true\nrate_per_minute = 600\nquotas.api_calls = { included = 5, overage = \"deny\" }";
+    let base = base_config(up.addr);
+    assert!(base.contains(free));
+    let config = base.replace(
+        free,
+        "[plans.free]\ndefault = true\nquota_mode = \"lease\"\nlease_units = 20\nlease_ttl = \"2s\"\nquotas.api_calls = { included = 50, overage = \"deny\" }",
+    );
+    let toml = config
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
+        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
+        + &storage.toml(Backend::Shared);
+    let file = storage.dir.0.join("tollgate.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let mut serve = Serve(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    until_up(&client, admin).await;
+    for _ in 0..5 {
+        let r = client
+            .get(format!("http://{proxy}/signals"))
+            .bearer_auth(token("holder"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-KILL", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
+    serve.0.wait().unwrap();
+
+    let same_storage = |spool: Option<std::path::PathBuf>| {
+        let (prefix, schema) = (storage.prefix.clone(), storage.schema.clone());
+        move |c: &mut tollgate::config::Config| {
+            c.storage.redis_prefix = prefix;
+            c.storage.database_schema = Some(schema);
+            if let Some(spool) = spool {
+                c.storage.spool_dir = spool;
+            }
+        }
+    };
+    let mut other = Tollgate::start_with(&config, Backend::Shared, None, same_storage(None)).await;
+    other.prefix = storage.prefix.clone();
+    // The dead lease (20 units) is still counted: the other instance gets what is left.
+    let before_expiry = until_refused(&other, "holder").await;
+    assert_eq!(before_expiry, 30);
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "too slow to test"
+    );
+    tokio::time::sleep(Duration::from_secs(2) - killed.elapsed() + Duration::from_millis(200))
+        .await;
+    let after_expiry = until_refused(&other, "holder").await;
+    assert_eq!(
+        after_expiry, 20,
+        "the dead lease came back whole when it expired"
+    );
+    let admitted = 5 + before_expiry + after_expiry;
+    assert!(admitted <= 50 + 20, "one lease past included at most");
+    other.stop().await;
+
+    // The killed instance's restart recovers the rows of what it served.
+    let mut restarted = Tollgate::start_with(
+        &config,
+        Backend::Shared,
+        None,
+        same_storage(Some(storage.spool())),
+    )
+    .await;
+    restarted.prefix = storage.prefix.clone();
+    restarted.schema = storage.schema.clone(); // dropped with it
+    restarted.stop().await;
+    assert_eq!(restarted.ledger_usage("holder").await, (admitted, admitted));
+    assert_eq!(
+        restarted.redis_used("holder", "api_calls").await,
+        Some(admitted - 5)
+    );
+}
