@@ -12,7 +12,8 @@
 //! flusher has drained) one ledger row per request forwarded. Everything it creates (a Postgres
 //! schema, Redis keys, temp files) is removed at the end.
 //!
-//! Env: `BENCH_DURATION` (seconds, default 10), `BENCH_CONNECTIONS` (default 32), `RUST_LOG`
+//! Env: `BENCH_DURATION` (seconds, default 10), `BENCH_CONNECTIONS` (default 32),
+//! `BENCH_QUOTA_MODE` (`exact`, the default, or `lease`: the plan's `quota_mode`), `RUST_LOG`
 //! (log filter; the default hides the one log line per request wrk abandons when it stops).
 //!
 //! tollgate is started by the integration tests' harness (`tests/it/support`), on the shared
@@ -116,6 +117,8 @@ fn main() -> ExitCode {
 struct Settings {
     duration_secs: u64,
     connections: u32,
+    /// `lease`: tollgate's plan spends leases instead of asking Redis per request.
+    lease: bool,
 }
 
 impl Settings {
@@ -139,9 +142,15 @@ impl Settings {
                 .with_context(|| format!("BENCH_CONNECTIONS={v:?}: want a positive integer"))?,
             Err(_) => 32,
         };
+        let lease = match std::env::var("BENCH_QUOTA_MODE").as_deref() {
+            Err(_) | Ok("exact") => false,
+            Ok("lease") => true,
+            Ok(v) => bail!("BENCH_QUOTA_MODE={v:?}: want exact or lease"),
+        };
         Ok(Settings {
             duration_secs,
             connections,
+            lease,
         })
     }
 }
@@ -191,13 +200,14 @@ fn run(s: &Settings, rt: &tokio::runtime::Runtime, cleanup: &mut Cleanup) -> any
     rows.push(("passthrough", r));
 
     // (c) tollgate, full path.
-    let mut tg = start_tollgate(rt, upstream.addr)?;
+    let mut tg = start_tollgate(rt, upstream.addr, s.lease)?;
     let (prefix, schema) = (tg.prefix.clone(), tg.schema.clone());
     cleanup.redis_prefix = Some(prefix.clone());
     println!(
         "tollgate    {}  {PROXY_THREADS} proxy threads, HS256, Redis {REDIS_URL} \
-         (prefix {prefix}), Postgres ledger (schema {schema})",
-        tg.proxy
+         (prefix {prefix}), Postgres ledger (schema {schema}), quota_mode = {}",
+        tg.proxy,
+        if s.lease { "lease" } else { "exact" }
     );
     println!(
         "            wrk rotates over {CUSTOMERS} tokens for {CUSTOMERS} customers: after the first \
@@ -679,7 +689,9 @@ impl Drop for Passthrough {
 fn start_tollgate(
     rt: &tokio::runtime::Runtime,
     upstream: SocketAddr,
+    lease: bool,
 ) -> anyhow::Result<support::Tollgate> {
+    let mode = if lease { "lease" } else { "exact" };
     let toml = format!(
         r#"
 [proxy]
@@ -710,6 +722,7 @@ cost = 1
 
 [plans.bench]
 default = true
+quota_mode = "{mode}"
 quotas.api_calls = {{ included = 1_000_000_000_000, overage = "deny" }}
 "#
     );
