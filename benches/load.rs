@@ -815,6 +815,9 @@ fn print_metrics(text: &str) {
     for l in lines("tollgate_usage_events_total") {
         println!("    {l}");
     }
+    for l in lines("tollgate_quota_lease_calls_total") {
+        println!("    {l}");
+    }
     if let Some(v) = value("tollgate_quota_store_errors_total") {
         println!(
             "    tollgate_quota_store_errors_total {v} (timeouts fall back to local counters)"

@@ -18,6 +18,9 @@ pub struct Metrics {
     /// Connections closed at once: their IP held `proxy.max_connections_per_ip` already.
     pub connections_refused: IntCounter,
     pub header_timeouts: IntCounter,
+    /// `tollgate_quota_lease_calls_total` by call (take, extend, give_back): lease mode's Redis
+    /// calls, so its round trips per request can be read off.
+    pub lease_calls: crate::quota::lease::LeaseCalls,
     /// `tollgate_usage_events_total` by outcome (queued, spooled, lost), brought up to the usage
     /// pipeline's own counts at scrape time ([`Metrics::sync_usage`]): the pipeline counts both
     /// the request path's overflow and the flusher's spooled batches.
@@ -93,6 +96,13 @@ impl Metrics {
             "tollgate_header_timeouts_total",
             "Proxy connections closed because their first request head was not complete within proxy.header_read_timeout",
         )?;
+        let lease_calls = IntCounterVec::new(
+            Opts::new(
+                "tollgate_quota_lease_calls_total",
+                "Lease-mode calls to Redis by kind (take: a new lease, extend, give_back)",
+            ),
+            &["call"],
+        )?;
         let usage_events = IntCounterVec::new(
             Opts::new(
                 "tollgate_usage_events_total",
@@ -127,6 +137,7 @@ impl Metrics {
         registry.register(Box::new(quota_store_errors.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(header_timeouts.clone()))?;
+        registry.register(Box::new(lease_calls.clone()))?;
         registry.register(Box::new(usage_events.clone()))?;
         registry.register(Box::new(usage_queue_depth.clone()))?;
         registry.register(Box::new(usage_spool_bytes.clone()))?;
@@ -141,6 +152,11 @@ impl Metrics {
             quota_store_errors,
             connections_refused,
             header_timeouts,
+            lease_calls: crate::quota::lease::LeaseCalls {
+                take: lease_calls.with_label_values(&["take"]),
+                extend: lease_calls.with_label_values(&["extend"]),
+                give_back: lease_calls.with_label_values(&["give_back"]),
+            },
             usage_events: ["queued", "spooled", "lost"]
                 .map(|o| usage_events.with_label_values(&[o])),
             usage_synced: std::sync::Mutex::new([0; 3]),

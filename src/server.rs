@@ -240,11 +240,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     let proxy_redis = redis_store(storage.redis_timeout)?;
     let admin_redis = redis_store(storage.redis_timeout.max(Duration::from_millis(500)))?;
     let leases = admin_redis.as_ref().map(|r| {
-        Arc::new(Leases::new(
-            r.clone(),
-            Some(journal.clone()),
-            fail_open.clone(),
-        ))
+        Arc::new(
+            Leases::new(r.clone(), Some(journal.clone()), fail_open.clone())
+                .with_calls(metrics.lease_calls.clone()),
+        )
     });
     let (store, admin_store): (Arc<dyn QuotaStore>, Arc<dyn QuotaStore>) =
         match (&leases, proxy_redis, &admin_redis) {

@@ -47,6 +47,14 @@ pub struct LeaseTerms {
     pub lifetime: Duration,
 }
 
+/// Lease calls by kind, for `tollgate_quota_lease_calls_total`.
+#[derive(Clone)]
+pub struct LeaseCalls {
+    pub take: prometheus::IntCounter,
+    pub extend: prometheus::IntCounter,
+    pub give_back: prometheus::IntCounter,
+}
+
 /// How long an instance reserves exactly after a lease was refused (too few units left).
 const LOW_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -183,6 +191,7 @@ pub struct Leases {
     fail_open: Arc<FailOpen>,
     rates: Limiters,
     slots: DashMap<String, Arc<Mutex<Slot>>>,
+    calls: Option<LeaseCalls>,
 }
 
 impl Leases {
@@ -198,6 +207,23 @@ impl Leases {
             fail_open,
             rates: Limiters::default(),
             slots: DashMap::new(),
+            calls: None,
+        }
+    }
+
+    /// Counts each Redis call in `calls`.
+    pub fn with_calls(mut self, calls: LeaseCalls) -> Leases {
+        self.calls = Some(calls);
+        self
+    }
+
+    fn count(&self, want: Want) {
+        if let Some(c) = &self.calls {
+            match want {
+                Want::Units(_) => c.take.inc(),
+                Want::Extend => c.extend.inc(),
+                Want::Nothing => c.give_back.inc(),
+            }
         }
     }
 
@@ -282,6 +308,7 @@ impl Leases {
         }
         let held = s.held();
         let want = s.want(c.cost, now);
+        self.count(Want::Units(want));
         let answer = redis
             .lease(
                 &self.instance,
@@ -371,6 +398,7 @@ impl Leases {
     async fn call(&self, s: &mut Slot, want: Want) {
         let held = s.held();
         let sent = Instant::now();
+        self.count(want);
         let answer = self
             .control
             .lease(

@@ -83,6 +83,12 @@ async fn a_lease_is_one_redis_call_for_many_requests() {
     }
     assert_eq!(tg.get("/fail", Some("solo")).await.status(), 500);
     assert_eq!(tg.redis_used("solo", "api_calls").await, Some(100));
+    assert_eq!(
+        tg.metric("tollgate_quota_lease_calls_total{call=\"take\"}")
+            .await,
+        1,
+        "one Redis call for all six"
+    );
     let usage: serde_json::Value = tg
         .get("/_tollgate/usage", Some("solo"))
         .await
