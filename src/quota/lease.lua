@@ -9,10 +9,12 @@
 -- units, ARGV[4] how many of them the caller gives back (unspent, plus refunds),
 -- ARGV[5] units wanted (0 = give back only; -1 = extend the held lease's lifetime only),
 -- ARGV[6] cap (-1 = none), ARGV[7] lease lifetime (ms), ARGV[8] counter expiry (unix seconds),
--- ARGV[9] 1 = report an absent counter instead of starting it from 0 (the caller seeds it).
--- Returns {0, seq, granted, used}: the caller now holds lease `seq` of `granted` units (0: none)
--- and the counter is at `used`; {1, seq, 0, used}: fewer units are left than wanted, nothing is
--- leased (the caller reserves exactly); {2}: the lease to extend is gone (expired and returned,
+-- ARGV[9] 1 = report an absent counter instead of starting it from 0 (the caller seeds it),
+-- ARGV[10] share: under a cap, a lease takes at most 1/share of the units left, so one
+-- instance never holds what the others need; ARGV[11] the smallest lease worth taking.
+-- Returns {0, seq, granted, used}: the caller now holds lease `seq` of `granted` units (0: none;
+-- under a cap possibly fewer than wanted) and the counter is at `used`; {1, seq, 0, used}: too
+-- few units are left for the smallest lease, nothing is leased (the caller reserves exactly); {2}: the lease to extend is gone (expired and returned,
 -- or superseded): stop spending it; {3}: the counter is absent (only when asked); nothing written.
 --
 -- A lease whose holder stops calling (it crashed) expires, and the first call on the counter
@@ -89,12 +91,16 @@ end
 local used = tonumber(redis.call('GET', qk) or '0')
 local code, granted = 0, 0
 if want > 0 then
-  if cap >= 0 and used + want > cap then
+  local take = want
+  if cap >= 0 then
+    take = math.min(want, math.floor(math.max(cap - used, 0) / tonumber(ARGV[10])))
+  end
+  if take < tonumber(ARGV[11]) then
     code = 1
   else
-    add(want)
-    used = used + want
-    granted = want
+    add(take)
+    used = used + take
+    granted = take
   end
 end
 local seq = math.max(rseq, held_seq) + 1

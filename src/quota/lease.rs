@@ -4,14 +4,17 @@
 //! idle, when the plan's terms change, when live config changes and when the instance stops.
 //!
 //! Exactness: the Redis counter always holds what was spent plus what is leased out, so a lease
-//! never takes units past a `deny` cap: when fewer units are left than a lease, the call takes
-//! none and this instance reserves exactly (one round trip per request, as in exact mode) for a
-//! second before it tries a lease again. A customer close to the limit can therefore be refused
-//! by one instance while another still holds up to one lease; that lease comes back within its
-//! idle time. An instance that dies holding a lease loses only its in-process counter: the units
-//! of the lease go back to the counter when it expires (`lease_ttl` after it was last taken or
-//! extended), so the customer can get at most one lease more than the cap per crashed holder,
-//! while every request it granted still reaches the ledger through the journal.
+//! never takes units past a `deny` cap. Under a cap a lease also takes at most half of one
+//! instance's share of what is left (`1 / (2 × instances)`), so leases shrink as the cap comes
+//! near and the first instance to ask never holds what another instance's callers need; when
+//! not even the request's cost is left for a lease, this instance reserves exactly (one round
+//! trip per request, as in exact mode) for a second before it tries a lease again. A customer at
+//! the very limit can still be refused by one instance while another holds the last few units;
+//! an unused lease comes back after half its lifetime. An instance that dies holding a lease
+//! loses only its in-process counter: the units of the lease go back to the counter when it
+//! expires (`lease_ttl` after it was last taken or extended), so the customer can get at most
+//! one lease more than the cap per crashed holder, while every request it granted still reaches
+//! the ledger through the journal.
 //!
 //! Rates in lease mode are local GCRA at the plan's rate divided by the number of live instances
 //! (the config broadcast's census): a customer spread over every instance gets about its rate; one
@@ -27,7 +30,7 @@
 
 use super::fail_open::FailOpen;
 use super::memory::{key, Limiters};
-use super::redis::{Held, LeaseAnswer, RedisStore, Want};
+use super::redis::{Ask, Held, LeaseAnswer, RedisStore, Want};
 use super::{Check, Period, QuotaError, QuotaStore, Verdict};
 use crate::config::Rate;
 use crate::journal::Journal;
@@ -255,6 +258,12 @@ impl Leases {
             .clone()
     }
 
+    /// Under a cap, a lease takes at most this share of what is left: half of one instance's
+    /// part, so instances leave each other room and leases shrink as the cap comes near.
+    fn share(&self) -> u32 {
+        self.fail_open.instances().max(1).saturating_mul(2)
+    }
+
     /// The plan's rate divided among the live instances.
     fn local_rate(&self, rate: Rate) -> Rate {
         let n = self.fail_open.instances().max(1);
@@ -315,10 +324,14 @@ impl Leases {
                 c.customer,
                 c.meter,
                 c.period,
-                held,
-                Want::Units(want),
-                c.cap,
-                terms.lifetime,
+                Ask {
+                    held,
+                    want: Want::Units(want),
+                    cap: c.cap,
+                    lifetime: terms.lifetime,
+                    share: self.share(),
+                    min: c.cost,
+                },
             )
             .await;
         match answer {
@@ -406,10 +419,14 @@ impl Leases {
                 &s.customer,
                 &s.meter,
                 s.period,
-                held,
-                want,
-                s.cap,
-                s.terms.lifetime,
+                Ask {
+                    held,
+                    want,
+                    cap: s.cap,
+                    lifetime: s.terms.lifetime,
+                    share: self.share(),
+                    min: 1,
+                },
             )
             .await;
         match (want, answer) {
@@ -666,7 +683,25 @@ mod tests {
         assert_eq!(counter(&p, "c").await, granted);
     }
 
-    /// Fewer units left than a lease: the instance reserves exactly, to the last unit.
+    /// Under a cap a lease takes at most half of what is left (a share per instance), so the
+    /// first instance to ask cannot hold everything another instance's callers need.
+    #[tokio::test]
+    async fn a_lease_leaves_room_for_other_instances() {
+        let p = prefix();
+        let t = terms(100, 10);
+        let (_a, first) = instance(&p);
+        let (_b, second) = instance(&p);
+        first.reserve(&check("c", Some(100), t)).await.expect("r");
+        assert_eq!(counter(&p, "c").await, 50);
+        second.reserve(&check("c", Some(100), t)).await.expect("r");
+        assert_eq!(counter(&p, "c").await, 75);
+        // Without a cap there is nothing to leave room for: a whole lease.
+        first.reserve(&check("u", None, t)).await.expect("r");
+        assert_eq!(counter(&p, "u").await, 100);
+    }
+
+    /// Fewer units left than a lease: leases shrink, then the instance reserves exactly, to the
+    /// last unit.
     #[tokio::test]
     async fn near_the_cap_reservations_are_exact() {
         let p = prefix();
@@ -702,12 +737,13 @@ mod tests {
         assert_eq!(counter(&p, "c").await, 10);
         drop((dead, store)); // no give-back: the process died
         let (_b, other) = instance(&p);
-        // While the dead lease is out, the other instance can take only what is left.
+        // While the dead lease is out, the other instance can take only what is left (a lease
+        // of half of it).
         assert_eq!(
             other.reserve(&check("c", Some(20), t)).await.expect("r"),
             Verdict::Granted { used: 11 }
         );
-        assert_eq!(counter(&p, "c").await, 20);
+        assert_eq!(counter(&p, "c").await, 15);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         // The lease expired: the other instance's next lease call gives it back whole (the 4
         // units the dead holder granted are not counted again: one lease of overshoot at most).
@@ -753,9 +789,15 @@ mod tests {
         let call = |held: Held, want: Want| {
             let r = r.clone();
             async move {
-                r.lease("i", "c", "m", P, held, want, None, Duration::from_secs(10))
-                    .await
-                    .expect("lease")
+                let ask = Ask {
+                    held,
+                    want,
+                    cap: None,
+                    lifetime: Duration::from_secs(10),
+                    share: 1,
+                    min: 1,
+                };
+                r.lease("i", "c", "m", P, ask).await.expect("lease")
             }
         };
         let LeaseAnswer::Held { seq, units: 10, .. } = call(Held::default(), Want::Units(10)).await

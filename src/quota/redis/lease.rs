@@ -33,6 +33,21 @@ pub struct Held {
     pub give_back: u64,
 }
 
+/// One call: the lease held, what is wanted, and the limits it is taken under.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub held: Held,
+    pub want: Want,
+    /// The deny cap (`None`: no cap).
+    pub cap: Option<u64>,
+    pub lifetime: Duration,
+    /// Under a cap, a lease takes at most `1 / share` of the units left (at least 1), so one
+    /// instance never holds what the others need.
+    pub share: u32,
+    /// The smallest lease worth taking (the request's cost); less left: none.
+    pub min: u64,
+}
+
 /// The script's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseAnswer {
@@ -63,39 +78,23 @@ impl RedisStore {
 
     /// One lease call for `instance` on (customer, meter, period). An absent counter is seeded
     /// first when the store has a seed (as a reservation would).
-    #[allow(clippy::too_many_arguments)] // the script's inputs, each used once
     pub(crate) async fn lease(
         &self,
         instance: &str,
         customer: &str,
         meter: &str,
         period: Period,
-        held: Held,
-        want: Want,
-        cap: Option<u64>,
-        lifetime: Duration,
+        ask: Ask,
     ) -> Result<LeaseAnswer, QuotaError> {
+        let key = (customer, meter, period);
         let v = self
-            .lease_once(
-                instance,
-                customer,
-                meter,
-                period,
-                held,
-                want,
-                cap,
-                lifetime,
-                self.seed.is_some(),
-            )
+            .lease_once(instance, key, ask, self.seed.is_some())
             .await?;
         let v = match (v.as_slice(), &self.seed) {
             ([3], Some(seed)) => {
                 self.seed_counter(seed.as_ref(), customer, meter, period)
                     .await?;
-                self.lease_once(
-                    instance, customer, meter, period, held, want, cap, lifetime, false,
-                )
-                .await?
+                self.lease_once(instance, key, ask, false).await?
             }
             _ => v,
         };
@@ -115,21 +114,15 @@ impl RedisStore {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn lease_once(
         &self,
         instance: &str,
-        customer: &str,
-        meter: &str,
-        period: Period,
-        held: Held,
-        want: Want,
-        cap: Option<u64>,
-        lifetime: Duration,
+        (customer, meter, period): (&str, &str, Period),
+        ask: Ask,
         report_absent: bool,
     ) -> Result<Vec<i64>, QuotaError> {
         let mut conn = self.conn().await?;
-        let want = match want {
+        let want = match ask.want {
             Want::Units(u) => units(u.max(1)),
             Want::Nothing => 0,
             Want::Extend => -1,
@@ -138,18 +131,20 @@ impl RedisStore {
         inv.key(self.quota_key(customer, meter, period))
             .key(self.lease_key(customer, meter, period))
             .arg(instance)
-            .arg(units(held.seq))
-            .arg(units(held.units))
-            .arg(units(held.give_back))
+            .arg(units(ask.held.seq))
+            .arg(units(ask.held.units))
+            .arg(units(ask.held.give_back))
             .arg(want)
-            .arg(cap.map_or(-1, units))
+            .arg(ask.cap.map_or(-1, units))
             .arg(
-                i64::try_from(lifetime.as_millis())
+                i64::try_from(ask.lifetime.as_millis())
                     .unwrap_or(i64::MAX)
                     .max(1),
             )
             .arg(period.end + EXPIRY_SLACK_SECS)
-            .arg(i64::from(report_absent));
+            .arg(i64::from(report_absent))
+            .arg(i64::from(ask.share.max(1)))
+            .arg(units(ask.min.max(1)));
         self.with_deadline(conn.invoke(&inv)).await
     }
 }

@@ -41,7 +41,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
-pub(crate) use lease::{Held, LeaseAnswer, Want};
+pub(crate) use lease::{Ask, Held, LeaseAnswer, Want};
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../reserve.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../adjust.lua")));
