@@ -374,16 +374,33 @@ async fn cleanup(prefix: &str, schema: &str) {
             .execute(&mut pg as &mut sqlx::PgConnection)
             .await;
     }
-    if let Ok(client) = redis::Client::open(support::REDIS_URL) {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}:*"))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(1000) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-            }
+    // SCAN, not KEYS: a million customers' keys; one KEYS answer outlasts the client's deadline.
+    let Ok(client) = redis::Client::open(support::REDIS_URL) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor: u64 = 0;
+    loop {
+        let page: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await;
+        let Ok((next, keys)) = page else {
+            eprintln!("could not remove the bench's Redis keys ({prefix}:*)");
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await;
         }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
