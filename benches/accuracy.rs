@@ -32,35 +32,11 @@ fn config(upstream: std::net::SocketAddr, included: u64, lease: Option<u64>) -> 
         Some(units) => format!("quota_mode = \"lease\"\nlease_units = {units}\n"),
         None => String::new(),
     };
-    format!(
-        r#"
-[proxy]
-shutdown_grace = "1s"
-strip_authorization = true
-
-[admin]
-token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
-
-[auth]
-algorithms = ["HS256"]
-secret_env = "TOLLGATE_TEST_JWT_SECRET"
-issuer = "https://issuer.test/"
-audience = "api"
-
-[upstreams.api]
-targets = ["{upstream}"]
-
-[meters.api_calls]
-
-[[routes]]
-match = "GET /signals"
-upstream = "api"
-cost = 1
-
-[plans.bench]
-default = true
-{mode}quotas.api_calls = {{ included = {included}, overage = "deny" }}
-"#
+    support::config::bench_config(
+        upstream,
+        "",
+        "",
+        &format!("{mode}quotas.api_calls = {{ included = {included}, overage = \"deny\" }}\n"),
     )
 }
 

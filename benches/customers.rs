@@ -157,44 +157,17 @@ fn config(s: &Settings, upstream: SocketAddr, dir: &Path, prefix: &str, schema: 
             dir.join("ledger.db").display()
         )
     };
-    format!(
-        r#"
-[proxy]
-listen = "{proxy}"
-threads = 1
-shutdown_grace = "1s"
-strip_authorization = true
-
-[admin]
-listen = "{admin}"
-token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
-
-[auth]
-algorithms = ["HS256"]
-secret_env = "TOLLGATE_TEST_JWT_SECRET"
-issuer = "https://issuer.test/"
-audience = "api"
-
-[upstreams.api]
-targets = ["{upstream}"]
-
-[meters.api_calls]
-
-[[routes]]
-match = "GET {PATH}"
-upstream = "api"
-cost = 1
-
-[plans.bench]
-default = true
-quota_mode = "{mode}"
-rate_per_minute = 600
-quotas.api_calls = {{ included = 1_000_000_000, overage = "deny" }}
-
-[storage]
-spool_dir = "{spool}"
-{storage}"#,
-        spool = dir.join("spool").display(),
+    let plan = format!(
+        "quota_mode = \"{mode}\"\nrate_per_minute = 600\nquotas.api_calls = {{ included = 1_000_000_000, overage = \"deny\" }}\n"
+    );
+    support::config::bench_config(
+        upstream,
+        &format!("listen = \"{proxy}\"\nthreads = 1\n"),
+        &format!("listen = \"{admin}\"\n"),
+        &plan,
+    ) + &format!(
+        "\n[storage]\nspool_dir = \"{}\"\n{storage}",
+        dir.join("spool").display()
     )
 }
 

@@ -692,39 +692,13 @@ fn start_tollgate(
     lease: bool,
 ) -> anyhow::Result<support::Tollgate> {
     let mode = if lease { "lease" } else { "exact" };
-    let toml = format!(
-        r#"
-[proxy]
-threads = {PROXY_THREADS}
-# Not 0: pingora drops the tasks still running when the grace period ends, and a request
-# dropped after its Redis reservation is neither refunded nor in the ledger.
-shutdown_grace = "1s"
-strip_authorization = true
-
-[admin]
-token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
-
-[auth]
-algorithms = ["HS256"]
-secret_env = "TOLLGATE_TEST_JWT_SECRET"
-issuer = "https://issuer.test/"
-audience = "api"
-
-[upstreams.api]
-targets = ["{upstream}"]
-
-[meters.api_calls]
-
-[[routes]]
-match = "GET {PATH}"
-upstream = "api"
-cost = 1
-
-[plans.bench]
-default = true
-quota_mode = "{mode}"
-quotas.api_calls = {{ included = 1_000_000_000_000, overage = "deny" }}
-"#
+    let toml = support::config::bench_config(
+        upstream,
+        &format!("threads = {PROXY_THREADS}\n"),
+        "",
+        &format!(
+            "quota_mode = \"{mode}\"\nquotas.api_calls = {{ included = 1_000_000_000_000, overage = \"deny\" }}\n"
+        ),
     );
     let defaults =
         Config::from_toml(&toml).map_err(|e| anyhow::anyhow!("bench config invalid:\n{e}"))?;

@@ -107,3 +107,41 @@ quotas.tokens = {{ unlimited = true }}
 "#
     )
 }
+
+/// The benches' config: one metered route `GET /signals` (cost 1) to `upstream`, and a default
+/// plan `bench` whose keys are `plan` (quota lines included). `proxy` and `admin` add keys to
+/// their tables (listen addresses, threads). Storage is filled in by whoever starts it.
+#[allow(dead_code)] // used by the benches, which include this module
+pub fn bench_config(upstream: SocketAddr, proxy: &str, admin: &str, plan: &str) -> String {
+    format!(
+        r#"
+[proxy]
+{proxy}# Not 0: pingora drops the tasks still running when the grace period ends, and a request
+# dropped after its Redis reservation is neither refunded nor in the ledger.
+shutdown_grace = "1s"
+strip_authorization = true
+
+[admin]
+{admin}token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
+
+[auth]
+algorithms = ["HS256"]
+secret_env = "TOLLGATE_TEST_JWT_SECRET"
+issuer = "https://issuer.test/"
+audience = "api"
+
+[upstreams.api]
+targets = ["{upstream}"]
+
+[meters.api_calls]
+
+[[routes]]
+match = "GET /signals"
+upstream = "api"
+cost = 1
+
+[plans.bench]
+default = true
+{plan}"#
+    )
+}

@@ -5,7 +5,7 @@
 //! - `instance`: a running tollgate (pingora proxy on a free port, admin listener on port 0) on
 //!   embedded storage (in-process counters, a private SQLite file) or real Redis + Postgres (a
 //!   unique key prefix and a unique schema per test), so tests run in parallel;
-//! - `config`: the standard test config;
+//! - `config`: the standard test config (and the benches' one);
 //! - `upstream`: the recording upstream;
 //! - `tokens`: HS256 test tokens;
 //! - `redis`: private redis-server processes (single and Cluster) for outage tests;
