@@ -64,19 +64,27 @@ impl Line {
         route: &str,
         request_id: &str,
     ) -> Line {
-        let row = RowRef {
-            id,
-            ts,
-            customer,
-            meter,
-            units: i64::try_from(units).unwrap_or(i64::MAX),
-            route,
-            status: 0,
-            latency_us: 0,
-            request_id,
-        };
-        // Serializing plain strings and numbers cannot fail.
-        let json = serde_json::to_vec(&row).unwrap_or_default();
+        let units = i64::try_from(units).unwrap_or(i64::MAX);
+        let mut json =
+            Vec::with_capacity(160 + customer.len() + meter.len() + route.len() + request_id.len());
+        if write_row(&mut json, id, ts, customer, meter, units, route, request_id).is_none() {
+            // A year past 9999 or a leap second (no system clock says so): the general
+            // serializer writes it.
+            json.clear();
+            let row = RowRef {
+                id,
+                ts,
+                customer,
+                meter,
+                units,
+                route,
+                status: 0,
+                latency_us: 0,
+                request_id,
+            };
+            // Serializing plain strings and numbers cannot fail.
+            json = serde_json::to_vec(&row).unwrap_or_default();
+        }
         Line {
             id,
             json: json.into_boxed_slice(),
@@ -100,6 +108,67 @@ struct RowRef<'a> {
     status: u16,
     latency_us: i64,
     request_id: &'a str,
+}
+
+/// [`RowRef`] as JSON, written directly (the request path builds one per reservation): the same
+/// object `serde_json` writes for it, with the timestamp in RFC 3339 with nanoseconds and `Z`.
+/// `None` for a year outside 0–9999 and for a leap second.
+#[allow(clippy::too_many_arguments)] // the row's fields, as `Line::new` takes them
+fn write_row(
+    out: &mut Vec<u8>,
+    id: Uuid,
+    ts: chrono::DateTime<chrono::Utc>,
+    customer: &str,
+    meter: &str,
+    units: i64,
+    route: &str,
+    request_id: &str,
+) -> Option<()> {
+    use chrono::{Datelike, Timelike};
+    let year = u32::try_from(ts.year()).ok().filter(|y| *y <= 9999)?;
+    if ts.nanosecond() >= 1_000_000_000 {
+        return None; // a leap second (never from the system clock)
+    }
+    let mut uuid = Uuid::encode_buffer();
+    out.extend_from_slice(br#"{"id":""#);
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(br#"","ts":""#);
+    let pad = |out: &mut Vec<u8>, n: u32, width: usize| {
+        let mut digits = itoa::Buffer::new();
+        let s = digits.format(n);
+        out.extend(std::iter::repeat_n(b'0', width.saturating_sub(s.len())));
+        out.extend_from_slice(s.as_bytes());
+    };
+    pad(out, year, 4);
+    out.push(b'-');
+    pad(out, ts.month(), 2);
+    out.push(b'-');
+    pad(out, ts.day(), 2);
+    out.push(b'T');
+    pad(out, ts.hour(), 2);
+    out.push(b':');
+    pad(out, ts.minute(), 2);
+    out.push(b':');
+    pad(out, ts.second(), 2);
+    out.push(b'.');
+    pad(out, ts.nanosecond(), 9);
+    out.extend_from_slice(br#"Z","customer":"#);
+    str_json(out, customer);
+    out.extend_from_slice(br#","meter":"#);
+    str_json(out, meter);
+    out.extend_from_slice(br#","units":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(units).as_bytes());
+    out.extend_from_slice(br#","route":"#);
+    str_json(out, route);
+    out.extend_from_slice(br#","status":0,"latency_us":0,"request_id":"#);
+    str_json(out, request_id);
+    out.push(b'}');
+    Some(())
+}
+
+/// A JSON string (quoted and escaped by `serde_json`; writing to a `Vec` cannot fail).
+fn str_json(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).ok();
 }
 
 /// One journal line as read back.
@@ -551,6 +620,56 @@ mod tests {
 
     fn segments(dir: &Path) -> usize {
         std::fs::read_dir(dir).map_or(0, |d| d.count())
+    }
+
+    /// The directly written line is the row `serde_json` would write: read back as a
+    /// [`UsageEvent`], every field is equal, also for strings that need escaping and for the
+    /// timestamps the fast path leaves to `serde_json`.
+    #[test]
+    fn a_line_reads_back_as_its_row() {
+        use chrono::TimeZone;
+        let ts = [
+            chrono::Utc::now(),
+            chrono::Utc.timestamp_opt(0, 0).single().expect("epoch"),
+            chrono::Utc
+                .timestamp_opt(1_800_000_000, 7)
+                .single()
+                .expect("ts"),
+            chrono::Utc
+                .with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
+                .single()
+                .expect("ts"),
+            chrono::Utc
+                .with_ymd_and_hms(10000, 1, 1, 0, 0, 0)
+                .single()
+                .expect("ts"),
+            chrono::Utc
+                .timestamp_opt(1_483_228_799, 1_500_000_000)
+                .single()
+                .expect("leap"),
+        ];
+        for (i, ts) in ts.into_iter().enumerate() {
+            let id = Uuid::now_v7();
+            let customer = ["cus_1", "a\"b\\c\n\u{1}é", ""][i % 3];
+            let units = [0, 7, u64::MAX][i % 3];
+            let line = Line::new(id, ts, customer, "api_calls", units, "r\"oute", "req-1");
+            let row: UsageEvent = serde_json::from_slice(&line.json).expect("a row");
+            let want = RowRef {
+                id,
+                ts,
+                customer,
+                meter: "api_calls",
+                units: i64::try_from(units).unwrap_or(i64::MAX),
+                route: "r\"oute",
+                status: 0,
+                latency_us: 0,
+                request_id: "req-1",
+            };
+            let want: UsageEvent =
+                serde_json::from_slice(&serde_json::to_vec(&want).expect("json")).expect("row");
+            assert_eq!(row, want, "line {}", String::from_utf8_lossy(&line.json));
+            assert_eq!(row.ts, ts);
+        }
     }
 
     /// Granted and sent records come back as the rows they describe; a final replaces the
