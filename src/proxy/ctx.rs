@@ -157,5 +157,6 @@ pub(super) fn request_id(req: &RequestHeader) -> String {
             }
         }
     }
-    uuid::Uuid::now_v7().to_string()
+    let mut buf = uuid::Uuid::encode_buffer();
+    (*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf)).to_owned()
 }

@@ -86,7 +86,7 @@ pub(crate) fn key(customer: &str, meter: &str, period: Period) -> String {
     k.push('\0');
     k.push_str(meter);
     k.push('\0');
-    k.push_str(&period.start.to_string());
+    k.push_str(itoa::Buffer::new().format(period.start));
     k
 }
 
