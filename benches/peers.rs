@@ -17,7 +17,9 @@
 //! `BENCH_RATE_DURATION` (= `BENCH_DURATION`), `PEERS` (comma-separated subset and order of
 //! pingora, nginx-lua, haproxy, tollgate-exact, tollgate-lease), `PHASES` (`sat,rate`),
 //! `PROXY_CPU`, `LOAD_CPU`, `BENCH_PG_URL` (postgres://postgres@127.0.0.1:5432/postgres),
-//! `BENCH_TSV` (also write the TSV there), `BENCH_KEEP=1` (keep the run directory).
+//! `BENCH_TSV` (also write the TSV there), `BENCH_KEEP=1` (keep the run directory),
+//! `BENCH_PLAN_EXTRA` / `BENCH_STORAGE_EXTRA` (TOML lines added to tollgate's plan and
+//! `[storage]`, for experiments: `lease_ttl = "1h"`, `usage_flush_ms = 20`).
 
 #[path = "peers/drive.rs"]
 mod drive;

@@ -265,6 +265,7 @@ redis_prefix = "peers"
 database_url = "{pg}"
 database_schema = "{schema}"
 spool_dir = "{spool}"
+{storage_extra}
 
 [auth]
 algorithms = ["HS256"]
@@ -287,6 +288,7 @@ cost = 1
 default = true
 fail_mode = "closed"
 quota_mode = "{mode}"
+{extra}
 quotas.api_calls = {{ included = {LIMIT}, overage = "deny" }}
 "#,
         redis = sh.redis_port,
@@ -294,6 +296,8 @@ quotas.api_calls = {{ included = {LIMIT}, overage = "deny" }}
         schema = sh.schema,
         spool = spool.display(),
         upstream = sh.upstream,
+        extra = std::env::var("BENCH_PLAN_EXTRA").unwrap_or_default(),
+        storage_extra = std::env::var("BENCH_STORAGE_EXTRA").unwrap_or_default(),
     )
 }
 
