@@ -64,25 +64,22 @@ impl Line {
         route: &str,
         request_id: &str,
     ) -> Line {
-        let units = i64::try_from(units).unwrap_or(i64::MAX);
+        let row = RowRef {
+            id,
+            ts,
+            customer,
+            meter,
+            units: i64::try_from(units).unwrap_or(i64::MAX),
+            route,
+            status: 0,
+            latency_us: 0,
+            request_id,
+        };
         let mut json =
             Vec::with_capacity(160 + customer.len() + meter.len() + route.len() + request_id.len());
-        if write_row(&mut json, id, ts, customer, meter, units, route, request_id).is_none() {
+        if write_row(&mut json, &row).is_none() {
             // A year past 9999 or a leap second (no system clock says so): the general
-            // serializer writes it.
-            json.clear();
-            let row = RowRef {
-                id,
-                ts,
-                customer,
-                meter,
-                units,
-                route,
-                status: 0,
-                latency_us: 0,
-                request_id,
-            };
-            // Serializing plain strings and numbers cannot fail.
+            // serializer writes it. Serializing plain strings and numbers cannot fail.
             json = serde_json::to_vec(&row).unwrap_or_default();
         }
         Line {
@@ -110,58 +107,50 @@ struct RowRef<'a> {
     request_id: &'a str,
 }
 
-/// [`RowRef`] as JSON, written directly (the request path builds one per reservation): the same
-/// object `serde_json` writes for it, with the timestamp in RFC 3339 with nanoseconds and `Z`.
-/// `None` for a year outside 0–9999 and for a leap second.
-#[allow(clippy::too_many_arguments)] // the row's fields, as `Line::new` takes them
-fn write_row(
-    out: &mut Vec<u8>,
-    id: Uuid,
-    ts: chrono::DateTime<chrono::Utc>,
-    customer: &str,
-    meter: &str,
-    units: i64,
-    route: &str,
-    request_id: &str,
-) -> Option<()> {
+/// `row` as JSON, written directly (the request path builds one per reservation): the object
+/// `serde_json` writes for it, with the timestamp in RFC 3339 with nanoseconds and `Z`. `None`
+/// (nothing written) for a year outside 0–9999 and for a leap second.
+fn write_row(out: &mut Vec<u8>, row: &RowRef<'_>) -> Option<()> {
     use chrono::{Datelike, Timelike};
+    let ts = row.ts;
     let year = u32::try_from(ts.year()).ok().filter(|y| *y <= 9999)?;
     if ts.nanosecond() >= 1_000_000_000 {
         return None; // a leap second (never from the system clock)
     }
+    let mut digits = itoa::Buffer::new();
     let mut uuid = Uuid::encode_buffer();
     out.extend_from_slice(br#"{"id":""#);
-    out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(row.id.hyphenated().encode_lower(&mut uuid).as_bytes());
     out.extend_from_slice(br#"","ts":""#);
-    let pad = |out: &mut Vec<u8>, n: u32, width: usize| {
-        let mut digits = itoa::Buffer::new();
-        let s = digits.format(n);
-        out.extend(std::iter::repeat_n(b'0', width.saturating_sub(s.len())));
-        out.extend_from_slice(s.as_bytes());
-    };
-    pad(out, year, 4);
-    out.push(b'-');
-    pad(out, ts.month(), 2);
-    out.push(b'-');
-    pad(out, ts.day(), 2);
-    out.push(b'T');
-    pad(out, ts.hour(), 2);
-    out.push(b':');
-    pad(out, ts.minute(), 2);
-    out.push(b':');
-    pad(out, ts.second(), 2);
-    out.push(b'.');
-    pad(out, ts.nanosecond(), 9);
-    out.extend_from_slice(br#"Z","customer":"#);
-    str_json(out, customer);
+    // Each field zero-padded to its width, then the character that follows it.
+    for (n, width, then) in [
+        (year, 4, b'-'),
+        (ts.month(), 2, b'-'),
+        (ts.day(), 2, b'T'),
+        (ts.hour(), 2, b':'),
+        (ts.minute(), 2, b':'),
+        (ts.second(), 2, b'.'),
+        (ts.nanosecond(), 9, b'Z'),
+    ] {
+        let n = digits.format(n);
+        out.extend(std::iter::repeat_n(b'0', width - n.len().min(width)));
+        out.extend_from_slice(n.as_bytes());
+        out.push(then);
+    }
+    out.extend_from_slice(br#"","customer":"#);
+    str_json(out, row.customer);
     out.extend_from_slice(br#","meter":"#);
-    str_json(out, meter);
+    str_json(out, row.meter);
     out.extend_from_slice(br#","units":"#);
-    out.extend_from_slice(itoa::Buffer::new().format(units).as_bytes());
+    out.extend_from_slice(digits.format(row.units).as_bytes());
     out.extend_from_slice(br#","route":"#);
-    str_json(out, route);
-    out.extend_from_slice(br#","status":0,"latency_us":0,"request_id":"#);
-    str_json(out, request_id);
+    str_json(out, row.route);
+    out.extend_from_slice(br#","status":"#);
+    out.extend_from_slice(digits.format(row.status).as_bytes());
+    out.extend_from_slice(br#","latency_us":"#);
+    out.extend_from_slice(digits.format(row.latency_us).as_bytes());
+    out.extend_from_slice(br#","request_id":"#);
+    str_json(out, row.request_id);
     out.push(b'}');
     Some(())
 }
