@@ -288,7 +288,7 @@ cost = 1
 default = true
 fail_mode = "closed"
 quota_mode = "{mode}"
-{extra}
+{plan_extra}
 quotas.api_calls = {{ included = {LIMIT}, overage = "deny" }}
 "#,
         redis = sh.redis_port,
@@ -296,7 +296,7 @@ quotas.api_calls = {{ included = {LIMIT}, overage = "deny" }}
         schema = sh.schema,
         spool = spool.display(),
         upstream = sh.upstream,
-        extra = std::env::var("BENCH_PLAN_EXTRA").unwrap_or_default(),
+        plan_extra = std::env::var("BENCH_PLAN_EXTRA").unwrap_or_default(),
         storage_extra = std::env::var("BENCH_STORAGE_EXTRA").unwrap_or_default(),
     )
 }
