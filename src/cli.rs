@@ -77,9 +77,20 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print and exit 0; a usage error is EX_USAGE, as a bad config.
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => ExitCode::from(EXIT_CONFIG),
+                false => ExitCode::SUCCESS,
+            };
+        }
+    };
     // Flushes the log lines still queued when `main` returns.
     let _logs = init_tracing(cli.log_format);
+    exit_when_the_listener_fails();
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
         Command::Serve { config } => match load(&config) {
@@ -134,6 +145,26 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
+/// `serve` tries the proxy address before pingora binds it; should another process take it in
+/// between, pingora's listener thread panics and the process would live on serving nothing.
+/// That panic ends the process (status 1) instead.
+fn exit_when_the_listener_fails() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("Failed to build listeners") {
+            eprintln!("error: the proxy listener could not be bound; exiting");
+            std::process::exit(1);
+        }
+    }));
+}
+
 fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,9 +190,9 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
     for f in files {
         match load(f) {
             Ok(c) => {
-                for var in c.missing_env() {
+                for (var, without) in c.missing_env() {
                     eprintln!(
-                        "warning: {}: env var {var} is not set (needed by serve)",
+                        "warning: {}: env var {var} is not set: {without}",
                         f.display()
                     );
                 }

@@ -5,9 +5,10 @@
 //! followers, SIGHUP reload, counter upkeep, Stripe reporter and reconciler, alert worker) is
 //! spawned on one [`TaskTracker`] and stops at one [`CancellationToken`]. A token stays
 //! cancelled, so a unit that was busy (not waiting) at that moment still stops at its next wait.
-//! Shutdown: pingora stops accepting and drains for `shutdown_grace`; then the token is
-//! cancelled, the flusher drains the usage channel into the ledger, and the other units get
-//! [`DRAIN`] to finish (the alert worker releases what it still holds).
+//! Shutdown ([`DrainWatch`]): `/readyz` turns 503, requests are still taken for `drain_delay`
+//! (unless idle), then refused while those in flight finish (up to `shutdown_grace`); then
+//! pingora stops, the token is cancelled, the flusher drains the usage channel into the ledger,
+//! and the other units get [`DRAIN`] to finish (the alert worker releases what it still holds).
 //!
 //! Why two runtimes: sqlx pools and redis-rs connection managers spawn tasks on the runtime they
 //! are created on; pingora creates its runtimes only inside `Server::run`. The control plane gets
@@ -24,7 +25,7 @@ use crate::journal::{Journal, Leftover};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::conn_cap::{self, PerIpCap};
-use crate::proxy::state::{Shared, Snapshot};
+use crate::proxy::state::{Lifecycle, Shared, Snapshot};
 use crate::proxy::{upstream, Proxy};
 use crate::quota::fail_open::FailOpen;
 use crate::quota::{
@@ -84,17 +85,26 @@ impl ShutdownSignalWatch for NotifyWatch {
     }
 }
 
-/// How long nothing must have been in flight before a draining proxy stops.
+/// How long nothing must have been in flight for the proxy to count as idle.
 const QUIET: Duration = Duration::from_millis(250);
 
-/// The drain of a graceful stop, done before pingora is told: `/readyz` turns 503, the proxy
-/// keeps serving (in-flight requests finish, late arrivals are still answered) until no request
-/// has been in flight for [`QUIET`] or `grace` is over, then pingora stops at once. An idle
-/// instance thus exits within a fraction of a second, a busy one drains for up to `grace`
-/// (pingora's own grace period is a fixed sleep, so it is set to 0).
+/// How often a drain logs its progress.
+const PROGRESS: Duration = Duration::from_secs(1);
+
+/// The drain of a graceful stop, done before pingora is told (pingora's own grace period is a
+/// fixed sleep, so it is set to 0, and its runtimes drop whatever still runs when they stop):
+/// 1. `/readyz` turns 503 and the proxy keeps taking requests for `drain_delay`, so load
+///    balancers see the 503 before anything is refused; each answer closes its connection.
+///    An idle proxy (nothing in flight for [`QUIET`]) skips the rest of the delay.
+/// 2. New requests are answered 503 `shutting-down` while those in flight finish, for up to
+///    `grace`; then pingora stops at once.
+///
+/// An idle instance thus exits within a fraction of a second, a busy one after at most
+/// `drain_delay + grace`. Progress is logged every second.
 struct DrainWatch {
     inner: Box<dyn ShutdownSignalWatch + Send + Sync>,
     shared: Arc<Shared>,
+    delay: Duration,
     grace: Duration,
 }
 
@@ -107,11 +117,19 @@ impl ShutdownSignalWatch for DrainWatch {
         }
         let life = &self.shared.lifecycle;
         life.start_draining();
-        tracing::info!(in_flight = life.in_flight(), grace = ?self.grace, "draining: /readyz answers 503");
-        let deadline = tokio::time::Instant::now() + self.grace;
-        while !life.idle_for(QUIET) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tracing::info!(
+            in_flight = life.in_flight(),
+            drain_delay_ms = ms(self.delay),
+            grace_ms = ms(self.grace),
+            "draining: /readyz answers 503, requests still taken"
+        );
+        drain_stage(life, self.delay, "delay", |l| l.idle_for(QUIET)).await;
+        life.start_closing();
+        tracing::info!(
+            in_flight = life.in_flight(),
+            "draining: new requests refused (503 shutting-down), waiting for those in flight"
+        );
+        drain_stage(life, self.grace, "in-flight", |l| l.in_flight() == 0).await;
         match life.in_flight() {
             0 => tracing::info!("drained: no request in flight"),
             n => tracing::warn!(
@@ -121,6 +139,28 @@ impl ShutdownSignalWatch for DrainWatch {
         }
         signal
     }
+}
+
+/// Waits until `done` or `limit` is over, logging the requests in flight every [`PROGRESS`].
+async fn drain_stage(
+    life: &Lifecycle,
+    limit: Duration,
+    stage: &'static str,
+    done: impl Fn(&Lifecycle) -> bool,
+) {
+    let start = tokio::time::Instant::now();
+    let mut report = start + PROGRESS;
+    while !done(life) && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if tokio::time::Instant::now() >= report {
+            report += PROGRESS;
+            tracing::info!(in_flight = life.in_flight(), stage, "draining");
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Recovers what a crashed (or stopped) process left in the journal: asks the quota store what
@@ -181,6 +221,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         .build()
         .context("starting the control runtime")?;
     let rt = control.handle().clone();
+    // pingora binds the proxy listener on a thread of its own, retries an address in use for
+    // 30 s and then panics in that thread while the process lives on; try the address first.
+    probe_bind(config.proxy.listen)
+        .with_context(|| format!("proxy.listen: cannot bind {}", config.proxy.listen))?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
@@ -339,15 +383,29 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         .block_on(live.start(source.as_deref()))
         .context("storing the config version")?;
     tasks.spawn_on(live.clone().run(cancel.clone()), &rt);
-    if let Some(path) = source {
-        // Registered here, before the proxy serves: SIGHUP's default action ends the process.
+    {
+        // Registered here, before the proxy serves: SIGHUP's default action ends the process,
+        // and a `kill -HUP` must not stop an instance that has no file to reload (the demo).
         let _rt = control.enter();
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("listening for SIGHUP")?;
-        tasks.spawn_on(
-            live.clone().reload_on_sighup(path, hup, cancel.clone()),
-            &rt,
-        );
+        match source {
+            Some(path) => tasks.spawn_on(
+                live.clone().reload_on_sighup(path, hup, cancel.clone()),
+                &rt,
+            ),
+            None => {
+                let cancel = cancel.clone();
+                tasks.spawn_on(
+                    async move {
+                        while cancel.run_until_cancelled(hup.recv()).await.flatten().is_some() {
+                            tracing::warn!("SIGHUP: no config file to reload; the admin API changes this instance's config");
+                        }
+                    },
+                    &rt,
+                )
+            }
+        };
     }
     if let Some(stripe) = &stripe {
         stripe::start(stripe, &shared.metrics.registry, &tasks, &rt, &cancel)
@@ -455,7 +513,19 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     for hc in health_checks {
         server.add_service(hc);
     }
-    tracing::info!(proxy = %config.proxy.listen, admin = %admin_addr, "tollgate running");
+    tracing::info!(
+        proxy = %config.proxy.listen,
+        admin = %admin_addr,
+        webhooks = webhooks_addr.map(|a| a.to_string()),
+        quota_store = match (&storage.redis_url, storage.redis_cluster) {
+            (None, _) => "in-process",
+            (Some(_), false) => "redis",
+            (Some(_), true) => "redis-cluster",
+        },
+        ledger = %redact(&storage.database_url),
+        config_version = shared.snapshot.load().version,
+        "tollgate running"
+    );
     if let Some(f) = opts.on_ready {
         f(Ready {
             proxy: config.proxy.listen,
@@ -470,6 +540,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     let shutdown_signal = Box::new(DrainWatch {
         inner: signal,
         shared: shared.clone(),
+        delay: config.proxy.drain_delay,
         grace: config.proxy.shutdown_grace,
     });
     server.run(RunArgs { shutdown_signal });
@@ -500,6 +571,13 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     drop(shared);
     control.shutdown_timeout(DRAIN);
     Ok(())
+}
+
+/// Binds `addr` and lets it go again: an address in use (or not ours) is an error now, with the
+/// OS's reason, rather than a listener pingora never gets. pingora binds with `SO_REUSEADDR`,
+/// as `std` does, so what binds here binds there.
+fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
+    std::net::TcpListener::bind(addr).map(drop)
 }
 
 /// The quota stores' [`CounterSeed`]: the ledger's units for a counter, read on the control

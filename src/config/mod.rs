@@ -53,6 +53,10 @@ pub struct ProxySettings {
     /// A new connection's first request head must be complete within this (0: no deadline).
     /// Read at start.
     pub header_read_timeout: Duration,
+    /// On SIGTERM, how long the proxy keeps taking new requests after `/readyz` turned 503, so
+    /// load balancers see it first (ends sooner once idle).
+    pub drain_delay: Duration,
+    /// After `drain_delay`, how long requests still in flight get to finish.
     pub shutdown_grace: Duration,
     /// Worker threads of the proxy runtime; 0 = one per core.
     pub threads: usize,
@@ -366,22 +370,31 @@ impl Config {
         validate::validate(raw, found)
     }
 
-    /// Names of env vars the config needs that are not set (check-config warns, serve fails later).
-    pub fn missing_env(&self) -> Vec<String> {
-        let mut names: Vec<&String> = vec![&self.admin.token_env];
-        names.extend(self.admin.metrics_token_env.iter());
-        names.extend(self.auth.secret_env.iter());
+    /// Env vars the config names that are not set, each with what `serve` does without it
+    /// (check-config warns with these words).
+    pub fn missing_env(&self) -> Vec<(String, &'static str)> {
+        let mut names: Vec<(&String, &'static str)> =
+            vec![(&self.admin.token_env, "the admin API (/admin/*) is closed")];
+        if let Some(m) = &self.admin.metrics_token_env {
+            names.push((m, "only the admin token opens /metrics"));
+        }
+        if let Some(a) = &self.auth.secret_env {
+            names.push((a, "serve refuses to start: HS tokens are verified with it"));
+        }
         if let Some(s) = &self.stripe {
-            names.push(&s.webhook_secrets_env);
-            names.push(&s.secret_key_env);
+            names.push((&s.webhook_secrets_env, "every Stripe webhook is refused"));
+            names.push((
+                &s.secret_key_env,
+                "usage reporting, the reconciler and the billing portal are off",
+            ));
         }
         if let Some(a) = &self.alerts {
-            names.push(&a.secret_env);
+            names.push((&a.secret_env, "threshold alerts are off"));
         }
         names
             .into_iter()
-            .filter(|n| std::env::var_os(n).is_none())
-            .cloned()
+            .filter(|(n, _)| std::env::var_os(n).is_none())
+            .map(|(n, what)| (n.clone(), what))
             .collect()
     }
 

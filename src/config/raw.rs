@@ -47,6 +47,7 @@ pub struct RawProxy {
     pub max_request_header_bytes: Option<i64>,
     pub max_connections_per_ip: Option<i64>,
     pub header_read_timeout: Option<String>,
+    pub drain_delay: Option<String>,
     pub shutdown_grace: Option<String>,
     pub threads: Option<i64>,
     /// `all` (default), `errors` (only answers that are not 2xx/3xx) or `off`.

@@ -199,6 +199,11 @@ impl Validator {
                 p.header_read_timeout.as_deref(),
                 Duration::from_secs(10),
             ),
+            drain_delay: self.duration(
+                "proxy.drain_delay",
+                p.drain_delay.as_deref(),
+                Duration::from_secs(5),
+            ),
             shutdown_grace: self.duration(
                 "proxy.shutdown_grace",
                 p.shutdown_grace.as_deref(),

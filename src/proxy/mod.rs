@@ -82,6 +82,17 @@ impl ProxyHttp for Proxy {
         ctx.snapshot = Some(snap.clone());
         ctx.request_id = ctx::request_id(session.req_header());
 
+        // A graceful stop (`server`'s drain): while draining every answer closes its connection,
+        // so clients reconnect where the balancer now sends them; past `drain_delay` new
+        // requests are refused with a 503 that says to retry.
+        let life = &self.shared.lifecycle;
+        if life.draining() {
+            session.set_keepalive(None);
+            if life.closing() {
+                return self.deny(session, ctx, Denial::ShuttingDown).await;
+            }
+        }
+
         // An oversized head (request line and headers) is refused before anything parses it
         // (the upstream never sees it).
         let limit = snap.config.proxy.max_request_header_bytes;

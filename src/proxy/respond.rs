@@ -54,6 +54,8 @@ pub enum Denial {
     },
     /// An `Upgrade` the route does not allow (a tunnel would carry requests past metering).
     UpgradeNotAllowed,
+    /// A graceful stop is past its `drain_delay`: new requests go to another instance.
+    ShuttingDown,
 }
 
 /// Decision labels for metrics and access logs: bounded, stable.
@@ -77,10 +79,11 @@ pub enum Decision {
     ClientClosed,
     InvalidPath,
     UpgradeNotAllowed,
+    ShuttingDown,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 15] = [
+    pub const ALL: [Decision; 16] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -96,6 +99,7 @@ impl Decision {
         Decision::ClientClosed,
         Decision::InvalidPath,
         Decision::UpgradeNotAllowed,
+        Decision::ShuttingDown,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -116,6 +120,7 @@ impl Decision {
             Decision::ClientClosed => "client-closed",
             Decision::InvalidPath => "invalid-path",
             Decision::UpgradeNotAllowed => "upgrade-not-allowed",
+            Decision::ShuttingDown => "shutting-down",
         }
     }
 
@@ -217,6 +222,7 @@ impl Denial {
             Denial::HeaderTooLarge { .. } => Decision::HeaderTooLarge,
             Denial::InvalidPath { .. } => Decision::InvalidPath,
             Denial::UpgradeNotAllowed => Decision::UpgradeNotAllowed,
+            Denial::ShuttingDown => Decision::ShuttingDown,
         }
     }
 
@@ -230,7 +236,7 @@ impl Denial {
             Denial::QuotaExceeded { .. } | Denial::RateLimited { .. } => 429,
             Denial::HeaderTooLarge { .. } => 431,
             Denial::UpstreamUnavailable => 502,
-            Denial::QuotaStoreUnavailable => 503,
+            Denial::QuotaStoreUnavailable | Denial::ShuttingDown => 503,
         }
     }
 
@@ -248,6 +254,7 @@ impl Denial {
             Denial::HeaderTooLarge { .. } => "Request header fields too large",
             Denial::InvalidPath { .. } => "Invalid request path",
             Denial::UpgradeNotAllowed => "Upgrade not allowed",
+            Denial::ShuttingDown => "Shutting down",
         }
     }
 
@@ -326,6 +333,10 @@ impl Denial {
             }
             Denial::QuotaStoreUnavailable => {
                 p.detail = "usage limits cannot be checked right now; retry shortly".into();
+                headers.push(("retry-after", "1".into()));
+            }
+            Denial::ShuttingDown => {
+                p.detail = "this instance is shutting down; retry (another instance answers)".into();
                 headers.push(("retry-after", "1".into()));
             }
             Denial::UpstreamUnavailable => {

@@ -90,9 +90,10 @@ pub struct Shared {
     pub heads: Arc<super::conn_cap::Heads>,
 }
 
-/// Requests in flight (a `Ctx` exists), when the last one ended, and whether a graceful stop
-/// is draining: the shutdown watch waits until nothing has been in flight for a moment (or the
-/// grace ends), and `/readyz` answers 503 meanwhile so load balancers move traffic away.
+/// Requests in flight (a `Ctx` exists), when the last one ended, and how far a graceful stop
+/// got: `draining` (`/readyz` answers 503 so load balancers move traffic away; requests are
+/// still served, each answer closing its connection) and then `closing` (new requests are
+/// answered 503 `shutting-down` while those in flight finish). The shutdown watch drives both.
 #[derive(Debug)]
 pub struct Lifecycle {
     in_flight: AtomicUsize,
@@ -100,6 +101,7 @@ pub struct Lifecycle {
     last_done_ms: AtomicU64,
     epoch: Instant,
     draining: AtomicBool,
+    closing: AtomicBool,
 }
 
 impl Default for Lifecycle {
@@ -109,6 +111,7 @@ impl Default for Lifecycle {
             last_done_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 }
@@ -146,5 +149,14 @@ impl Lifecycle {
 
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// From now on new requests are refused (503 `shutting-down`).
+    pub fn start_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 }

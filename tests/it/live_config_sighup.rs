@@ -3,96 +3,10 @@
 //! stays); SIGTERM on an idle instance exits at once, whatever the grace; `proxy.access_log`
 //! decides which requests get a line, and every queued line is written before the exit.
 
+use crate::support::serve::{admin_config, serve_config, signal, until, Serve};
 use crate::support::*;
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Serve {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    /// `tollgate serve --config file`, its log in `dir/serve.log`.
-    fn spawn(file: &std::path::Path, dir: &TempDir) -> Serve {
-        Self::spawn_with(file, dir, &[])
-    }
-
-    /// The same with more arguments before `serve`.
-    fn spawn_with(file: &std::path::Path, dir: &TempDir, args: &[&str]) -> Serve {
-        let log = dir.0.join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(args)
-            .args(["serve", "--config"])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Serve { child, log }
-    }
-}
-
-/// `base` listening on `proxy` and `admin`, with its SQLite ledger and spool in `dir` (created).
-fn serve_config(
-    base: &str,
-    dir: &TempDir,
-    proxy: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-) -> String {
-    std::fs::create_dir_all(&dir.0).unwrap();
-    base.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
-        .replace("[admin]\n", &format!("[admin]\nlisten = \"{admin}\"\n"))
-        + &format!(
-            "\n[storage]\ndatabase_url = \"sqlite:{}\"\nspool_dir = \"{}\"\n",
-            dir.0.join("ledger.db").display(),
-            dir.0.join("spool").display()
-        )
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-async fn admin_config(client: &reqwest::Client, admin: std::net::SocketAddr) -> Option<Value> {
-    let r = client
-        .get(format!("http://{admin}/admin/config"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .ok()?;
-    (r.status() == 200).then_some(())?;
-    r.json().await.ok()
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, failing after `secs` seconds with `what`.
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Edit the file and SIGHUP: a new version by `file:PATH` with the new cost; a bad file: every
 /// error logged with its key, version and behaviour unchanged.

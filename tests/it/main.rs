@@ -16,6 +16,7 @@ mod crash;
 mod entitlement_sync;
 mod faults;
 mod lease;
+mod lifecycle;
 mod live_config;
 mod live_config_sighup;
 mod openapi;

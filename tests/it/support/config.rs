@@ -9,6 +9,7 @@ pub fn base_config(upstream: SocketAddr) -> String {
         r#"
 [proxy]
 listen = "127.0.0.1:0"
+drain_delay = "0s"
 shutdown_grace = "0s"
 strip_authorization = true
 

@@ -10,12 +10,14 @@
 //! - `tokens`: HS256 test tokens;
 //! - `redis`: private redis-server processes (single and Cluster) for outage tests;
 //! - `relay`: a TCP relay a test can freeze (a dependency that stops answering);
+//! - `serve`: `tollgate serve` as a child process (signals, exit status, its log);
 //! - `stripe`: the Stripe stand-in.
 
 pub mod config;
 pub mod instance;
 pub mod redis;
 pub mod relay;
+pub mod serve;
 pub mod stripe;
 pub mod tokens;
 pub mod upstream;
