@@ -30,9 +30,59 @@ pub fn demo_upstream() -> Router {
         .route("/health", get(|| async { "ok\n" }))
 }
 
+/// The demo's files, removed when the demo ends (however it ends).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The example config as the demo runs it: listeners from the flags, every upstream pointed at
+/// the demo upstream (no health check), embedded storage in `dir`. Edited as TOML, so the
+/// document the demo stores as config version 1 (and `GET /admin/config` shows, and admin
+/// `PATCH`es merge into) is the one it runs.
+fn demo_config(
+    listen: &str,
+    admin: &str,
+    upstream: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<Config> {
+    use toml::{Table, Value};
+    let mut doc: Table = EXAMPLE_CONFIG.parse().context("example config")?;
+    fn section<'a>(doc: &'a mut Table, key: &str) -> &'a mut Table {
+        let v = doc.entry(key).or_insert_with(|| Value::Table(Table::new()));
+        if !v.is_table() {
+            *v = Value::Table(Table::new());
+        }
+        v.as_table_mut().expect("a table")
+    }
+    let proxy = section(&mut doc, "proxy");
+    proxy.insert("listen".into(), listen.into());
+    proxy.insert("drain_delay".into(), "0s".into());
+    proxy.insert("shutdown_grace".into(), "1s".into());
+    section(&mut doc, "admin").insert("listen".into(), admin.into());
+    let storage = section(&mut doc, "storage");
+    storage.remove("redis_url");
+    let db = format!("sqlite:{}", dir.join("tollgate.db").display());
+    storage.insert("database_url".into(), db.into());
+    let spool = dir.join("spool").display().to_string();
+    storage.insert("spool_dir".into(), spool.into());
+    for (_, u) in section(&mut doc, "upstreams").iter_mut() {
+        if let Some(u) = u.as_table_mut() {
+            u.insert("targets".into(), vec![upstream.to_string()].into());
+            u.remove("health_check_seconds");
+        }
+    }
+    let text = toml::to_string(&doc).context("writing the demo config")?;
+    let config = Config::from_toml(&text).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    Ok(config)
+}
+
 pub fn run(listen: &str, admin: &str) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = TempDir(std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
 
     // The upstream runs on its own thread and runtime for the life of the process.
     let upstream =
@@ -54,18 +104,7 @@ pub fn run(listen: &str, admin: &str) -> anyhow::Result<()> {
             }
         })?;
 
-    let mut config =
-        Config::from_toml(EXAMPLE_CONFIG).map_err(|e| anyhow::anyhow!("example config: {e}"))?;
-    config.proxy.listen = listen.parse().context("--listen")?;
-    config.admin.listen = admin.parse().context("--admin")?;
-    config.proxy.shutdown_grace = std::time::Duration::from_secs(1);
-    for u in config.upstreams.values_mut() {
-        u.targets = vec![upstream_addr.to_string()];
-        u.health_check = None;
-    }
-    config.storage.redis_url = None;
-    config.storage.database_url = format!("sqlite:{}", dir.join("tollgate.db").display());
-    config.storage.spool_dir = dir.join("spool");
+    let config = demo_config(listen, admin, upstream_addr, &dir.0)?;
 
     // Demo secrets, unless the caller brought their own.
     let secret_env = config
@@ -79,9 +118,15 @@ pub fn run(listen: &str, admin: &str) -> anyhow::Result<()> {
             format!("demo-secret-{}", uuid::Uuid::now_v7().simple()),
         );
     }
-    if std::env::var_os(&config.admin.token_env).is_none() {
-        std::env::set_var(&config.admin.token_env, "demo-admin-token");
-    }
+    let admin_env = config.admin.token_env.clone();
+    let admin_token = match std::env::var(&admin_env) {
+        Ok(t) if !t.is_empty() => t,
+        _ => {
+            let t = format!("demo-admin-{}", uuid::Uuid::now_v7().simple());
+            std::env::set_var(&admin_env, &t);
+            t
+        }
+    };
     let token = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -97,25 +142,35 @@ pub fn run(listen: &str, admin: &str) -> anyhow::Result<()> {
     let admin_addr = config.admin.listen;
     let on_ready = Box::new(move |_| {
         let base = format!("http://{proxy}");
+        let admin = format!("http://{admin_addr}");
         println!(
-            "\ntollgate demo is running: proxy {base}, admin http://{admin_addr}, upstream http://{upstream_addr}\n\
+            "\ntollgate demo is running: proxy {base}, admin {admin}, upstream http://{upstream_addr}\n\
              Customer \"demo-customer\" is on the free plan: 100 units a month, no PDF export.\n\
              Press Ctrl-C to stop.\n\n\
-             export TOKEN={token}\n\n\
+             export TOKEN={token}\n\
+             export {admin_env}={admin_token}\n\n\
              # 200: an allowed call (1 unit), with RateLimit headers\n\
              curl -i -H \"Authorization: Bearer $TOKEN\" {base}/signals\n\n\
              # 403: PDF export is not in the free plan\n\
              curl -i -H \"Authorization: Bearer $TOKEN\" {base}/export/pdf\n\n\
              # 429: spend the rest of the quota at 2 units a call; the last call is refused\n\
-             curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"Authorization: Bearer $TOKEN\" \"{base}/signals/history/AAPL?n=[1-50]\" | sort | uniq -c\n"
+             curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"Authorization: Bearer $TOKEN\" \"{base}/signals/history/AAPL?n=[1-50]\" | sort | uniq -c\n\n\
+             # the caller's own usage, and the operator's view of the customer\n\
+             curl -s -H \"Authorization: Bearer $TOKEN\" {base}/_tollgate/usage\n\
+             curl -s -H \"Authorization: Bearer ${admin_env}\" {admin}/admin/customers/demo-customer\n\n\
+             # raise the free plan to 500 units, live; the next call is 200 again\n\
+             curl -s -H \"Authorization: Bearer ${admin_env}\" -X PATCH {admin}/admin/plans/free -d '{{\"quotas\": {{\"api_calls\": {{\"included\": 500}}}}}}'\n\
+             curl -i -H \"Authorization: Bearer $TOKEN\" {base}/signals/history/AAPL\n"
         );
     });
-    server::run(
+    let result = server::run(
         config,
         Options {
             admin_listener: None,
             stop: Stop::Signals,
             on_ready: Some(on_ready),
         },
-    )
+    );
+    drop(dir);
+    result
 }
