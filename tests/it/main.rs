@@ -22,6 +22,7 @@ mod live_config_sighup;
 mod openapi;
 mod paths;
 mod proxy;
+mod readme;
 mod redis_topologies;
 mod selfservice;
 mod shadow;
