@@ -190,6 +190,14 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
     for f in files {
         match load(f) {
             Ok(c) => {
+                let tls_errors = crate::tls::check(&c);
+                for e in &tls_errors {
+                    eprintln!("error: {}: {e}", f.display());
+                }
+                if !tls_errors.is_empty() {
+                    bad = true;
+                    continue;
+                }
                 for (var, without) in c.missing_env() {
                     eprintln!(
                         "warning: {}: env var {var} is not set: {without}",

@@ -17,6 +17,7 @@
 //!   meter events, the reconciler, the Stripe API client.
 //! - [`alerts`]: threshold alerts: crossing detection and signed webhook delivery.
 //! - [`control`]: live config and entitlement sync across instances.
+//! - [`tls`]: TLS material for HTTPS upstreams and the TLS listener (one rustls provider).
 //! - [`admin`]: the admin listener's HTTP handlers (health, metrics, operator API, Stripe's
 //!   webhook endpoint, OpenAPI).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
@@ -44,4 +45,5 @@ pub mod quota;
 pub(crate) mod repair;
 pub mod server;
 pub(crate) mod stripe;
+pub(crate) mod tls;
 pub(crate) mod usage;

@@ -32,6 +32,7 @@ use crate::quota::{
     lease::Leases, memory::MemoryStore, redis::RedisStore, CounterSeed, Period, QuotaStore,
     SeedAfterLoss,
 };
+use crate::tls::ListenerCert;
 use crate::{alerts, ledger, quota, stripe, usage};
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -225,12 +226,17 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     // 30 s and then panics in that thread while the process lives on; try the address first.
     probe_bind(config.proxy.listen)
         .with_context(|| format!("proxy.listen: cannot bind {}", config.proxy.listen))?;
+    crate::tls::install_provider();
+    let listener_cert = match &config.proxy.tls {
+        Some(files) => Some(ListenerCert::load(files).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let (pools, health_checks) =
-        upstream::build(&config.upstreams).context("resolving upstream targets")?;
+        upstream::build(&config.upstreams).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Version 0 until `LiveConfig::start` numbers it from the ledger (before anything serves).
     let snapshot =
         Snapshot::new(config.clone(), Arc::new(pools), &metrics, 0).map_err(anyhow::Error::msg)?;
@@ -389,6 +395,22 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         let _rt = control.enter();
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("listening for SIGHUP")?;
+        if let Some(cert) = listener_cert.clone() {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            let cancel = cancel.clone();
+            tasks.spawn_on(
+                async move {
+                    while cancel.run_until_cancelled(hup.recv()).await.flatten().is_some() {
+                        match cert.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: proxy.tls certificate reloaded"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: proxy.tls certificate not reloaded; the one in use stays"),
+                        }
+                    }
+                },
+                &rt,
+            );
+        }
         match source {
             Some(path) => tasks.spawn_on(
                 live.clone().reload_on_sighup(path, hup, cancel.clone()),
@@ -508,13 +530,22 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         },
     );
     let mut proxy = pingora::services::listening::Service::new("tollgate proxy".into(), app);
-    proxy.add_tcp(&config.proxy.listen.to_string());
+    match &listener_cert {
+        Some(cert) => {
+            let settings = cert
+                .settings()
+                .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
+            proxy.add_tls_with_settings(&config.proxy.listen.to_string(), None, settings);
+        }
+        None => proxy.add_tcp(&config.proxy.listen.to_string()),
+    }
     server.add_service(proxy);
     for hc in health_checks {
         server.add_service(hc);
     }
     tracing::info!(
         proxy = %config.proxy.listen,
+        proxy_tls = listener_cert.is_some(),
         admin = %admin_addr,
         webhooks = webhooks_addr.map(|a| a.to_string()),
         quota_store = match (&storage.redis_url, storage.redis_cluster) {

@@ -45,6 +45,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub listen: SocketAddr,
+    /// TLS on the proxy listener (certificate reread on SIGHUP). Read at start.
+    pub tls: Option<ListenerTls>,
     pub unmatched: Unmatched,
     pub strip_authorization: bool,
     pub max_request_header_bytes: usize,
@@ -155,6 +157,26 @@ pub struct Upstream {
     pub targets: Vec<String>,
     pub health_check: Option<Duration>,
     pub host: Option<String>,
+    /// HTTPS to the targets (`tls = true`).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `[upstreams.*]` with `tls = true`. Paths only: the files are read when the pool is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Server name sent (SNI) and verified: `sni`, else `host`, else the first target's name.
+    pub sni: String,
+    /// CAs trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain and its key, for upstreams that ask for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// `proxy.tls`: the proxy listener speaks TLS (HTTP/2 and HTTP/1.1) with this certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]

@@ -40,6 +40,8 @@ pub struct RawAlerts {
 #[serde(default)]
 pub struct RawProxy {
     pub listen: Option<String>,
+    /// TLS on the proxy listener: `{ cert_file, key_file }`.
+    pub tls: Option<RawListenerTls>,
     /// `deny` (404 `no-route`, the default) or `forward` (to `unmatched_upstream`, unmetered).
     pub unmatched: Option<String>,
     pub unmatched_upstream: Option<String>,
@@ -133,6 +135,22 @@ pub struct RawUpstream {
     pub health_check_seconds: Option<i64>,
     /// `Host` header to send upstream; absent keeps the caller's.
     pub host: Option<String>,
+    /// HTTPS to the targets.
+    pub tls: Option<bool>,
+    /// Server name for SNI and certificate verification (default: `host`, else the target's).
+    pub sni: Option<String>,
+    /// PEM file of CAs trusted besides the system's roots.
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain and key, for upstreams that require one.
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RawListenerTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -9,6 +9,8 @@ use super::*;
 use crate::quota::fail_open::Allowance;
 use crate::quota::lease::LeaseTerms;
 
+mod tls;
+
 const DEFAULT_METER: &str = "api_calls";
 /// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
 /// `i64::MAX`, so that sums of many calls stay exact in the ledger's `BIGINT`.
@@ -182,6 +184,7 @@ impl Validator {
         };
         let proxy = ProxySettings {
             listen: self.addr("proxy.listen", p.listen.as_deref(), "0.0.0.0:8080"),
+            tls: self.listener_tls(p.tls.as_ref()),
             unmatched,
             strip_authorization: p.strip_authorization.unwrap_or(false),
             max_request_header_bytes: self.positive(
@@ -352,6 +355,7 @@ impl Validator {
                     targets: u.targets.clone(),
                     health_check: (hc > 0).then(|| Duration::from_secs(hc)),
                     host: u.host.clone(),
+                    tls: self.upstream_tls(name, u),
                 },
             );
         }

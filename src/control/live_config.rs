@@ -551,26 +551,20 @@ fn pools_for(cur: &Snapshot, new: &Config) -> Result<Arc<BTreeMap<String, Pool>>
     let mut errors = Vec::new();
     for (name, u) in &new.upstreams {
         let same = cur.config.upstreams.get(name).is_some_and(|o| {
-            o.targets == u.targets && o.host == u.host && o.health_check == u.health_check
+            o.targets == u.targets
+                && o.host == u.host
+                && o.health_check == u.health_check
+                && o.tls == u.tls
         });
         match (same, cur.pools.get(name)) {
             (true, Some(p)) => {
-                pools.insert(
-                    name.clone(),
-                    Pool {
-                        lb: p.lb.clone(),
-                        host: p.host.clone(),
-                    },
-                );
+                pools.insert(name.clone(), p.clone());
             }
-            _ => match upstream::build_live(u) {
+            _ => match upstream::build_live(name, u) {
                 Ok(p) => {
                     pools.insert(name.clone(), p);
                 }
-                Err(e) => errors.push(ConfigError {
-                    key: format!("upstreams.{name}.targets"),
-                    message: format!("cannot resolve: {e}"),
-                }),
+                Err(e) => errors.push(e),
             },
         }
     }

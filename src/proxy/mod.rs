@@ -221,7 +221,7 @@ impl ProxyHttp for Proxy {
             .ok_or_else(|| {
                 Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream target")
             })?;
-        Ok(Box::new(HttpPeer::new(backend.addr, false, String::new())))
+        Ok(Box::new(pool.peer(backend.addr)))
     }
 
     async fn upstream_request_filter(

@@ -46,7 +46,7 @@ async fn jwks_server_with(tls: Option<tokio_rustls::TlsAcceptor>) -> (String, Ar
             "http"
         }
         Some(acceptor) => {
-            let listener = TlsListener {
+            let listener = tls::TlsListener {
                 tcp: listener,
                 acceptor,
             };
@@ -55,54 +55,6 @@ async fn jwks_server_with(tls: Option<tokio_rustls::TlsAcceptor>) -> (String, Ar
         }
     };
     (format!("{scheme}://{addr}/jwks.json"), hits)
-}
-
-/// Serves tests/fixtures/tls/server.pem (127.0.0.1 and localhost, signed by the test CA).
-fn server_tls() -> tokio_rustls::TlsAcceptor {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let dir = format!("{}/tests/fixtures/tls", env!("CARGO_MANIFEST_DIR"));
-    let chain = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server_key.pem")).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
-}
-
-/// A TCP listener that completes a TLS handshake before handing a connection to axum.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                continue;
-            };
-            // A client that refuses our certificate fails the handshake: wait for the next.
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }
 
 fn signed(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, customer: &str) -> String {
@@ -196,7 +148,7 @@ both!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_jwks_trusted_through_jwks_ca_file() {
     let up = Upstream::start().await;
-    let (jwks_url, hits) = jwks_server_with(Some(server_tls())).await;
+    let (jwks_url, hits) = jwks_server_with(Some(tls::acceptor("server"))).await;
     assert!(jwks_url.starts_with("https://"), "{jwks_url}");
     let toml = base_config(up.addr).replace(
         "algorithms = [\"HS256\"]\nsecret_env = \"TOLLGATE_TEST_JWT_SECRET\"",

@@ -29,3 +29,4 @@ mod shadow;
 mod stripe_admin;
 mod stripe_reporting;
 mod stripe_webhooks;
+mod tls;

@@ -19,6 +19,7 @@ pub mod redis;
 pub mod relay;
 pub mod serve;
 pub mod stripe;
+pub mod tls;
 pub mod tokens;
 pub mod upstream;
 

@@ -28,6 +28,15 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_with(None).await
+    }
+
+    /// The same over HTTPS with the fixture certificate `cert` (tests/fixtures/tls).
+    pub async fn start_tls(cert: &str) -> Upstream {
+        Self::start_with(Some(cert)).await
+    }
+
+    async fn start_with(tls: Option<&str>) -> Upstream {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let app = Router::new()
             .route(
@@ -63,12 +72,26 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(Notify::new());
         let s = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.notified().await })
-                .await
-                .ok();
-        });
+        match tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { s.notified().await })
+                    .await
+                    .ok();
+            }),
+            Some(cert) => {
+                let listener = super::tls::TlsListener {
+                    tcp: listener,
+                    acceptor: super::tls::acceptor(cert),
+                };
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { s.notified().await })
+                        .await
+                        .ok();
+                })
+            }
+        };
         Upstream { addr, seen, stop }
     }
 
