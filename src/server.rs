@@ -601,6 +601,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     journal.close();
     drop(shared);
     control.shutdown_timeout(DRAIN);
+    tracing::info!("stopped");
     Ok(())
 }
 

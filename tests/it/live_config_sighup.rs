@@ -8,6 +8,9 @@ use crate::support::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+/// The `shutdown_grace` of the idle-stop test: an exit that waited for it is plain to see.
+const GRACE: Duration = Duration::from_secs(30);
+
 /// Edit the file and SIGHUP: a new version by `file:PATH` with the new cost; a bad file: every
 /// error logged with its key, version and behaviour unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,16 +69,16 @@ async fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     signal(&serve.child, "-TERM");
 }
 
-/// An idle instance with the default 10 s `shutdown_grace` exits within 1 s of SIGTERM (the
-/// drain ends as soon as no request is in flight), with status 0 and its usage in the ledger.
+/// An idle instance with a 30 s `shutdown_grace` exits long before it (the drain ends as soon
+/// as no request is in flight), with status 0 and its usage in the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sigterm_exits_at_once() {
     let up = Upstream::start().await;
     let dir = TempDir(std::env::temp_dir().join(unique("tollgate-sigterm")));
     let (proxy, admin) = (free_port(), free_port());
-    let base = base_config(up.addr).replace("shutdown_grace = \"0s\"", "shutdown_grace = \"10s\"");
+    let base = base_config(up.addr).replace("shutdown_grace = \"0s\"", "shutdown_grace = \"30s\"");
     let toml = serve_config(&base, &dir, proxy, admin);
-    assert!(toml.contains("shutdown_grace = \"10s\""));
+    assert!(toml.contains("shutdown_grace = \"30s\""));
     let file = dir.0.join("tollgate.toml");
     std::fs::write(&file, &toml).unwrap();
     let mut serve = Serve::spawn(&file, &dir);
@@ -94,23 +97,11 @@ async fn idle_sigterm_exits_at_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     signal(&serve.child, "-TERM");
-    let sent = Instant::now();
-    let status = loop {
-        if let Some(status) = serve.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(5),
-            "still running 5 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = sent.elapsed();
+    let (status, took) = serve.exited(Instant::now(), GRACE).await;
     let logged = std::fs::read_to_string(&serve.log).unwrap_or_default();
-    assert!(
-        took < Duration::from_secs(1),
-        "exited {took:?} after SIGTERM\n{logged}"
-    );
+    // It exits in milliseconds here; the bound only has to tell "did not wait for the grace"
+    // apart from "waited", with room for a loaded CI machine.
+    assert!(took < GRACE / 3, "exited {took:?} after SIGTERM\n{logged}");
     assert!(status.success(), "{status}\n{logged}");
     let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.0.join("ledger.db").display()))
         .await
@@ -152,11 +143,7 @@ async fn the_access_log_can_keep_errors_only() {
     let refused = client.get(&url).send().await.unwrap();
     assert_eq!(refused.status(), 401);
     signal(&serve.child, "-TERM");
-    let sent = Instant::now();
-    while serve.child.try_wait().unwrap().is_none() {
-        assert!(sent.elapsed() < Duration::from_secs(5), "still running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serve.exited(Instant::now(), Duration::from_secs(20)).await;
     let logged = std::fs::read_to_string(&serve.log).unwrap();
     let access: Vec<Value> = logged
         .lines()

@@ -49,6 +49,28 @@ pub fn serve_config(
         )
 }
 
+impl Serve {
+    /// Waits up to `limit` for the process to exit (after a signal sent at `sent`): its status
+    /// and how long after `sent` it exited. Past `limit` the test fails with the log, which says
+    /// where the stop spent its time (each drain step is logged).
+    pub async fn exited(
+        &mut self,
+        sent: Instant,
+        limit: Duration,
+    ) -> (std::process::ExitStatus, Duration) {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, sent.elapsed());
+            }
+            if sent.elapsed() >= limit {
+                let logged = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("still running {limit:?} after the signal; its log:\n{logged}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         self.child.kill().ok();
