@@ -188,8 +188,19 @@ pub(crate) struct CustomerPage {
     next: Option<String>,
 }
 
-/// `GET /admin/customers`: customers with an entitlement row, by id, paged with `after` (the
-/// last id of the previous page) and `limit`; `next` is the `after` of the next page.
+/// `GET /admin/customers`: known customers (as [`get_customer`] knows them), by id, paged with
+/// `after` (the last id of the previous page) and `limit`; `next` is the `after` of the next
+/// page.
+///
+/// Known customers are those with an entitlement row, plus those without one who have usage
+/// this period: on the default plan (`plan: null`), in the calendar month. Who the latter are
+/// comes from the ledger ([`crate::ledger::UsageLedger::customers_with_usage`], one query per
+/// meter of the default plan, index seeks per customer, no scan of the rows), and how much they
+/// used from the quota store, as for everyone listed. The quota stores cannot say who holds a
+/// counter as cheaply: Redis only by `SCAN`ning its whole keyspace (on every node of a
+/// Cluster), and the ledger serves both backends alike. The price: a customer whose only calls
+/// are still on their way to the ledger (at most a flush interval, `storage.usage_flush_ms`, or
+/// while it is down and rows wait in the spool) is listed once they arrive.
 #[utoipa::path(
     get,
     path = "/admin/customers",
@@ -238,13 +249,30 @@ pub(crate) async fn list_customers(
         }
     };
     let after = q.get("after").cloned().unwrap_or_default();
-    let mut all = s.ledger.all_customers().await?;
+    let mut all: Vec<(String, Option<Entitlement>)> = s
+        .ledger
+        .all_customers()
+        .await?
+        .into_iter()
+        .map(|(id, ent)| (id, Some(ent)))
+        .collect();
+    all.extend(
+        unstored_with_usage(&s, &all)
+            .await?
+            .into_iter()
+            .map(|id| (id, None)),
+    );
     // Byte order, the order `after` compares in (a database collation may order differently).
     all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut page = Vec::new();
     let mut next = None;
     for (id, ent) in all.iter().filter(|(id, _)| id.as_str() > after.as_str()) {
-        let v = view_of(&s, id, Some(ent)).await?;
+        let v = match view_of(&s, id, ent.as_ref()).await {
+            Ok(v) => v,
+            // Ledger rows but nothing left on the counters (refunded, credited back).
+            Err(AdminError::UnknownCustomer { .. }) if ent.is_none() => continue,
+            Err(e) => return Err(e),
+        };
         if !filter.matches(&v.usage) {
             continue;
         }
@@ -258,6 +286,33 @@ pub(crate) async fn list_customers(
         customers: page,
         next,
     }))
+}
+
+/// Customers with ledger rows this calendar month in a meter of the default plan and no
+/// entitlement row (`stored` holds those with one): the ones that plan measures.
+async fn unstored_with_usage(
+    s: &AdminState,
+    stored: &[(String, Option<Entitlement>)],
+) -> Result<Vec<String>, AdminError> {
+    let snap = s.shared.snapshot.load_full();
+    let Some(plan) = snap.config.default_plan() else {
+        return Ok(Vec::new());
+    };
+    let month = period_of(None, Utc::now());
+    let (Some(from), Some(to)) = (rfc3339(month.start), rfc3339(month.end)) else {
+        return Ok(Vec::new());
+    };
+    let stored: std::collections::HashSet<&str> =
+        stored.iter().map(|(id, _)| id.as_str()).collect();
+    let mut found = std::collections::BTreeSet::new();
+    for meter in plan.quotas.keys() {
+        for id in s.ledger.customers_with_usage(meter, from, to).await? {
+            if !stored.contains(id.as_str()) {
+                found.insert(id);
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
 }
 
 /// Body of `PUT /admin/customers/{id}`.

@@ -22,6 +22,20 @@ const USAGE_TOTALS: &str = "SELECT CAST(COALESCE(SUM(units), 0) AS BIGINT) AS un
        COUNT(*) AS requests FROM usage_events \
      WHERE customer = $1 AND meter = $2 AND ts >= $3 AND ts < $4";
 
+/// Customers with rows of meter $1 in [$2, $3): the distinct customers are walked through the
+/// `(customer, meter, ts)` index one seek each (a skip scan both backends run the same way), and
+/// each is kept when one seek finds a row of the meter in range. Cost: index seeks per customer
+/// ever seen, never a scan of the rows themselves.
+const CUSTOMERS_WITH_USAGE: &str = "WITH RECURSIVE seen(customer) AS ( \
+       SELECT (SELECT customer FROM usage_events ORDER BY customer LIMIT 1) \
+       UNION ALL \
+       SELECT (SELECT u.customer FROM usage_events u WHERE u.customer > seen.customer \
+               ORDER BY u.customer LIMIT 1) \
+       FROM seen WHERE seen.customer IS NOT NULL) \
+     SELECT customer FROM seen WHERE customer IS NOT NULL AND EXISTS ( \
+       SELECT 1 FROM usage_events u \
+       WHERE u.customer = seen.customer AND u.meter = $1 AND u.ts >= $2 AND u.ts < $3)";
+
 /// Usage rows: written by the flusher, read by the admin API.
 #[async_trait::async_trait]
 pub trait UsageLedger: Send + Sync {
@@ -36,6 +50,13 @@ pub trait UsageLedger: Send + Sync {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(i64, i64), LedgerError>;
+    /// Every customer with a row of `meter` in [from, to), once each, in no particular order.
+    async fn customers_with_usage(
+        &self,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<String>, LedgerError>;
     /// `usage_events` summed per group and meter over `[query.from, query.to)`, with the
     /// optional customer/meter/route filters: ordered by key then meter, at most `limit` groups
     /// after skipping `offset` (`limit` ≤ 0: all). [`UsageGroupBy::Total`] gives one row per meter.
@@ -113,6 +134,26 @@ impl<DB: Backend> UsageLedger for SqlLedger<DB> {
         let read =
             || -> Result<(i64, i64), sqlx::Error> { Ok((row.col("units")?, row.col("requests")?)) };
         read().map_err(LedgerError::query(op))
+    }
+
+    async fn customers_with_usage(
+        &self,
+        meter: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<String>, LedgerError> {
+        let op = "customers_with_usage";
+        let rows = DB::sql(CUSTOMERS_WITH_USAGE)
+            .bind(meter)
+            .bind(Time(from))
+            .bind(Time(to))
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter()
+            .map(|r| r.col("customer"))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::query(op))
     }
 
     async fn usage_report(
@@ -255,6 +296,42 @@ mod tests {
             .expect("tokens");
         assert_eq!(tokens, (units_of(7), 7));
     }
+
+    async fn check_customers_with_usage(ledger: Arc<dyn Ledger>) {
+        let mut evs = events(3, "acme", "api_calls"); // t0 .. t0+2ms
+        evs.extend(events(2, "globex", "tokens"));
+        evs.extend(events(1, "initech", "api_calls"));
+        evs.extend(events(4, "b", "api_calls"));
+        ledger.insert_usage(&evs).await.expect("insert");
+        // A row before the window and one at its end (excluded) count for nothing.
+        let mut early = events(1, "umbrella", "api_calls");
+        early[0].ts = t0() - Duration::seconds(1);
+        let mut late = events(1, "wayne", "api_calls");
+        late[0].ts = t0() + Duration::days(1);
+        ledger.insert_usage(&early).await.expect("early");
+        ledger.insert_usage(&late).await.expect("late");
+        let window = |meter: &'static str| {
+            let ledger = ledger.clone();
+            async move {
+                let mut c = ledger
+                    .customers_with_usage(meter, t0(), t0() + Duration::days(1))
+                    .await
+                    .expect("customers");
+                c.sort();
+                c
+            }
+        };
+        assert_eq!(window("api_calls").await, ["acme", "b", "initech"]);
+        assert_eq!(window("tokens").await, ["globex"]);
+        assert!(window("nothing").await.is_empty());
+    }
+
+    contract!(
+        "customers_with_usage lists each customer with rows of the meter in [from, to) once.",
+        check_customers_with_usage,
+        pg_customers_with_usage,
+        sqlite_customers_with_usage
+    );
 
     contract!(
         "1000 events insert 1000 rows, again 0; multi-chunk batches count exactly.",

@@ -38,6 +38,9 @@ pub struct Ctx {
     pub(super) route: Option<usize>,
     /// For unmatched requests forwarded unmetered.
     pub(super) upstream: Option<String>,
+    /// Answered (or refused) by self-service (`GET /_tollgate/usage`): counted and logged under
+    /// its own route label, not as unmatched.
+    pub(super) self_service: bool,
     pub(super) request_id: String,
     /// The normalised path, when it differs from the one sent (the upstream gets this one).
     pub(super) path: Option<String>,
@@ -68,6 +71,7 @@ impl Ctx {
             snapshot: None,
             route: None,
             upstream: None,
+            self_service: false,
             request_id: String::new(),
             path: None,
             customer: None,

@@ -76,6 +76,11 @@ impl ProxyHttp for Proxy {
         // `nc -N`) is still waiting for the answer: pingora's default aborts the request at that
         // FIN (after the reservation, so the call was charged and never answered).
         session.downstream_session.set_abort_on_close(false);
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): pingora serves a request written before the
+        // previous answer was read only when asked to (else it answers the first and closes,
+        // dropping the rest). Answered in order, one at a time; it carries over to later
+        // requests on the connection.
+        session.downstream_session.set_pipelining_enabled(true);
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
         self.shared.heads.arrived(peer); // its first head came in time (`conn_cap`)
         let snap = self.shared.snapshot.load_full();
@@ -138,21 +143,30 @@ impl ProxyHttp for Proxy {
         {
             Outcome::NotMine => {}
             Outcome::Served => {
+                ctx.self_service = true;
                 ctx.decision = Decision::Unmetered;
                 return Ok(true);
             }
-            Outcome::Denied(d) => return self.deny(session, ctx, d).await,
+            Outcome::Denied(d) => {
+                ctx.self_service = true;
+                return self.deny(session, ctx, d).await;
+            }
         }
 
         // 1. route
         let req = session.req_header();
         let path = ctx.path.as_deref().unwrap_or(req.uri.path());
+        let mut allow = None;
         let near_miss = match snap.router.find(&snap.config.routes, &req.method, path) {
             Found::Route(i) => {
                 ctx.route = Some(i);
                 None
             }
             Found::NearMiss(i) => Some(&snap.config.routes[i]),
+            Found::MethodNotAllowed => {
+                allow = Some(snap.router.allow(&snap.config.routes, path));
+                None
+            }
             Found::None => None,
         };
         // A protocol switch turns the connection into a tunnel the proxy no longer sees
@@ -168,6 +182,16 @@ impl ProxyHttp for Proxy {
             }
         }
         let Some(route) = ctx.route(&snap) else {
+            // A route has this path, not this method: 405 whatever `unmatched` says (forwarded
+            // unmetered, a method-blind upstream would serve the metered route for free).
+            if let Some(allow) = allow {
+                if !session.is_body_empty() {
+                    session.set_keepalive(None);
+                }
+                return self
+                    .deny(session, ctx, Denial::MethodNotAllowed { allow })
+                    .await;
+            }
             return match &snap.config.proxy.unmatched {
                 Unmatched::Deny => self.deny(session, ctx, Denial::NoRoute).await,
                 // A lenient upstream (case-insensitive or slash-tolerant routing, as Express

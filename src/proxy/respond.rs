@@ -29,6 +29,10 @@ pub enum Denial {
     },
     Suspended,
     NoRoute,
+    /// A route has the path, none with the request's method; `allow` is the `Allow` value.
+    MethodNotAllowed {
+        allow: String,
+    },
     QuotaExceeded {
         meter: String,
         limit: u64,
@@ -80,10 +84,12 @@ pub enum Decision {
     InvalidPath,
     UpgradeNotAllowed,
     ShuttingDown,
+    MethodNotAllowed,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 16] = [
+    /// Every decision, in declaration order (`index` is the position here).
+    pub const ALL: [Decision; 17] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -100,6 +106,7 @@ impl Decision {
         Decision::InvalidPath,
         Decision::UpgradeNotAllowed,
         Decision::ShuttingDown,
+        Decision::MethodNotAllowed,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -121,6 +128,7 @@ impl Decision {
             Decision::InvalidPath => "invalid-path",
             Decision::UpgradeNotAllowed => "upgrade-not-allowed",
             Decision::ShuttingDown => "shutting-down",
+            Decision::MethodNotAllowed => "method-not-allowed",
         }
     }
 
@@ -215,6 +223,7 @@ impl Denial {
             Denial::FeatureNotInPlan { .. } => Decision::FeatureNotInPlan,
             Denial::Suspended => Decision::Suspended,
             Denial::NoRoute => Decision::NoRoute,
+            Denial::MethodNotAllowed { .. } => Decision::MethodNotAllowed,
             Denial::QuotaExceeded { .. } => Decision::QuotaExceeded,
             Denial::RateLimited { .. } => Decision::RateLimited,
             Denial::QuotaStoreUnavailable => Decision::QuotaStoreUnavailable,
@@ -233,6 +242,7 @@ impl Denial {
             Denial::PaymentRequired { .. } => 402,
             Denial::FeatureNotInPlan { .. } | Denial::Suspended => 403,
             Denial::NoRoute => 404,
+            Denial::MethodNotAllowed { .. } => 405,
             Denial::QuotaExceeded { .. } | Denial::RateLimited { .. } => 429,
             Denial::HeaderTooLarge { .. } => 431,
             Denial::UpstreamUnavailable => 502,
@@ -247,6 +257,7 @@ impl Denial {
             Denial::FeatureNotInPlan { .. } => "Feature not in plan",
             Denial::Suspended => "Customer suspended",
             Denial::NoRoute => "No such route",
+            Denial::MethodNotAllowed { .. } => "Method not allowed",
             Denial::QuotaExceeded { .. } => "Quota exceeded",
             Denial::RateLimited { .. } => "Rate limited",
             Denial::QuotaStoreUnavailable => "Quota store unavailable",
@@ -286,10 +297,7 @@ impl Denial {
                 };
                 headers.push(("www-authenticate", www));
             }
-            Denial::PaymentRequired { status } => {
-                p.detail =
-                    format!("the subscription is {status}; update the payment method to continue");
-            }
+            Denial::PaymentRequired { status } => p.detail = payment_detail(status),
             Denial::FeatureNotInPlan { feature, plan } => {
                 p.detail = format!(
                     "this route needs feature {feature:?}, which plan {plan:?} does not include"
@@ -297,6 +305,10 @@ impl Denial {
             }
             Denial::Suspended => p.detail = "this customer is suspended; contact support".into(),
             Denial::NoRoute => p.detail = "no route matches this method and path".into(),
+            Denial::MethodNotAllowed { allow } => {
+                p.detail = format!("this path does not accept this method; it accepts {allow}");
+                headers.push(("allow", allow.clone()));
+            }
             Denial::QuotaExceeded {
                 meter,
                 limit,
@@ -357,6 +369,24 @@ impl Denial {
             headers,
             body,
         }
+    }
+}
+
+/// What a 402 tells the customer to do, by why the account is refused (a subscription status,
+/// or "without a plan"): a subscription that ended is subscribed to again, a paused one is
+/// resumed, one whose payment failed (`past_due`, `unpaid`, `incomplete`) gets a working
+/// payment method.
+fn payment_detail(status: &str) -> String {
+    match status {
+        "canceled" => "the subscription is canceled; subscribe again to continue".into(),
+        "incomplete_expired" => {
+            "the subscription expired before its first payment; subscribe again to continue".into()
+        }
+        "paused" => "the subscription is paused; resume it to continue".into(),
+        "without a plan" => {
+            "this customer has no plan and there is no default plan; subscribe to continue".into()
+        }
+        status => format!("the subscription is {status}; update the payment method to continue"),
     }
 }
 
@@ -478,6 +508,55 @@ mod tests {
             }
         }
         assert!(checked >= 20, "only {checked} draft examples checked");
+    }
+
+    /// `Decision::ALL` is in declaration order: metric handles are looked up by `index`.
+    #[test]
+    fn all_decisions_in_index_order() {
+        for (i, d) in Decision::ALL.iter().enumerate() {
+            assert_eq!(d.index(), i, "{d:?}");
+        }
+    }
+
+    /// A wrong method is a 405 with `Allow`, its own type, and says which methods the path has.
+    #[test]
+    fn method_not_allowed_shape() {
+        let r = Denial::MethodNotAllowed {
+            allow: "GET, POST".into(),
+        }
+        .render(Some("req-2"));
+        assert_eq!(r.status, 405);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(v["type"], "urn:tollgate:problem:method-not-allowed");
+        assert_eq!(v["status"], 405);
+        assert!(v["detail"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("GET, POST")));
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "allow" && v == "GET, POST"));
+    }
+
+    /// A canceled subscription is told to subscribe again; a failed payment to fix it.
+    #[test]
+    fn payment_required_says_what_to_do() {
+        let detail = |status| {
+            let r = Denial::PaymentRequired { status }.render(None);
+            let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+            v["detail"].as_str().unwrap_or_default().to_string()
+        };
+        assert_eq!(
+            detail("canceled"),
+            "the subscription is canceled; subscribe again to continue"
+        );
+        for s in ["past_due", "unpaid"] {
+            assert_eq!(
+                detail(s),
+                format!("the subscription is {s}; update the payment method to continue")
+            );
+        }
+        assert!(!detail("paused").contains("payment method"));
     }
 
     /// A quota denial carries the stable type, the extra members and Retry-After.

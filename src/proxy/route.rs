@@ -1,11 +1,18 @@
 //! Routing: `(method, path)` → the configured route, via one radix tree (matchit) per method plus
-//! one for `*`. Built once per config version; lookups allocate nothing.
+//! one for `*`. Built once per config version; lookups of a path some route matches allocate
+//! nothing. A path that only routes of other methods match is [`Found::MethodNotAllowed`] (405,
+//! with those methods in `Allow`), not a miss.
 //!
 //! Owns: the `"METHOD /path/{param}"` match syntax and conflict detection. Must not touch: costs,
 //! plans or anything per customer (a route is found before we know who is calling).
 
 use crate::config::Route;
 use http::Method;
+
+/// The methods a route may name, in the order `Allow` lists them.
+const KNOWN: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+];
 
 /// A parsed `match` string: `"GET /signals/{symbol}"`, `"* /health"`, `"POST /v1/{*rest}"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +35,6 @@ impl MatchSpec {
         let method = match method {
             "*" => None,
             m => {
-                const KNOWN: [&str; 9] = [
-                    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
-                ];
                 if !KNOWN.contains(&m) {
                     return Err(format!(
                         "unknown method {m:?} (use an upper-case HTTP method or *)"
@@ -79,6 +83,10 @@ pub enum Found {
     /// does not accept that difference. A lenient upstream would serve it as this route, so it
     /// must never be forwarded unmetered.
     NearMiss(usize),
+    /// No route of this method (nor `*`) matches the path, but a route of another method does
+    /// (as that route matches paths): the path is known, the method is not. [`Router::allow`]
+    /// names the methods.
+    MethodNotAllowed,
     None,
 }
 
@@ -146,44 +154,79 @@ impl Router {
 
     /// The route for a request's normalised path: method-specific routes first, then `*` routes;
     /// then, when neither matches as written, the route it matches folded (case, trailing
-    /// slash), which is a match when that route accepts the difference.
+    /// slash), which is a match when that route accepts the difference. When nothing of this
+    /// method matches at all, a route of another method matching the path makes it
+    /// [`Found::MethodNotAllowed`].
     pub fn find(&self, routes: &[Route], method: &Method, path: &str) -> Found {
         let tree = self
             .by_method
             .iter()
             .find(|(m, _)| m == method)
             .map(|(_, t)| t);
-        for t in tree.into_iter().chain([&self.any]) {
-            if let Ok(m) = t.exact.at(path) {
-                return Found::Route(*m.value);
+        match lookup(routes, [tree, Some(&self.any)], path) {
+            Found::None if self.methods_matching(routes, path).next().is_some() => {
+                Found::MethodNotAllowed
             }
+            found => found,
         }
-        let folded = fold(path);
-        for t in tree.into_iter().chain([&self.any]) {
-            let Ok(m) = t.folded.at(&folded) else {
-                continue;
-            };
-            let (i, pattern_trailing) = *m.value;
-            let r = &routes[i];
-            let path_trailing = path.len() > 1 && path.ends_with('/');
-            let slash_differs = path_trailing != pattern_trailing;
-            // With the slash made like the pattern's, does the path match as written?
-            let same_slash: std::borrow::Cow<str> = match (path_trailing, pattern_trailing) {
-                (true, false) => path[..path.len() - 1].into(),
-                (false, true) => format!("{path}/").into(),
-                _ => path.into(),
-            };
-            let case_differs = t.exact.at(&same_slash).map(|m| *m.value) != Ok(i);
-            let accepted =
-                (!slash_differs || r.ignore_trailing_slash) && (!case_differs || !r.case_sensitive);
-            return if accepted {
-                Found::Route(i)
-            } else {
-                Found::NearMiss(i)
-            };
-        }
-        Found::None
     }
+
+    /// The `Allow` value for a [`Found::MethodNotAllowed`] path: every method with a route that
+    /// matches it (as [`Router::find`] would), comma-separated in a fixed order.
+    pub fn allow(&self, routes: &[Route], path: &str) -> String {
+        let mut methods: Vec<&str> = self
+            .methods_matching(routes, path)
+            .map(Method::as_str)
+            .collect();
+        methods.sort_by_key(|m| KNOWN.iter().position(|k| k == m));
+        methods.join(", ")
+    }
+
+    /// The methods with a route of their own that matches `path`.
+    fn methods_matching<'r>(
+        &'r self,
+        routes: &'r [Route],
+        path: &'r str,
+    ) -> impl Iterator<Item = &'r Method> + 'r {
+        self.by_method
+            .iter()
+            .filter(move |(_, t)| matches!(lookup(routes, [Some(t), None], path), Found::Route(_)))
+            .map(|(m, _)| m)
+    }
+}
+
+/// [`Router::find`] in `trees` (a method's tree, then `*`'s), without the 405 check.
+fn lookup(routes: &[Route], trees: [Option<&Tree>; 2], path: &str) -> Found {
+    for t in trees.iter().flatten() {
+        if let Ok(m) = t.exact.at(path) {
+            return Found::Route(*m.value);
+        }
+    }
+    let folded = fold(path);
+    for t in trees.iter().flatten() {
+        let Ok(m) = t.folded.at(&folded) else {
+            continue;
+        };
+        let (i, pattern_trailing) = *m.value;
+        let r = &routes[i];
+        let path_trailing = path.len() > 1 && path.ends_with('/');
+        let slash_differs = path_trailing != pattern_trailing;
+        // With the slash made like the pattern's, does the path match as written?
+        let same_slash: std::borrow::Cow<str> = match (path_trailing, pattern_trailing) {
+            (true, false) => path[..path.len() - 1].into(),
+            (false, true) => format!("{path}/").into(),
+            _ => path.into(),
+        };
+        let case_differs = t.exact.at(&same_slash).map(|m| *m.value) != Ok(i);
+        let accepted =
+            (!slash_differs || r.ignore_trailing_slash) && (!case_differs || !r.case_sensitive);
+        return if accepted {
+            Found::Route(i)
+        } else {
+            Found::NearMiss(i)
+        };
+    }
+    Found::None
 }
 
 /// A path folded for the loose lookup: ASCII lower case, no trailing slash (except `/`).
@@ -252,8 +295,46 @@ mod tests {
         assert_eq!(find(Method::GET, "/signals/AAPL"), Found::Route(0));
         assert_eq!(find(Method::DELETE, "/signals/AAPL"), Found::Route(1));
         assert_eq!(find(Method::POST, "/v1/a/b/c"), Found::Route(2));
-        assert_eq!(find(Method::GET, "/v1/a"), Found::None);
+        assert_eq!(find(Method::GET, "/v1/a"), Found::MethodNotAllowed);
         assert_eq!(find(Method::GET, "/nope"), Found::None);
+    }
+
+    /// A path that only routes of other methods match is a wrong method, not a miss, and
+    /// `Allow` names exactly those methods (as each route matches: params, case options), in
+    /// a fixed order; a `*` route matches every method, so it is never a wrong method.
+    #[test]
+    fn wrong_method_on_a_known_path() {
+        let c = config(
+            r#"
+            [[routes]]
+            match = "POST /signals/{symbol}"
+            upstream = "u"
+            [[routes]]
+            match = "GET /signals/{symbol}"
+            upstream = "u"
+            case_sensitive = false
+            [[routes]]
+            match = "DELETE /signals/AAPL"
+            upstream = "u"
+            [[routes]]
+            match = "* /health"
+            upstream = "u"
+            "#,
+        )
+        .expect("valid");
+        let r = Router::build(&c.routes).expect("builds");
+        let find = |m: Method, p: &str| r.find(&c.routes, &m, p);
+        assert_eq!(find(Method::PUT, "/signals/AAPL"), Found::MethodNotAllowed);
+        assert_eq!(r.allow(&c.routes, "/signals/AAPL"), "GET, POST, DELETE");
+        assert_eq!(r.allow(&c.routes, "/signals/msft"), "GET, POST");
+        // Only the case-insensitive GET route takes this spelling (to POST it is a near miss).
+        assert_eq!(find(Method::POST, "/SIGNALS/msft"), Found::NearMiss(0));
+        assert_eq!(find(Method::PUT, "/SIGNALS/msft"), Found::MethodNotAllowed);
+        assert_eq!(r.allow(&c.routes, "/SIGNALS/msft"), "GET");
+        assert_eq!(find(Method::GET, "/SIGNALS/msft"), Found::Route(1));
+        assert_eq!(find(Method::PATCH, "/health"), Found::Route(3));
+        assert_eq!(find(Method::PUT, "/signals"), Found::None);
+        assert_eq!(find(Method::PUT, "/other"), Found::None);
     }
 
     /// Case and trailing slash are exact by default: a path that differs from a route only in

@@ -31,6 +31,10 @@ use serde::Serialize;
 /// The self-service path (reserved: a route with this path is never reached with GET).
 pub const PATH: &str = "/_tollgate/usage";
 
+/// Its route label in metrics and the access log (unlike a route's default name, its `match`
+/// string, it has no method).
+pub const ROUTE: &str = "_tollgate/usage";
+
 /// Reads per second and burst per customer and instance.
 const READS_PER_SECOND: u32 = 10;
 const READ_BURST: u32 = 20;

@@ -88,6 +88,7 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
 
     let m = match ctx.route {
         Some(i) => &snap.route_metrics[i],
+        None if ctx.self_service => &snap.self_service_metrics,
         None => &snap.unmatched_metrics,
     };
     m.requests[ctx.decision.index()].inc();
@@ -115,7 +116,11 @@ fn access_line(
         target: "tollgate::access",
         request_id = %ctx.request_id,
         customer = ctx.customer.as_deref().unwrap_or("-"),
-        route = route.map_or("-", |r| r.name.as_str()),
+        route = match route {
+            Some(r) => r.name.as_str(),
+            None if ctx.self_service => super::selfservice::ROUTE,
+            None => "-",
+        },
         decision = ctx.decision.as_str(),
         shadow = ctx.shadowed.map_or("-", Decision::as_str),
         cost = charged.map_or(0, |(_, units)| units),

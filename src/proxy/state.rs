@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub route_metrics: Vec<RouteMetrics>,
     /// For requests no route matched.
     pub unmatched_metrics: RouteMetrics,
+    /// For self-service reads (`GET /_tollgate/usage`).
+    pub self_service_metrics: RouteMetrics,
     pub version: u64,
 }
 
@@ -52,6 +54,7 @@ impl Snapshot {
             pools,
             route_metrics,
             unmatched_metrics: metrics.route("(unmatched)"),
+            self_service_metrics: metrics.route(super::selfservice::ROUTE),
             version,
         })
     }

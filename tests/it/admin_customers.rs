@@ -156,6 +156,51 @@ both!(
 );
 
 both!(
+    /// Customers with usage this month but no entitlement row (on the default plan) are listed
+    /// too, with `plan: null` and `quota_plan` the default plan, in id order with the stored
+    /// ones, by `near_limit`, `over_limit` and pages alike; one whose counter was credited back
+    /// to 0 is not (it is unknown, as `GET /admin/customers/{id}` says).
+    list_includes_customers_without_an_entitlement_row,
+    |b| {
+        let (_up, tg) = start(b).await;
+        assert_eq!(tg.put_customer("c1-over", json!({"plan": "free"})).await.status(), 200);
+        calls(&tg, "c1-over", 5, 200).await;
+        calls(&tg, "u-near", 4, 200).await;
+        calls(&tg, "u-over", 5, 200).await;
+        calls(&tg, "u-low", 1, 200).await;
+        // Listed once their rows are in the ledger (within a flush interval).
+        for (c, rows) in [("u-near", 4), ("u-over", 5), ("u-low", 1)] {
+            assert_eq!(tg.wait_ledger(c, rows).await.0, rows, "{c}");
+        }
+
+        let near = get_json(&tg, "/admin/customers?near_limit=0.8").await;
+        assert_eq!(ids(&near), ["c1-over", "u-near", "u-over"], "{near}");
+        let u = &near["customers"][1];
+        assert!(u["plan"].is_null(), "{u}");
+        assert_eq!((u["quota_plan"].as_str(), u["stored"].as_bool()), (Some("free"), Some(false)), "{u}");
+        assert_eq!(meter(u, "api_calls")["used"], 4);
+        let over = get_json(&tg, "/admin/customers?over_limit=true").await;
+        assert_eq!(ids(&over), ["c1-over", "u-over"]);
+        let all = get_json(&tg, "/admin/customers").await;
+        assert_eq!(ids(&all), ["c1-over", "u-low", "u-near", "u-over"]);
+
+        let p1 = get_json(&tg, "/admin/customers?near_limit=0.8&limit=2").await;
+        assert_eq!(ids(&p1), ["c1-over", "u-near"]);
+        assert_eq!(p1["next"], "u-near");
+        let p2 = get_json(&tg, "/admin/customers?near_limit=0.8&limit=2&after=u-near").await;
+        assert_eq!(ids(&p2), ["u-over"]);
+        assert!(p2["next"].is_null());
+        let p = get_json(&tg, "/admin/customers?over_limit=true&limit=1&after=c1-over").await;
+        assert_eq!(ids(&p), ["u-over"]);
+
+        let r = post(&tg, "/admin/customers/u-low/credit", Some(json!({"meter": "api_calls", "units": 1, "reason": "test"}))).await;
+        assert_eq!(r.status(), 200);
+        let all = get_json(&tg, "/admin/customers").await;
+        assert_eq!(ids(&all), ["c1-over", "u-near", "u-over"]);
+    }
+);
+
+both!(
     /// Suspend: the next proxied call is 403 `suspended` (on a second instance too, within 1 s);
     /// resume: allowed again. Both are audited with before/after.
     suspend_and_resume,

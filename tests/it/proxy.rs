@@ -102,14 +102,16 @@ both!(
 );
 
 both!(
-    /// Subscription status policy: canceled and past-due beyond grace are 402, past-due within
-    /// grace is served, an operator suspension is 403 suspended.
+    /// Subscription status policy: canceled and past-due beyond grace are 402 (canceled told to
+    /// subscribe again, past-due to fix the payment method), past-due within grace is served,
+    /// an operator suspension is 403 suspended.
     status_policy_402_and_suspended_403,
     |b| {
         let (tg, up) = setup(b).await;
         tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "canceled"})).await;
-        let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;
+        let (status, ty, body) = problem(tg.get("/signals", Some("erin")).await).await;
         assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+        assert_eq!(body["detail"], "the subscription is canceled; subscribe again to continue");
 
         let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
         tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "past_due", "status_since": two_days_ago})).await;
@@ -117,8 +119,9 @@ both!(
 
         let ten_days_ago = chrono::Utc::now() - chrono::Duration::days(10);
         tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "past_due", "status_since": ten_days_ago})).await;
-        let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;
+        let (status, ty, body) = problem(tg.get("/signals", Some("erin")).await).await;
         assert_eq!((status, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+        assert_eq!(body["detail"], "the subscription is past_due; update the payment method to continue");
 
         tg.put_customer("erin", serde_json::json!({"plan": "pro", "status": "active", "suspended": true})).await;
         let (status, ty, _) = problem(tg.get("/signals", Some("erin")).await).await;

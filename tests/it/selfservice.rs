@@ -109,3 +109,58 @@ both!(
         assert_eq!(own_usage(&tg, "quiet", "").await["customer"], "quiet");
     }
 );
+
+both!(
+    /// Self-service reads are counted under their own route label, `_tollgate/usage`, served
+    /// and refused alike, never as `(unmatched)`.
+    reads_have_their_own_route_label,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&base_config(up.addr), b).await;
+        own_usage(&tg, "lou", "").await;
+        own_usage(&tg, "lou", "").await;
+        assert_eq!(tg.get("/_tollgate/usage", None).await.status(), 401);
+        let sample = |decision: &str, route: &str| {
+            format!("tollgate_requests_total{{decision=\"{decision}\",route=\"{route}\"}}")
+        };
+        assert_eq!(tg.metric(&sample("unmetered", "_tollgate/usage")).await, 2);
+        assert_eq!(tg.metric(&sample("invalid-token", "_tollgate/usage")).await, 1);
+        assert_eq!(tg.metric(&sample("unmetered", "(unmatched)")).await, 0);
+        assert_eq!(tg.metric(&sample("invalid-token", "(unmatched)")).await, 0);
+    }
+);
+
+/// The access-log line of a self-service read names its route `_tollgate/usage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_logged_under_their_route() {
+    use crate::support::serve::{admin_config, serve_config, signal, until, Serve};
+    let up = Upstream::start().await;
+    let dir = TempDir(std::env::temp_dir().join(unique("tollgate-selfservice-log")));
+    let (proxy, admin) = (free_port(), free_port());
+    let file = dir.0.join("tollgate.toml");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(&file, serve_config(&base_config(up.addr), &dir, proxy, admin)).unwrap();
+    let mut serve = Serve::spawn_with(&file, &dir, &["--log-format", "json"]);
+    let client = reqwest::Client::new();
+    until(30, "tollgate serve to start", || admin_config(&client, admin)).await;
+    let r = client
+        .get(format!("http://{proxy}/_tollgate/usage"))
+        .bearer_auth(token("lou"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    signal(&serve.child, "-TERM");
+    serve
+        .exited(std::time::Instant::now(), std::time::Duration::from_secs(20))
+        .await;
+    let logged = std::fs::read_to_string(&serve.log).unwrap();
+    let access: Vec<Value> = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "tollgate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logged}");
+    let fields = &access[0]["fields"];
+    assert_eq!((fields["route"].as_str(), fields["decision"].as_str()), (Some("_tollgate/usage"), Some("unmetered")), "{logged}");
+}
