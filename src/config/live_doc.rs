@@ -8,7 +8,7 @@
 //! validator as `check-config`. Must not touch: storage, the network, the running snapshot.
 
 use super::raw::{RawConfig, RawMeter, RawPlan, RawRoute, RawUpstream};
-use super::{key_path, Config, ConfigError, ConfigErrors};
+use super::{parse, Config, ConfigError, ConfigErrors};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -55,71 +55,39 @@ impl LiveDoc {
         }
     }
 
-    /// Parses a JSON document. `Err` when it cannot be read at all (not JSON, a value of the
-    /// wrong type: reported with its key path); otherwise the document and the keys it has that
-    /// are not part of the live config (to be reported together with the validation errors).
+    /// Parses a JSON document. `Err` only when it is not JSON; otherwise the document and the
+    /// errors found in it, to be reported together with the validation errors: each value of
+    /// the wrong type with its key path (left out of the document), and the keys that are not
+    /// part of the live config. The same parser as the file's (`config::parse`).
     pub fn from_json(bytes: &[u8]) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let parsed = Self::parse(&mut de)?;
-        de.end().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "document".into(),
-                message: e.to_string(),
-            }])
-        })?;
-        Ok(parsed)
+        parse::json(bytes).map(Self::found)
     }
 
     /// As [`LiveDoc::from_json`], from TOML text (the file's own syntax, live sections only).
     pub fn from_toml(text: &str) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
-        let de = toml::Deserializer::parse(text).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "toml".into(),
-                message: e.to_string().trim().to_string(),
-            }])
-        })?;
-        Self::parse(de)
+        parse::toml(text).map(Self::found)
     }
 
     /// As [`LiveDoc::from_json`], from a `serde_json::Value`.
     pub fn from_value(value: Value) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
-        Self::parse(value)
+        Ok(Self::found(parse::value(value)))
     }
 
-    fn parse<'de, D: serde::Deserializer<'de>>(
-        de: D,
-    ) -> Result<(LiveDoc, Vec<ConfigError>), ConfigErrors> {
-        let mut unknown = Vec::new();
-        let mut note = |path: serde_ignored::Path<'_>| unknown.push(key_path(&path));
-        let ignoring = serde_ignored::Deserializer::new(de, &mut note);
-        let doc: LiveDoc = serde_path_to_error::deserialize(ignoring).map_err(|e| {
-            let path = e.path().to_string();
-            let key = if path == "." || path.is_empty() {
-                "document".to_string()
+    fn found(parsed: parse::Parsed<LiveDoc>) -> (LiveDoc, Vec<ConfigError>) {
+        let mut errors = parsed.errors;
+        errors.extend(parsed.unknown.into_iter().map(|key| {
+            let top = key.split(['.', '[']).next().unwrap_or_default();
+            let message = if RESTART_ONLY.contains(&top) {
+                "changes only by restart (not part of the live config)"
             } else {
-                path
+                "unknown key"
             };
-            ConfigErrors(vec![ConfigError {
+            ConfigError {
                 key,
-                message: e.inner().to_string(),
-            }])
-        })?;
-        let errors = unknown
-            .into_iter()
-            .map(|key| {
-                let top = key.split(['.', '[']).next().unwrap_or_default();
-                let message = if RESTART_ONLY.contains(&top) {
-                    "changes only by restart (not part of the live config)"
-                } else {
-                    "unknown key"
-                };
-                ConfigError {
-                    key,
-                    message: message.into(),
-                }
-            })
-            .collect();
-        Ok((doc, errors))
+                message: message.into(),
+            }
+        }));
+        (parsed.value, errors)
     }
 
     /// The document as JSON, without absent (`null`) fields: the same keys an operator would
@@ -386,11 +354,17 @@ quotas.api_calls = { included = 5 }
         }
     }
 
-    /// A value of the wrong type is reported with its path.
+    /// A value of the wrong type is reported with its path, and the rest of its entry is
+    /// still checked (this route names no upstream).
     #[test]
     fn wrong_type_has_its_path() {
         let e = apply(serde_json::json!({"routes": [{"match": "GET /a", "cost": "five"}]}));
-        assert_eq!(keys(e.unwrap_err()), vec!["routes[0].cost"]);
+        let e = e.unwrap_err();
+        assert_eq!(
+            e.0[0].to_string(),
+            "routes[0].cost: expected an integer, got string \"five\""
+        );
+        assert_eq!(keys(e)[1], "routes[0].upstream");
     }
 
     /// A merge patch replaces given fields, merges tables and removes `null`s.

@@ -7,10 +7,9 @@
 //! Must not touch: secrets (only the *names* of env vars live here), the network, storage.
 
 pub(crate) mod live_doc;
+mod parse;
 pub(crate) mod raw;
 mod validate;
-
-use validate::{key_path, one};
 
 use crate::auth::AuthSettings;
 use crate::proxy::route::{MatchSpec, Router};
@@ -367,29 +366,32 @@ impl Config {
         Config::from_toml(&text)
     }
 
-    /// Parses and validates a TOML document, reporting every error with its key.
+    /// Parses and validates a TOML document, reporting every error with its key: values of
+    /// the wrong type, unknown keys and broken rules, all at once (only a TOML syntax error
+    /// stops at the first, with its line).
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let de = toml::Deserializer::parse(text).map_err(|e| one("toml", e.to_string()))?;
-        let mut unknown = Vec::new();
-        let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
-            .map_err(|e| one("toml", e.to_string().trim().to_string()))?;
-        let unknown = unknown
-            .into_iter()
-            .map(|key| ConfigError {
-                key,
-                message: "unknown key".into(),
-            })
-            .collect();
-        Config::from_raw(raw, unknown)
+        let parsed = parse::toml::<RawConfig>(text)?;
+        let mut found = parsed.errors;
+        found.extend(parsed.unknown.into_iter().map(|key| ConfigError {
+            key,
+            message: "unknown key".into(),
+        }));
+        Config::from_raw(parsed.value, found)
     }
 
-    /// Validates a parsed document; `found` are errors already found while parsing it (unknown
-    /// keys), reported first. The one validation behind the file, `check-config` and the admin API.
+    /// Validates a parsed document; `found` are errors already found while parsing it (values
+    /// of the wrong type, unknown keys), reported first; a rule error on a key in `found` is
+    /// left out (it would repeat it). The one validation behind the file, `check-config` and
+    /// the admin API.
     pub(crate) fn from_raw(
         raw: RawConfig,
         found: Vec<ConfigError>,
     ) -> Result<Config, ConfigErrors> {
-        validate::validate(raw, found)
+        match validate::validate(raw, Vec::new()) {
+            Ok(config) if found.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigErrors(found)),
+            Err(ConfigErrors(rules)) => Err(ConfigErrors(parse::with_rules(found, rules))),
+        }
     }
 
     /// Env vars the config names that are not set, each with what `serve` does without it
