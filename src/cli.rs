@@ -125,24 +125,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr through a writer thread: a proxy thread formats its line and queues it,
-/// and never waits on the write (a slow pipe or terminal). Past 128,000 queued lines, new ones
-/// are dropped rather than slowing requests down. The guard flushes the queue when dropped.
+/// The log subscriber (`crate::logs`): stderr through a writer thread, colour only on a
+/// terminal. The guard flushes the queued lines when dropped.
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn,sqlx=warn"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .thread_name("tollgate-log")
-        .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
-    }
-    guard
+    crate::logs::init(matches!(format, LogFormat::Json))
 }
 
 /// `serve` tries the proxy address before pingora binds it; should another process take it in

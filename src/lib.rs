@@ -21,6 +21,7 @@
 //! - [`admin`]: the admin listener's HTTP handlers (health, metrics, operator API, Stripe's
 //!   webhook endpoint, OpenAPI).
 //! - [`config`]: the TOML file and the validated model; every error with its key.
+//! - [`logs`]: the log subscriber (colour, the default filter, one line per failure).
 //! - [`metrics`], [`backoff`], [`server`] (assembly and lifecycle), [`cli`], [`demo`],
 //!   [`repair`] (`repair-counters`: Redis counters set to the ledger's units).
 //!
@@ -39,6 +40,7 @@ pub(crate) mod demo;
 pub mod entitle;
 pub mod journal;
 pub mod ledger;
+pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub mod quota;

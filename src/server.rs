@@ -595,7 +595,18 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         }
         stats
     });
-    tracing::info!(?stats, "usage flushed");
+    match stats {
+        Ok(stats) => tracing::info!(
+            queued = stats.queued,
+            inserted = stats.inserted,
+            duplicates = stats.duplicates,
+            spooled = stats.spooled,
+            failed = stats.failed,
+            lost = stats.lost,
+            "usage flushed"
+        ),
+        Err(e) => tracing::error!(error = %e, "usage flusher did not finish"),
+    }
     // Every row is safe now (unless the ledger and the spool both failed): a clean stop leaves
     // no journal to recover.
     journal.close();

@@ -405,7 +405,7 @@ pub(crate) async fn put_customer(
         trial_end: put.trial_end,
     };
     store_entitlement(&s, &intent, &id, "customer.put", previous.as_ref(), &ent).await?;
-    tracing::info!(customer = %id, plan = ?ent.plan, status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
+    tracing::info!(customer = %id, plan = ent.plan.as_deref(), status = ent.status.as_str(), suspended = ent.suspended, "entitlement set");
     Ok(Json(ent))
 }
 

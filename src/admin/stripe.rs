@@ -191,7 +191,7 @@ pub(crate) async fn link(
             Linked::Changed { previous } => previous,
             Linked::Unchanged => Some(cus.to_string()),
         };
-    tracing::info!(customer = %id, stripe_customer = %cus, ?previous, "Stripe customer linked by admin");
+    tracing::info!(customer = %id, stripe_customer = %cus, previous = previous.as_deref(), "Stripe customer linked by admin");
     Ok(Json(LinkAnswer {
         customer: id,
         stripe_customer: cus.to_string(),

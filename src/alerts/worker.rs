@@ -135,7 +135,8 @@ impl AlertWorker {
         if !held.is_empty() {
             match self.inner.ledger.release_alerts(&held).await {
                 Ok(()) => {
-                    tracing::info!(alerts = ?held, "stopping: undelivered alerts released for resumption")
+                    let ids: Vec<String> = held.iter().map(i64::to_string).collect();
+                    tracing::info!(alerts = held.len(), ids = %ids.join(","), "stopping: undelivered alerts released for resumption")
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "stopping: could not release alerts; they resume when their lease runs out")

@@ -136,7 +136,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for PerIpCap<A> {
                     () = expire => {
                         // Dropping the app's future closes the connection.
                         self.timed_out.inc();
-                        tracing::debug!(%peer, ?deadline, "connection closed: no request head in time");
+                        tracing::debug!(%peer, deadline_ms = deadline.as_millis() as u64, "connection closed: no request head in time");
                         None
                     }
                 }

@@ -81,7 +81,7 @@ pub async fn link(
         }) => return Ok(Linked::Conflict { owner }),
         Err(e) => return Err(e),
     };
-    tracing::info!(%customer, %stripe_customer, ?before, %source, "Stripe customer linked");
+    tracing::info!(%customer, %stripe_customer, before = before.as_deref(), %source, "Stripe customer linked");
     let json = |c: &str| serde_json::json!({ "stripe_customer": c }).to_string();
     let record = AuditRecord {
         action: "stripe.link".into(),

@@ -243,7 +243,7 @@ impl Reconciler {
             let Some(after) = written else {
                 continue; // a newer webhook got there first
             };
-            tracing::info!(%customer, plan = ?after.plan, status = after.status.as_str(), "entitlement repaired from Stripe");
+            tracing::info!(%customer, plan = after.plan.as_deref(), status = after.status.as_str(), "entitlement repaired from Stripe");
             report.changed.push(Change {
                 customer,
                 subscription: facts.id,

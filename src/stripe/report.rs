@@ -205,7 +205,16 @@ impl Reporter {
             let failed = match self.run_once(Utc::now()).await {
                 Ok(stats) => {
                     if stats.claimed + stats.delivered + stats.duplicates > 0 {
-                        tracing::info!(?stats, "usage reported to Stripe");
+                        tracing::info!(
+                            claimed = stats.claimed,
+                            delivered = stats.delivered,
+                            duplicates = stats.duplicates,
+                            rejected = stats.rejected,
+                            too_old = stats.too_old,
+                            uncertain = stats.uncertain,
+                            transient = stats.transient.as_deref(),
+                            "usage reported to Stripe"
+                        );
                     }
                     if stats.transient.is_none() {
                         self.last_success.set(Utc::now().timestamp());
@@ -279,7 +288,7 @@ impl Reporter {
                     stats.uncertain += 1;
                     self.events.with_label_values(&["uncertain"]).inc();
                     tracing::error!(identifier = %r.identifier, customer = %r.customer, meter = %r.meter,
-                        units = r.value, ambiguous_since = ?r.ambiguous_since,
+                        units = r.value, ambiguous_since = r.ambiguous_since.as_ref().map(tracing::field::display),
                         "meter event unconfirmed for longer than Stripe deduplicates identifiers: not resent; \
                          check it in Stripe, then POST /admin/stripe/reports/{{identifier}}/resolve");
                     continue;

@@ -331,7 +331,7 @@ impl StripeWebhook {
         };
         let facts = subscription_facts(&fetched, &self.settings.customer_metadata_key);
         if facts.customer.as_deref().is_some_and(|c| c != customer) {
-            tracing::warn!(event = %env.id, %subscription, %customer, now = ?facts.customer,
+            tracing::warn!(event = %env.id, %subscription, %customer, now = facts.customer.as_deref(),
                 "same-second event: the subscription now names another customer; event applied as sent");
             return proposed;
         }

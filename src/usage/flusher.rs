@@ -200,7 +200,15 @@ impl Flusher {
             self.replay_or_back_off(&mut health).await;
         }
         let stats = self.counters.snapshot();
-        tracing::info!(?stats, "usage flusher stopped");
+        tracing::info!(
+            queued = stats.queued,
+            inserted = stats.inserted,
+            duplicates = stats.duplicates,
+            spooled = stats.spooled,
+            failed = stats.failed,
+            lost = stats.lost,
+            "usage flusher stopped"
+        );
         stats
     }
 

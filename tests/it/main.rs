@@ -20,6 +20,7 @@ mod lease;
 mod lifecycle;
 mod live_config;
 mod live_config_sighup;
+mod logs;
 mod openapi;
 mod paths;
 mod proxy;
