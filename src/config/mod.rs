@@ -46,6 +46,9 @@ pub struct ProxySettings {
     pub listen: SocketAddr,
     /// TLS on the proxy listener (certificate reread on SIGHUP). Read at start.
     pub tls: Option<ListenerTls>,
+    /// Connecting addresses whose `X-Forwarded-For/Proto/Host` are kept (and extended); from
+    /// any other they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub unmatched: Unmatched,
     pub strip_authorization: bool,
     pub max_request_header_bytes: usize,

@@ -42,6 +42,8 @@ pub struct RawProxy {
     pub listen: Option<String>,
     /// TLS on the proxy listener: `{ cert_file, key_file }`.
     pub tls: Option<RawListenerTls>,
+    /// Addresses or CIDR blocks whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<String>,
     /// `deny` (404 `no-route`, the default) or `forward` (to `unmatched_upstream`, unmetered).
     pub unmatched: Option<String>,
     pub unmatched_upstream: Option<String>,

@@ -9,7 +9,7 @@ use super::*;
 use crate::quota::fail_open::Allowance;
 use crate::quota::lease::LeaseTerms;
 
-mod tls;
+mod edge;
 
 const DEFAULT_METER: &str = "api_calls";
 /// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
@@ -185,6 +185,7 @@ impl Validator {
         let proxy = ProxySettings {
             listen: self.addr("proxy.listen", p.listen.as_deref(), "0.0.0.0:8080"),
             tls: self.listener_tls(p.tls.as_ref()),
+            trusted_proxies: self.trusted_proxies(&p.trusted_proxies),
             unmatched,
             strip_authorization: p.strip_authorization.unwrap_or(false),
             max_request_header_bytes: self.positive(

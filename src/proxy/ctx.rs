@@ -42,6 +42,8 @@ pub struct Ctx {
     /// its own route label, not as unmatched.
     pub(super) self_service: bool,
     pub(super) request_id: String,
+    /// The client's address (behind `proxy.trusted_proxies`, from `X-Forwarded-For`).
+    pub(super) client_ip: Option<std::net::IpAddr>,
     /// The normalised path, when it differs from the one sent (the upstream gets this one).
     pub(super) path: Option<String>,
     pub(super) customer: Option<String>,
@@ -72,6 +74,7 @@ impl Ctx {
             route: None,
             upstream: None,
             self_service: false,
+            client_ip: None,
             request_id: String::new(),
             path: None,
             customer: None,

@@ -21,6 +21,7 @@
 mod admit;
 pub mod conn_cap;
 mod ctx;
+mod forwarded;
 pub mod path;
 pub mod respond;
 pub mod route;
@@ -86,6 +87,11 @@ impl ProxyHttp for Proxy {
         let snap = self.shared.snapshot.load_full();
         ctx.snapshot = Some(snap.clone());
         ctx.request_id = ctx::request_id(session.req_header());
+        ctx.client_ip = forwarded::client_ip(
+            peer.map(|p| p.ip()),
+            session.req_header(),
+            &snap.config.proxy.trusted_proxies,
+        );
 
         // A graceful stop (`server`'s drain): while draining every answer closes its connection,
         // so clients reconnect where the balancer now sends them; past `drain_delay` new
@@ -250,7 +256,7 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -269,6 +275,12 @@ impl ProxyHttp for Proxy {
         }
         ctx.forwarded = true;
         if let Some(snap) = &ctx.snapshot {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let proxy = &snap.config.proxy;
+            forwarded::apply(up, peer, &proxy.trusted_proxies, proxy.tls.is_some())?;
             if snap.config.proxy.strip_authorization && ctx.customer.is_some() {
                 up.remove_header(&AUTHORIZATION);
             }

@@ -115,6 +115,7 @@ fn access_line(
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
+        client_ip = %OrDash(ctx.client_ip),
         customer = ctx.customer.as_deref().unwrap_or("-"),
         route = match route {
             Some(r) => r.name.as_str(),
@@ -128,6 +129,18 @@ fn access_line(
         upstream_status = ctx.upstream_status.unwrap_or(0),
         latency_us = latency.as_micros() as u64,
     );
+}
+
+/// A value, or `-` when there is none (access-log fields).
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// The store that holds the reservation: the local fallback when it took it (fail-open).

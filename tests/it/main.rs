@@ -15,6 +15,7 @@ mod config_files;
 mod crash;
 mod entitlement_sync;
 mod faults;
+mod forwarded;
 mod http1;
 mod lease;
 mod lifecycle;

@@ -1,6 +1,7 @@
-//! The TLS keys: `[upstreams.*]` `tls`, `sni`, `ca_file`, `client_cert_file`/`client_key_file`,
-//! and `proxy.tls`. Paths only; the files are read (and their errors keyed) where the TLS
-//! material is built (`crate::tls`), which check-config also runs.
+//! The keys of the proxy's edges: TLS (`[upstreams.*]` `tls`, `sni`, `ca_file`,
+//! `client_cert_file`/`client_key_file`, and `proxy.tls`) and `proxy.trusted_proxies`. TLS keys
+//! are paths only; the files are read (and their errors keyed) where the TLS material is built
+//! (`crate::tls`), which check-config also runs.
 
 use super::super::raw::{RawListenerTls, RawUpstream};
 use super::super::{ListenerTls, UpstreamTls};
@@ -72,6 +73,24 @@ impl Validator {
             ca_file: u.ca_file.as_ref().map(PathBuf::from),
             client_cert,
         })
+    }
+
+    /// `proxy.trusted_proxies`: each an address (a /32 or /128) or a CIDR block.
+    pub(super) fn trusted_proxies(&mut self, list: &[String]) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            match s.parse::<ipnet::IpNet>() {
+                Ok(n) => out.push(n.trunc()),
+                Err(_) => match s.parse::<std::net::IpAddr>() {
+                    Ok(ip) => out.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.err(
+                        format!("proxy.trusted_proxies[{i}]"),
+                        format!("not an IP address or CIDR block: {s:?}"),
+                    ),
+                },
+            }
+        }
+        out
     }
 
     pub(super) fn listener_tls(&mut self, t: Option<&RawListenerTls>) -> Option<ListenerTls> {
@@ -169,6 +188,29 @@ quotas.api_calls = { included = 5 }
         assert!(
             e.contains(&"proxy.tls.key_file: required".to_string()),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_blocks() {
+        let up = "[upstreams.api]\ntargets = [\"10.0.0.1:80\"]\n";
+        let c = Config::from_toml(&format!(
+            "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::1\"]\n{BASE}{up}"
+        ))
+        .unwrap();
+        let nets: Vec<String> = c
+            .proxy
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "fd00::1/128"]);
+        let e = errors(&format!(
+            "[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.internal\"]\n{BASE}{up}"
+        ));
+        assert_eq!(
+            e,
+            ["proxy.trusted_proxies[1]: not an IP address or CIDR block: \"lb.internal\""]
         );
     }
 }
