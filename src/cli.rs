@@ -1,5 +1,5 @@
-//! The command line: `serve`, `check-config`, `migrate`, `token`, `demo`. Exit codes: 0 ok,
-//! 64 bad config or usage (EX_USAGE), 1 runtime failure.
+//! The command line: `serve`, `check-config`, `migrate`, `token`, `repair-counters`, `demo`.
+//! Exit codes: 0 ok, 64 bad config or usage (EX_USAGE), 1 runtime failure.
 
 use crate::auth::Verifier;
 use crate::config::{parse_duration, Config};
@@ -13,11 +13,12 @@ pub const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "tollgate",
-    version,
+    // `tollgate 0.1.0 (3f2a9c1d0b7e)`: the commit comes from build.rs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TOLLGATE_GIT_COMMIT"), ")"),
     about = "Metering and entitlement proxy for HTTP APIs"
 )]
 struct Cli {
-    /// Log format.
+    /// Format of the log lines on stderr (RUST_LOG filters them).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -34,34 +35,42 @@ enum LogFormat {
 enum Command {
     /// Run the proxy and the admin listener.
     Serve {
-        #[arg(long, short)]
+        /// The TOML config file.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Validate config files; prints every error with its key. Needs no secrets.
     CheckConfig {
-        #[arg(required = true)]
+        /// One or more TOML config files to check.
+        #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
     /// Apply ledger migrations and exit.
     Migrate {
-        #[arg(long, short)]
+        /// The TOML config file; its storage.database_url is migrated.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Mint an HS token with the config's secret (for trying things). Prints only the token.
     Token {
-        #[arg(long, short)]
+        /// The TOML config file; its auth section names the secret's env var.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        #[arg(long)]
+        /// The customer id the token carries (in auth.customer_claim).
+        #[arg(long, value_name = "ID")]
         customer: String,
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
-    /// Set each Redis quota counter of the current period to the ledger's units (counters that
-    /// drifted; absent ones are rebuilt by their next call anyway). Prints every change. Calls
-    /// not yet in the ledger are not counted: run it while traffic is low or stopped.
+    /// Set drifted Redis quota counters of the current period to the ledger's units.
+    ///
+    /// For counters that drifted (a Redis restored from an old snapshot, a manual edit); absent
+    /// ones are rebuilt by their next call anyway. Prints every change. Calls not yet in the
+    /// ledger are not counted: run it while traffic is low or stopped.
     RepairCounters {
-        #[arg(long, short)]
+        /// The TOML config file (its Redis and ledger are compared).
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// Print what would change, change nothing.
         #[arg(long)]
@@ -69,9 +78,11 @@ enum Command {
     },
     /// Start a self-contained demo: its own upstream, embedded storage, a printed token.
     Demo {
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address of the demo's proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: String,
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        /// Address of the demo's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
         admin: String,
     },
 }

@@ -23,6 +23,7 @@ mod live_config;
 mod live_config_sighup;
 mod logs;
 mod openapi;
+mod packaging;
 mod paths;
 mod proxy;
 mod readme;
