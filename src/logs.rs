@@ -125,6 +125,8 @@ mod tests {
         assert!(!repeats_fail_to_proxy(
             "Fail to proxy: Downstream ReadError, downstream session type: HTTP/1.1"
         ));
-        assert!(!repeats_fail_to_proxy("failed to accept: too many open files"));
+        assert!(!repeats_fail_to_proxy(
+            "failed to accept: too many open files"
+        ));
     }
 }

@@ -391,7 +391,12 @@ fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
                 set.jwks.push(jwk);
             }
             Err(reason) => {
-                tracing::info!(index, kid = jwk.common.key_id.as_deref(), reason, "skipping JWKS entry");
+                tracing::info!(
+                    index,
+                    kid = jwk.common.key_id.as_deref(),
+                    reason,
+                    "skipping JWKS entry"
+                );
             }
         }
     }

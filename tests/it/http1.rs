@@ -62,7 +62,12 @@ async fn read_answer(conn: &mut BufReader<TcpStream>) -> Answer {
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let mut body = Vec::new();
-    let find = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             let mut size = String::new();

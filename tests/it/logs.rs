@@ -30,7 +30,10 @@ async fn one_failed_call(tag: &str, args: &[&str]) -> (String, String) {
         .await
         .unwrap();
     let (status, ty, body) = problem(resp).await;
-    assert_eq!((status, ty.as_str()), (502, "urn:tollgate:problem:upstream-unavailable"));
+    assert_eq!(
+        (status, ty.as_str()),
+        (502, "urn:tollgate:problem:upstream-unavailable")
+    );
     let request_id = body["instance"].as_str().unwrap().to_string();
     signal(&serve.child, "-TERM");
     serve.exited(Instant::now(), Duration::from_secs(20)).await;
@@ -64,7 +67,14 @@ async fn json_lines_have_plain_values_and_one_line_per_failure() {
         .iter()
         .find(|l| l["fields"]["message"] == "usage flushed")
         .unwrap_or_else(|| panic!("no `usage flushed` line:\n{log}"));
-    for count in ["queued", "inserted", "duplicates", "spooled", "failed", "lost"] {
+    for count in [
+        "queued",
+        "inserted",
+        "duplicates",
+        "spooled",
+        "failed",
+        "lost",
+    ] {
         assert!(flushed["fields"][count].is_u64(), "{count}: {flushed}");
     }
     let access = lines

@@ -405,7 +405,10 @@ fn dockerfile_builds_dependencies_before_the_sources() {
         build,
         |i| {
             // The sources of a COPY: every word but flags and the last (the destination).
-            let words: Vec<&str> = i.1.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+            let words: Vec<&str> =
+                i.1.split_whitespace()
+                    .filter(|w| !w.starts_with("--"))
+                    .collect();
             i.0 == "COPY"
                 && words[..words.len().saturating_sub(1)]
                     .iter()

@@ -139,10 +139,17 @@ async fn reads_are_logged_under_their_route() {
     let (proxy, admin) = (free_port(), free_port());
     let file = dir.0.join("tollgate.toml");
     std::fs::create_dir_all(&dir.0).unwrap();
-    std::fs::write(&file, serve_config(&base_config(up.addr), &dir, proxy, admin)).unwrap();
+    std::fs::write(
+        &file,
+        serve_config(&base_config(up.addr), &dir, proxy, admin),
+    )
+    .unwrap();
     let mut serve = Serve::spawn_with(&file, &dir, &["--log-format", "json"]);
     let client = reqwest::Client::new();
-    until(30, "tollgate serve to start", || admin_config(&client, admin)).await;
+    until(30, "tollgate serve to start", || {
+        admin_config(&client, admin)
+    })
+    .await;
     let r = client
         .get(format!("http://{proxy}/_tollgate/usage"))
         .bearer_auth(token("lou"))
@@ -152,7 +159,10 @@ async fn reads_are_logged_under_their_route() {
     assert_eq!(r.status(), 200);
     signal(&serve.child, "-TERM");
     serve
-        .exited(std::time::Instant::now(), std::time::Duration::from_secs(20))
+        .exited(
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(20),
+        )
         .await;
     let logged = std::fs::read_to_string(&serve.log).unwrap();
     let access: Vec<Value> = logged
@@ -162,5 +172,9 @@ async fn reads_are_logged_under_their_route() {
         .collect();
     assert_eq!(access.len(), 1, "{logged}");
     let fields = &access[0]["fields"];
-    assert_eq!((fields["route"].as_str(), fields["decision"].as_str()), (Some("_tollgate/usage"), Some("unmetered")), "{logged}");
+    assert_eq!(
+        (fields["route"].as_str(), fields["decision"].as_str()),
+        (Some("_tollgate/usage"), Some("unmetered")),
+        "{logged}"
+    );
 }
