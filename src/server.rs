@@ -509,6 +509,10 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         &rt,
     );
     let flush = tasks.spawn_on(flusher.run(cancel.clone().cancelled_owned()), &rt);
+    tasks.spawn_on(
+        announce_listening(config.proxy.listen, shared.clone(), cancel.clone()),
+        &rt,
+    );
     tasks.close();
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
@@ -614,6 +618,27 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     control.shutdown_timeout(DRAIN);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects to the proxy listener until it accepts (pingora binds it on its own runtime, after
+/// the admin listener is up), then marks the lifecycle listening, so `/readyz` turns 200 only
+/// once a request can reach the proxy. The connection is closed before it sends anything.
+async fn announce_listening(addr: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    while !stop.is_cancelled() {
+        if addr.port() == 0 || tokio::net::TcpStream::connect(target).await.is_ok() {
+            shared.lifecycle.now_listening();
+            tracing::debug!(proxy = %addr, "proxy listener takes connections");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Binds `addr` and lets it go again: an address in use (or not ours) is an error now, with the

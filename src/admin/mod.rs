@@ -241,7 +241,9 @@ pub(crate) async fn readyz(State(s): State<AdminState>) -> Response {
         .values()
         .all(|p| p.fail_mode == crate::config::FailMode::Closed);
     let draining = s.shared.lifecycle.draining();
-    let status = if loaded && !draining && (store_ok || !all_closed) {
+    // The admin listener is up before pingora's: ready only once the proxy takes connections.
+    let listening = s.shared.lifecycle.listening();
+    let status = if loaded && listening && !draining && (store_ok || !all_closed) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

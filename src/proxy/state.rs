@@ -105,6 +105,8 @@ pub struct Lifecycle {
     epoch: Instant,
     draining: AtomicBool,
     closing: AtomicBool,
+    /// The proxy listener has accepted a connection (`server` probes it at start).
+    listening: AtomicBool,
 }
 
 impl Default for Lifecycle {
@@ -115,6 +117,7 @@ impl Default for Lifecycle {
             epoch: Instant::now(),
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
         }
     }
 }
@@ -161,5 +164,14 @@ impl Lifecycle {
 
     pub fn closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// The proxy listener takes connections: `/readyz` may say 200.
+    pub fn now_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
     }
 }

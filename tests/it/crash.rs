@@ -144,7 +144,14 @@ async fn sigkill_under_load_loses_no_charge(backend: Backend) {
         }));
     }
     // Let the load run long enough to fill the pipeline and rotate nothing in particular.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while ok.load(Ordering::Relaxed) < 300 {
+        assert!(
+            Instant::now() < deadline && clients.iter().any(|c| !c.is_finished()),
+            "{} calls answered before the load stopped; log:\n{}",
+            ok.load(Ordering::Relaxed),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(700)).await;

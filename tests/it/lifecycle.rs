@@ -88,6 +88,59 @@ fn demo_exits_when_its_port_is_taken() {
     assert!(!stdout.contains("curl"), "nothing printed:\n{stdout}");
 }
 
+/// A usage error (no arguments, an unknown flag, a missing argument) exits 64 (EX_USAGE) with
+/// clap's usage text, as the README says; `--help` and `--version` exit 0.
+#[test]
+fn usage_errors_exit_64() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [&[][..], &["--bogus"], &["serve"], &["nonsense"]] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("Usage:"), "{args:?}: {stderr}");
+    }
+    for args in [&["--help"][..], &["--version"]] {
+        assert_eq!(run(args).status.code(), Some(0), "{args:?}");
+    }
+}
+
+/// The demo keeps its ledger in a directory of its own under the temp dir and removes it when
+/// it stops.
+#[test]
+fn demo_removes_its_directory_when_it_stops() {
+    let tmp = TempDir(std::env::temp_dir().join(unique("tollgate-demo-tmp")));
+    std::fs::create_dir_all(&tmp.0).unwrap();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["demo", "--listen", &free_port().to_string()])
+        .args(["--admin", &free_port().to_string()])
+        .env("TMPDIR", &tmp.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let own = tmp.0.join(format!("tollgate-demo-{}", demo.id()));
+    // The token line is printed once everything is bound and the ledger is open.
+    let mut out = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("TOKEN=") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "the demo ended before printing its token");
+    }
+    assert!(own.is_dir(), "{} while it runs", own.display());
+    signal(&demo, "-TERM");
+    let (status, _) = exit_within(&mut demo, 20);
+    assert!(status.success(), "{status}");
+    assert!(!own.exists(), "{} is left behind", own.display());
+    let left: Vec<_> = std::fs::read_dir(&tmp.0).unwrap().collect();
+    assert!(left.is_empty(), "left in the temp dir: {left:?}");
+}
+
 /// The stages of a graceful stop, with a 5 s call in flight: during `drain_delay` `/readyz` is
 /// 503 and a new call is still served (its answer closes the connection); after it, a new call
 /// is refused 503 `shutting-down` with `Retry-After`, uncharged; the call in flight is answered
