@@ -5,7 +5,6 @@
 
 use crate::support::serve::{admin_config, serve_config, signal, until, Serve};
 use crate::support::*;
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// The `shutdown_grace` of the idle-stop test: an exit that waited for it is plain to see.
@@ -145,11 +144,7 @@ async fn the_access_log_can_keep_errors_only() {
     signal(&serve.child, "-TERM");
     serve.exited(Instant::now(), Duration::from_secs(20)).await;
     let logged = std::fs::read_to_string(&serve.log).unwrap();
-    let access: Vec<Value> = logged
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["target"] == "tollgate::access")
-        .collect();
+    let access = crate::support::serve::access_lines(&logged);
     assert_eq!(access.len(), 1, "{logged}");
     assert_eq!(access[0]["fields"]["status"], 401, "{logged}");
 }

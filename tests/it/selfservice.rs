@@ -165,11 +165,7 @@ async fn reads_are_logged_under_their_route() {
         )
         .await;
     let logged = std::fs::read_to_string(&serve.log).unwrap();
-    let access: Vec<Value> = logged
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["target"] == "tollgate::access")
-        .collect();
+    let access = crate::support::serve::access_lines(&logged);
     assert_eq!(access.len(), 1, "{logged}");
     let fields = &access[0]["fields"];
     assert_eq!(

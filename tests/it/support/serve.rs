@@ -71,6 +71,14 @@ impl Serve {
     }
 }
 
+/// The access-log lines (target `tollgate::access`) of a `--log-format json` log.
+pub fn access_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "tollgate::access")
+        .collect()
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         self.child.kill().ok();
