@@ -137,6 +137,16 @@ impl Tollgate {
         }
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(proxy).await.is_ok() {
+                // The instance's own probe of its listener turns `/readyz` 200 a moment later
+                // (it polls): wait for it, so a test's first `/readyz` does not race it. An
+                // instance a test starts unready stays so; it is handed over after a second.
+                for _ in 0..50 {
+                    let ready = t.client.get(t.admin_url("/readyz")).send().await;
+                    if ready.is_ok_and(|r| r.status() == 200) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return t;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -95,7 +95,15 @@ pub fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
+/// The live config document, once the instance is ready: `/readyz` 200 (its proxy listener
+/// takes connections; the admin listener answers before it does) and `/admin/config` 200.
 pub async fn admin_config(client: &reqwest::Client, admin: std::net::SocketAddr) -> Option<Value> {
+    let ready = client
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    (ready.status() == 200).then_some(())?;
     let r = client
         .get(format!("http://{admin}/admin/config"))
         .bearer_auth(ADMIN_TOKEN)
