@@ -177,6 +177,9 @@ impl Slot {
     }
 }
 
+/// Rounds of [`Leases::give_back_all`] before what is still owed is left to expire.
+const GIVE_BACK_ROUNDS: u32 = 5;
+
 /// How long a lease is spent after it was taken: its lifetime less a tenth (at least 100 ms), so
 /// it stops here before it expires in Redis.
 fn valid_for(lifetime: Duration) -> Duration {
@@ -486,14 +489,28 @@ impl Leases {
         });
     }
 
-    /// Gives back every lease (stop, live config change). Waits for requests using them.
+    /// Gives back every lease (stop, live config change). Waits for requests using them. A
+    /// give-back that fails is tried again a few times, 100 ms apart (the retry settles a lost
+    /// answer without giving back twice): the first command on a connection that Redis closed
+    /// (a restart since the last call) fails while the client reconnects.
     pub async fn give_back_all(&self) {
-        let slots: Vec<Arc<Mutex<Slot>>> = self.slots.iter().map(|s| s.value().clone()).collect();
-        for slot in slots {
-            let mut s = slot.lock().await;
-            s.low_until = None;
-            if !s.empty() {
-                self.call(&mut s, Want::Nothing).await;
+        for round in 0..GIVE_BACK_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let slots: Vec<Arc<Mutex<Slot>>> =
+                self.slots.iter().map(|s| s.value().clone()).collect();
+            let mut owed = false;
+            for slot in slots {
+                let mut s = slot.lock().await;
+                s.low_until = None;
+                if !s.empty() {
+                    self.call(&mut s, Want::Nothing).await;
+                    owed |= !s.empty();
+                }
+            }
+            if !owed {
+                return;
             }
         }
     }
