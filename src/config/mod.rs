@@ -140,6 +140,12 @@ pub struct StripeSettings {
     pub report_delay: Duration,
     /// Reconciler period; zero: only at start and via `POST /admin/stripe/sync`.
     pub sync_interval: Duration,
+    /// Hosts self-service checkout and portal URLs may send the caller back to (lowercase).
+    pub redirect_hosts: Vec<String>,
+    /// Stripe `proration_behavior` of self-service plan changes.
+    pub proration_behavior: String,
+    /// Self-service cancellation may end the subscription at once (`?now=true`).
+    pub allow_cancel_now: bool,
 }
 
 /// `[alerts]`: the threshold-alert webhook. Only the secret's env var *name* lives here.
@@ -307,6 +313,24 @@ pub struct Plan {
     pub shadow: bool,
     /// Percentages of `included` that send a threshold alert when crossed (ascending).
     pub alerts: Vec<u32>,
+    /// What the plan shows callers and sells through Stripe.
+    pub offer: Offer,
+}
+
+/// A plan as it is offered (issue 13): display data for `GET /_tollgate/plans` and the Stripe
+/// price a self-service checkout or plan change subscribes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offer {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// Recurring monthly price, integer micros of `currency`.
+    pub price_micros: Option<u64>,
+    /// Lowercase ISO 4217 code.
+    pub currency: String,
+    pub trial_days: u32,
+    /// Listed and open to self-service.
+    pub public: bool,
+    pub stripe_price: Option<String>,
 }
 
 /// One violated rule: the key path and what is wrong with it.
@@ -358,6 +382,18 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 impl Config {
+    /// The plan a Stripe price subscribes to: `[stripe.prices]` first, else the plan whose
+    /// `stripe_price` it is.
+    pub fn plan_for_price(&self, prices: &BTreeMap<String, String>, price: &str) -> Option<&Plan> {
+        match prices.get(price) {
+            Some(name) => self.plans.get(name),
+            None => self
+                .plans
+                .values()
+                .find(|p| p.offer.stripe_price.as_deref() == Some(price)),
+        }
+    }
+
     /// Reads and validates a file. The error list names the file when it cannot be read.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {

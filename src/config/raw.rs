@@ -127,6 +127,15 @@ pub struct RawStripe {
     pub report_delay: Option<String>,
     /// How often the reconciler lists subscriptions from Stripe; `0s`: only at start and on demand.
     pub sync_interval: Option<String>,
+    /// Hosts a self-service checkout or portal may send the caller back to
+    /// (`success_url`, `cancel_url`, `return_url`); anything else is refused (no open redirect).
+    pub redirect_hosts: Vec<String>,
+    /// Stripe's `proration_behavior` on a self-service plan change: `create_prorations`
+    /// (default), `always_invoice` or `none`.
+    pub proration_behavior: Option<String>,
+    /// `DELETE /_tollgate/subscription?now=true` ends the subscription at once (default: only at
+    /// the period's end).
+    pub allow_cancel_now: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -209,6 +218,27 @@ pub struct RawPlan {
     /// Percentages of each limited meter's `included` that send one alert when crossed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<i64>,
+    /// What callers see in `GET /_tollgate/plans`: a name for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The recurring monthly price, integer micros of `currency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_micros: Option<i64>,
+    /// ISO 4217, lowercase as Stripe writes it (default `usd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Free days a checkout starts with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trial_days: Option<i64>,
+    /// Listed in `GET /_tollgate/plans` and open to self-service checkout and plan changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+    /// The Stripe price (`price_…`) a checkout or plan change subscribes to; it also maps
+    /// that price back to this plan, like `[stripe.prices]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripe_price: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

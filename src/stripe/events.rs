@@ -174,8 +174,7 @@ pub fn entitlement_for(
     let plan = facts
         .price_ids
         .iter()
-        .filter_map(|p| prices.get(p))
-        .filter_map(|name| config.plans.get(name))
+        .filter_map(|p| config.plan_for_price(prices, p))
         .max_by_key(|p| p.rank)
         .map(|p| p.name.clone());
     let ts = |s: Option<i64>| s.and_then(|s| DateTime::from_timestamp(s, 0));
