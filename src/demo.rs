@@ -155,8 +155,10 @@ pub fn run(listen: &str, admin: &str) -> anyhow::Result<()> {
              curl -i -H \"Authorization: Bearer $TOKEN\" {base}/export/pdf\n\n\
              # 429: spend the rest of the quota at 2 units a call; the last call is refused\n\
              curl -s -o /dev/null -w '%{{http_code}}\\n' -H \"Authorization: Bearer $TOKEN\" \"{base}/signals/history/AAPL?n=[1-50]\" | sort | uniq -c\n\n\
-             # the caller's own usage, and the operator's view of the customer\n\
-             curl -s -H \"Authorization: Bearer $TOKEN\" {base}/_tollgate/usage\n\
+             # the plans on offer (no token needed), and the caller's own usage\n\
+             curl -s {base}/_tollgate/plans\n\
+             curl -s -H \"Authorization: Bearer $TOKEN\" {base}/_tollgate/usage\n\n\
+             # the operator's view of the customer\n\
              curl -s -H \"Authorization: Bearer ${admin_env}\" {admin}/admin/customers/demo-customer\n\n\
              # raise the free plan to 500 units, live; the next call is 200 again\n\
              curl -s -H \"Authorization: Bearer ${admin_env}\" -X PATCH {admin}/admin/plans/free -d '{{\"quotas\": {{\"api_calls\": {{\"included\": 500}}}}}}'\n\

@@ -15,6 +15,8 @@
 //!   history, audit, alerts; migrations.
 //! - [`stripe`]: webhooks' meaning (signature, event store, subscription → entitlement), usage →
 //!   meter events, the reconciler, the Stripe API client.
+//! - [`billing`]: self-service billing: the offered plans, Checkout, the billing portal, plan
+//!   changes and cancellation through Stripe (behind a trait the proxy listener calls).
 //! - [`alerts`]: threshold alerts: crossing detection and signed webhook delivery.
 //! - [`control`]: live config and entitlement sync across instances.
 //! - [`tls`]: TLS material for HTTPS upstreams and the TLS listener (one rustls provider).
@@ -33,6 +35,7 @@ pub(crate) mod admin;
 pub(crate) mod alerts;
 pub mod auth;
 pub(crate) mod backoff;
+pub(crate) mod billing;
 pub mod cli;
 pub mod config;
 pub(crate) mod control;

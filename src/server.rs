@@ -352,6 +352,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             metrics,
             alerts,
             self_service: Default::default(),
+            billing: Default::default(),
             lifecycle: Default::default(),
             heads: Default::default(),
         });
@@ -432,6 +433,8 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     if let Some(stripe) = &stripe {
         stripe::start(stripe, &shared.metrics.registry, &tasks, &rt, &cancel)
             .context("starting the Stripe reporter and reconciler")?;
+        let billing = crate::billing::service::Billing::new(stripe.clone());
+        let _ = shared.billing.set(Arc::new(billing));
     }
     if let Some(census) = channel("config")? {
         // How many instances share Redis: a fail-open plan's default share of what is left.

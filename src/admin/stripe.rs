@@ -313,7 +313,7 @@ pub(crate) async fn portal_session(
     let Some((_, cus)) = s.ledger.stripe_link(Some(&id), None).await? else {
         return Err(AdminError::unknown_customer(&id, Unknown::NotLinked));
     };
-    let url = c.api.portal_session(&cus, b.return_url.as_deref()).await?;
+    let (_, url) = c.api.portal_session(&cus, b.return_url.as_deref()).await?;
     Ok(Json(PortalAnswer {
         customer: id,
         stripe_customer: cus,

@@ -38,9 +38,9 @@ pub struct Ctx {
     pub(super) route: Option<usize>,
     /// For unmatched requests forwarded unmetered.
     pub(super) upstream: Option<String>,
-    /// Answered (or refused) by self-service (`GET /_tollgate/usage`): counted and logged under
-    /// its own route label, not as unmatched.
-    pub(super) self_service: bool,
+    /// Answered (or refused) by self-service (`/_tollgate/*`): the route label it is counted and
+    /// logged under (`_tollgate/usage`, `_tollgate/billing`), not as unmatched.
+    pub(super) self_service: Option<&'static str>,
     pub(super) request_id: String,
     /// The client's address (behind `proxy.trusted_proxies`, from `X-Forwarded-For`).
     pub(super) client_ip: Option<std::net::IpAddr>,
@@ -73,7 +73,7 @@ impl Ctx {
             snapshot: None,
             route: None,
             upstream: None,
-            self_service: false,
+            self_service: None,
             client_ip: None,
             request_id: String::new(),
             path: None,

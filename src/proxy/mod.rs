@@ -12,13 +12,16 @@
 //!
 //! Layout: [`admit`] steps 2–5 (and shadow mode), [`ctx`] per-request state, [`route`] the
 //! router, [`upstream`] pools and health checks, [`respond`] denials as problem+json and the
-//! RateLimit fields, [`settle`] step 8, [`selfservice`] `GET /_tollgate/usage`, [`state`] what
-//! every request shares (the config snapshot in force and the long-lived parts).
+//! RateLimit fields, [`settle`] step 8, [`selfservice`] `GET /_tollgate/usage`, [`billing`] the
+//! self-service billing calls, [`state`] what every request shares (the config snapshot in force
+//! and the long-lived parts).
 //!
 //! Denials are written with our own `ResponseHeader` (not `respond_error`, which turns
-//! keep-alive off) and never reach the upstream. Nothing here awaits the ledger or Stripe.
+//! keep-alive off) and never reach the upstream. No metered request awaits the ledger or Stripe;
+//! only the self-service billing calls do, through `billing::SelfService`.
 
 mod admit;
+pub mod billing;
 pub mod conn_cap;
 mod ctx;
 mod forwarded;
@@ -149,12 +152,33 @@ impl ProxyHttp for Proxy {
         {
             Outcome::NotMine => {}
             Outcome::Served => {
-                ctx.self_service = true;
+                ctx.self_service = Some(selfservice::ROUTE);
                 ctx.decision = Decision::Unmetered;
                 return Ok(true);
             }
             Outcome::Denied(d) => {
-                ctx.self_service = true;
+                ctx.self_service = Some(selfservice::ROUTE);
+                return self.deny(session, ctx, d).await;
+            }
+        }
+        // Self-service billing (`/_tollgate/plans`, `checkout`, `portal`, `subscription`).
+        match billing::handle(
+            &self.shared,
+            &snap,
+            session,
+            ctx.path.as_deref(),
+            &ctx.request_id,
+        )
+        .await?
+        {
+            Outcome::NotMine => {}
+            Outcome::Served => {
+                ctx.self_service = Some(billing::ROUTE);
+                ctx.decision = Decision::Unmetered;
+                return Ok(true);
+            }
+            Outcome::Denied(d) => {
+                ctx.self_service = Some(billing::ROUTE);
                 return self.deny(session, ctx, d).await;
             }
         }

@@ -60,6 +60,15 @@ pub enum Denial {
     UpgradeNotAllowed,
     /// A graceful stop is past its `drain_delay`: new requests go to another instance.
     ShuttingDown,
+    /// A self-service billing call refused (`billing::BillingError`, rendered with its own
+    /// status, `type` and members).
+    Billing {
+        status: u16,
+        kind: &'static str,
+        detail: String,
+        members: Vec<(&'static str, serde_json::Value)>,
+        retry_after: Option<u64>,
+    },
 }
 
 /// Decision labels for metrics and access logs: bounded, stable.
@@ -85,11 +94,13 @@ pub enum Decision {
     UpgradeNotAllowed,
     ShuttingDown,
     MethodNotAllowed,
+    /// A self-service billing call refused (its problem `type` says why).
+    BillingRefused,
 }
 
 impl Decision {
     /// Every decision, in declaration order (`index` is the position here).
-    pub const ALL: [Decision; 17] = [
+    pub const ALL: [Decision; 18] = [
         Decision::Allowed,
         Decision::Unmetered,
         Decision::InvalidToken,
@@ -107,6 +118,7 @@ impl Decision {
         Decision::UpgradeNotAllowed,
         Decision::ShuttingDown,
         Decision::MethodNotAllowed,
+        Decision::BillingRefused,
     ];
 
     /// The metric label, equal to the problem `type` suffix for denials.
@@ -129,6 +141,7 @@ impl Decision {
             Decision::UpgradeNotAllowed => "upgrade-not-allowed",
             Decision::ShuttingDown => "shutting-down",
             Decision::MethodNotAllowed => "method-not-allowed",
+            Decision::BillingRefused => "billing-refused",
         }
     }
 
@@ -180,6 +193,11 @@ pub(crate) struct Problem<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(ignore)]
     retry_after: Option<u64>,
+    /// Members of one kind of problem (a self-service billing refusal's `key`,
+    /// `stripe_code`, …).
+    #[serde(flatten)]
+    #[schema(ignore)]
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 // === impl Problem ===
@@ -199,6 +217,7 @@ impl<'a> Problem<'a> {
             used: None,
             resets_at: None,
             retry_after: None,
+            extra: Default::default(),
         }
     }
 }
@@ -232,6 +251,7 @@ impl Denial {
             Denial::InvalidPath { .. } => Decision::InvalidPath,
             Denial::UpgradeNotAllowed => Decision::UpgradeNotAllowed,
             Denial::ShuttingDown => Decision::ShuttingDown,
+            Denial::Billing { .. } => Decision::BillingRefused,
         }
     }
 
@@ -247,6 +267,7 @@ impl Denial {
             Denial::HeaderTooLarge { .. } => 431,
             Denial::UpstreamUnavailable => 502,
             Denial::QuotaStoreUnavailable | Denial::ShuttingDown => 503,
+            Denial::Billing { status, .. } => *status,
         }
     }
 
@@ -266,6 +287,10 @@ impl Denial {
             Denial::InvalidPath { .. } => "Invalid request path",
             Denial::UpgradeNotAllowed => "Upgrade not allowed",
             Denial::ShuttingDown => "Shutting down",
+            Denial::Billing { status, .. } => http::StatusCode::from_u16(*status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Refused"),
         }
     }
 
@@ -276,12 +301,11 @@ impl Denial {
             ("content-type", "application/problem+json".into()),
             ("cache-control", "no-store".into()),
         ];
-        let mut p = Problem::new(
-            self.decision().as_str(),
-            self.title(),
-            status,
-            String::new(),
-        );
+        let kind = match self {
+            Denial::Billing { kind, .. } => kind,
+            d => d.decision().as_str(),
+        };
+        let mut p = Problem::new(kind, self.title(), status, String::new());
         p.instance = request_id;
         match self {
             Denial::InvalidToken {
@@ -360,6 +384,19 @@ impl Denial {
             Denial::InvalidPath { detail } => p.detail = (*detail).to_string(),
             Denial::UpgradeNotAllowed => {
                 p.detail = "this route does not accept a protocol upgrade (only routes with upgrade = \"websocket\" accept a WebSocket upgrade)".into()
+            }
+            Denial::Billing {
+                detail,
+                members,
+                retry_after,
+                ..
+            } => {
+                p.detail = detail.clone();
+                p.extra = members.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+                if let Some(r) = retry_after {
+                    p.retry_after = Some(*r);
+                    headers.push(("retry-after", r.to_string()));
+                }
             }
         }
         let body = serde_json::to_vec(&p).unwrap_or_default();

@@ -55,7 +55,7 @@ impl Default for Guard {
 
 impl Guard {
     /// `Err(seconds to wait)` when `customer` is over the limit.
-    fn check(&self, customer: &str) -> Result<(), u64> {
+    pub(super) fn check(&self, customer: &str) -> Result<(), u64> {
         use governor::clock::Clock;
         self.0
             .check_key(&customer.to_string())

@@ -88,7 +88,8 @@ pub(super) async fn settle(ctx: &mut Ctx, status: u16) {
 
     let m = match ctx.route {
         Some(i) => &snap.route_metrics[i],
-        None if ctx.self_service => &snap.self_service_metrics,
+        None if ctx.self_service == Some(super::billing::ROUTE) => &snap.billing_metrics,
+        None if ctx.self_service.is_some() => &snap.self_service_metrics,
         None => &snap.unmatched_metrics,
     };
     m.requests[ctx.decision.index()].inc();
@@ -119,8 +120,7 @@ fn access_line(
         customer = ctx.customer.as_deref().unwrap_or("-"),
         route = match route {
             Some(r) => r.name.as_str(),
-            None if ctx.self_service => super::selfservice::ROUTE,
-            None => "-",
+            None => ctx.self_service.unwrap_or("-"),
         },
         decision = ctx.decision.as_str(),
         shadow = ctx.shadowed.map_or("-", Decision::as_str),

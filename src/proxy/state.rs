@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub unmatched_metrics: RouteMetrics,
     /// For self-service reads (`GET /_tollgate/usage`).
     pub self_service_metrics: RouteMetrics,
+    /// For self-service billing calls (`/_tollgate/plans`, `checkout`, …).
+    pub billing_metrics: RouteMetrics,
+    /// The offered plans (`GET /_tollgate/plans`), rendered once per version.
+    pub catalog: crate::billing::catalog::Catalog,
     pub version: u64,
 }
 
@@ -49,6 +53,8 @@ impl Snapshot {
             .map(|r| metrics.route(&r.name))
             .collect();
         Ok(Snapshot {
+            catalog: crate::billing::catalog::Catalog::new(&config),
+            billing_metrics: metrics.route(super::billing::ROUTE),
             config,
             router,
             pools,
@@ -85,8 +91,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Threshold-alert queue; `None` without `[alerts]` (or without its secret).
     pub alerts: Option<crate::alerts::Alerts>,
-    /// The read limit of `GET /_tollgate/usage`.
+    /// The per-customer limit of self-service calls (usage reads and billing).
     pub self_service: super::selfservice::Guard,
+    /// Self-service billing through Stripe, set at assembly when `[stripe]` is configured.
+    pub billing: std::sync::OnceLock<Arc<dyn crate::billing::SelfService>>,
     /// Requests in flight and the drain at shutdown.
     pub lifecycle: Lifecycle,
     /// Connections still owing their first request head (`proxy.header_read_timeout`).

@@ -1,5 +1,6 @@
 //! Calls to Stripe's API (async-stripe's client pointed at `stripe.api_base`): meter events,
-//! subscription listing and retrieval, billing portal sessions. The secret key comes only from the env var
+//! subscription listing, retrieval, update and cancellation, billing portal and Checkout
+//! sessions. The secret key comes only from the env var
 //! named by `stripe.secret_key_env`, read as a `SecretString`.
 //!
 //! Requests are sent once (async-stripe's `RequestStrategy::Once`, no `Idempotency-Key`): callers
@@ -103,11 +104,7 @@ impl StripeApi {
         id: &str,
     ) -> Result<serde_json::Value, stripe_api::StripeError> {
         use stripe_client_core::{RequestBuilder, StripeMethod};
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(stripe_api::StripeError::ClientError(format!(
-                "not a Stripe subscription id: {id:?}"
-            )));
-        }
+        check_id(id)?;
         let sub: miniserde::json::Value =
             RequestBuilder::new(StripeMethod::Get, format!("/subscriptions/{id}"))
                 .customize()
@@ -117,17 +114,113 @@ impl StripeApi {
             .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
     }
 
-    /// `POST /v1/billing_portal/sessions` for a Stripe customer: the session's URL.
+    /// A call whose answer is read as raw JSON (like a webhook's object, whatever the API
+    /// version): `form` is sent form-encoded (keys already in Stripe's bracket form,
+    /// `line_items[0][price]`), `query` as the query string.
+    async fn raw(
+        &self,
+        method: stripe_client_core::StripeMethod,
+        path: String,
+        query: &[(&str, &str)],
+        form: &[(String, String)],
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::RequestBuilder;
+        let mut req = RequestBuilder::new(method, path);
+        if !query.is_empty() {
+            let q: std::collections::BTreeMap<&str, &str> = query.iter().copied().collect();
+            req = req.query(&q);
+        }
+        if !form.is_empty() {
+            let f: std::collections::BTreeMap<&str, &str> =
+                form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            req = req.form(&f);
+        }
+        let v: miniserde::json::Value = req.customize().send(&self.client).await?;
+        serde_json::from_str(&miniserde::json::to_string(&v))
+            .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
+    }
+
+    /// `POST /v1/checkout/sessions` with these fields: the session (`id`, `url`, …).
+    pub async fn checkout_session(
+        &self,
+        form: &[(String, String)],
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::StripeMethod;
+        self.raw(StripeMethod::Post, "/checkout/sessions".into(), &[], form)
+            .await
+    }
+
+    /// The newest subscriptions of a Stripe customer (`GET /v1/subscriptions?customer=…`,
+    /// every status), as raw JSON.
+    pub async fn customer_subscriptions(
+        &self,
+        stripe_customer: &str,
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::StripeMethod;
+        let q = [
+            ("customer", stripe_customer),
+            ("status", "all"),
+            ("limit", "20"),
+        ];
+        self.raw(StripeMethod::Get, "/subscriptions".into(), &q, &[])
+            .await
+    }
+
+    /// `POST /v1/subscriptions/{id}` with these fields: the subscription as it is now.
+    pub async fn update_subscription(
+        &self,
+        id: &str,
+        form: &[(String, String)],
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::StripeMethod;
+        check_id(id)?;
+        self.raw(
+            StripeMethod::Post,
+            format!("/subscriptions/{id}"),
+            &[],
+            form,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/subscriptions/{id}`: ends it now; the subscription as it is then.
+    pub async fn cancel_subscription(
+        &self,
+        id: &str,
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::StripeMethod;
+        check_id(id)?;
+        self.raw(
+            StripeMethod::Delete,
+            format!("/subscriptions/{id}"),
+            &[],
+            &[],
+        )
+        .await
+    }
+
+    /// `POST /v1/billing_portal/sessions` for a Stripe customer: the session's id and URL.
     pub async fn portal_session(
         &self,
         stripe_customer: &str,
         return_url: Option<&str>,
-    ) -> Result<String, stripe_api::StripeError> {
+    ) -> Result<(String, String), stripe_api::StripeError> {
         use stripe_billing::billing_portal_session::CreateBillingPortalSession;
         let mut req = CreateBillingPortalSession::new().customer(stripe_customer);
         if let Some(u) = return_url {
             req = req.return_url(u);
         }
-        Ok(req.send(&self.client).await?.url)
+        let session = req.send(&self.client).await?;
+        Ok((session.id.to_string(), session.url))
     }
+}
+
+/// A Stripe id used as a path segment: anything but `sub_`-like alphanumerics is refused unsent.
+fn check_id(id: &str) -> Result<(), stripe_api::StripeError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(stripe_api::StripeError::ClientError(format!(
+            "not a Stripe id: {id:?}"
+        )));
+    }
+    Ok(())
 }

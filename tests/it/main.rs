@@ -10,6 +10,7 @@ mod admin_customers;
 mod admin_usage;
 mod alerts;
 mod asymmetric;
+mod billing;
 mod concurrency;
 mod config_files;
 mod crash;

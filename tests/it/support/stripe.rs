@@ -74,6 +74,10 @@ pub struct Inner {
     pub page_size: Option<usize>,
     /// Portal sessions created: (customer, return_url).
     pub portal_sessions: Vec<(String, Option<String>)>,
+    /// Checkout sessions created: id → the form fields they were created with.
+    pub checkout_sessions: BTreeMap<String, Vec<(String, String)>>,
+    /// Stripe customers created by completed checkouts.
+    pub customers_created: usize,
 }
 
 pub struct StripeStandIn {
@@ -88,8 +92,14 @@ impl StripeStandIn {
         let app = Router::new()
             .route("/v1/billing/meter_events", post(meter_event))
             .route("/v1/subscriptions", get(list_subscriptions))
-            .route("/v1/subscriptions/{id}", get(retrieve_subscription))
+            .route(
+                "/v1/subscriptions/{id}",
+                get(retrieve_subscription)
+                    .post(update_subscription)
+                    .delete(cancel_subscription),
+            )
             .route("/v1/billing_portal/sessions", post(portal_session))
+            .route("/v1/checkout/sessions", post(checkout_session))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -125,6 +135,61 @@ impl StripeStandIn {
 
     pub fn applied(&self) -> BTreeMap<String, Applied> {
         self.inner.lock().unwrap().applied.clone()
+    }
+
+    /// What a caller paying on the Checkout page makes Stripe do: a customer (the session's, or
+    /// a new one), a subscription to the session's price with the session's
+    /// `subscription_data[metadata]`, and the completed session. Returns (the
+    /// `checkout.session` object, the subscription object) for the webhooks Stripe would send.
+    pub fn complete_checkout(&self, session: &str) -> (Value, Value) {
+        let mut g = self.inner.lock().unwrap();
+        let form = g
+            .checkout_sessions
+            .get(session)
+            .cloned()
+            .unwrap_or_else(|| panic!("no checkout session {session}"));
+        let get = |k: &str| {
+            form.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let customer = match get("customer") {
+            Some(c) => c,
+            None => {
+                g.customers_created += 1;
+                format!("cus_standin{}", g.customers_created)
+            }
+        };
+        let price = get("line_items[0][price]").expect("a price");
+        let tollgate = get("subscription_data[metadata][tollgate_customer]");
+        let now = chrono::Utc::now().timestamp();
+        let id = format!("sub_standin{}", g.subscriptions.len() + 1);
+        let status = if get("subscription_data[trial_period_days]").is_some() {
+            "trialing"
+        } else {
+            "active"
+        };
+        let sub = subscription(&id, &customer, tollgate.as_deref(), &[&price], status, now);
+        // Newest first, as Stripe lists them.
+        g.subscriptions.insert(0, sub.clone());
+        let completed = json!({
+            "id": session,
+            "object": "checkout.session",
+            "mode": "subscription",
+            "status": "complete",
+            "payment_status": "paid",
+            "client_reference_id": get("client_reference_id"),
+            "customer": customer,
+            "subscription": id,
+            "metadata": {"tollgate_customer": get("metadata[tollgate_customer]")},
+        });
+        (completed, sub)
+    }
+
+    /// The subscription as the stand-in holds it now.
+    pub fn subscription(&self, id: &str) -> Option<Value> {
+        let g = self.inner.lock().unwrap();
+        g.subscriptions.iter().find(|s| s["id"] == id).cloned()
     }
 }
 
@@ -327,14 +392,23 @@ async fn list_subscriptions(
             }
             None => 0,
         };
-        let page: Vec<Value> = g
+        let customer = get("customer");
+        let listed: Vec<&Value> = g
             .subscriptions
+            .iter()
+            .filter(|s| {
+                customer
+                    .as_ref()
+                    .is_none_or(|c| s["customer"] == c.as_str())
+            })
+            .collect();
+        let page: Vec<Value> = listed
             .iter()
             .skip(start)
             .take(limit)
-            .cloned()
+            .map(|v| (*v).clone())
             .collect();
-        let has_more = start + page.len() < g.subscriptions.len();
+        let has_more = start + page.len() < listed.len();
         Json(json!({
             "object": "list",
             "url": "/v1/subscriptions",
@@ -425,6 +499,170 @@ async fn portal_session(
             "url": format!("https://billing.stripe.com/p/session/test_standin{n}"),
         }))
         .into_response()
+    })();
+    set_status(&mut g, response.status().as_u16());
+    response
+}
+
+/// Applies a fault queued for `path`: `Some(response)` to answer instead (nothing applied).
+fn refused(inner: &mut Inner, headers: &HeaderMap, path: &str) -> Option<Response> {
+    if !authorized(headers) {
+        return Some(unauthorized());
+    }
+    match next_fault(inner, path) {
+        Some(Fault::Status(402)) => Some(stripe_error(
+            402,
+            "card_error",
+            Some("card_declined"),
+            "Your card was declined.",
+        )),
+        Some(Fault::Status(400)) => Some(stripe_error(
+            400,
+            "invalid_request_error",
+            Some("resource_missing"),
+            "No such price: 'price_gone'",
+        )),
+        Some(Fault::Status(s) | Fault::ApplyThenStatus(s)) => Some(fault_response(s)),
+        _ => None,
+    }
+}
+
+/// `POST /v1/checkout/sessions` (mode `subscription`): an open session whose URL the caller
+/// would be sent to; `complete_checkout` plays the caller paying.
+async fn checkout_session(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    const PATH: &str = "/v1/checkout/sessions";
+    let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let mut g = inner.lock().unwrap();
+    record(&mut g, "POST", PATH, params.clone());
+    let response = (|| {
+        if let Some(r) = refused(&mut g, &headers, PATH) {
+            return r;
+        }
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        for required in ["mode", "line_items[0][price]", "success_url"] {
+            if get(required).is_none() {
+                return stripe_error(
+                    400,
+                    "invalid_request_error",
+                    Some("parameter_missing"),
+                    &format!("Missing required param: {required}."),
+                );
+            }
+        }
+        let id = format!("cs_test_standin{}", g.checkout_sessions.len() + 1);
+        g.checkout_sessions.insert(id.clone(), params.clone());
+        Json(json!({
+            "id": id,
+            "object": "checkout.session",
+            "mode": get("mode"),
+            "status": "open",
+            "customer": get("customer"),
+            "client_reference_id": get("client_reference_id"),
+            "success_url": get("success_url"),
+            "cancel_url": get("cancel_url"),
+            "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+            "expires_at": chrono::Utc::now().timestamp() + 86_400,
+        }))
+        .into_response()
+    })();
+    set_status(&mut g, response.status().as_u16());
+    response
+}
+
+/// `POST /v1/subscriptions/{id}`: `items[0][id]` + `items[0][price]` swap that item's price,
+/// `cancel_at_period_end`, `metadata[…]`; answers the subscription as it is then.
+async fn update_subscription(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    let path = format!("/v1/subscriptions/{id}");
+    let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let mut g = inner.lock().unwrap();
+    record(&mut g, "POST", &path, params.clone());
+    let response = (|| {
+        if let Some(r) = refused(&mut g, &headers, &path) {
+            return r;
+        }
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let Some(sub) = g.subscriptions.iter_mut().find(|s| s["id"] == id.as_str()) else {
+            return stripe_error(
+                404,
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such subscription: '{id}'"),
+            );
+        };
+        if let (Some(item), Some(price)) = (get("items[0][id]"), get("items[0][price]")) {
+            let items = sub["items"]["data"].as_array_mut().unwrap();
+            match items.iter_mut().find(|i| i["id"] == item.as_str()) {
+                Some(i) => i["price"]["id"] = json!(price),
+                None => {
+                    return stripe_error(
+                        400,
+                        "invalid_request_error",
+                        Some("resource_missing"),
+                        &format!("No such subscription item: '{item}'"),
+                    )
+                }
+            }
+        }
+        if let Some(c) = get("cancel_at_period_end") {
+            sub["cancel_at_period_end"] = json!(c == "true");
+        }
+        for (k, v) in &params {
+            if let Some(key) = k
+                .strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                sub["metadata"][key] = json!(v);
+            }
+        }
+        Json(sub.clone()).into_response()
+    })();
+    set_status(&mut g, response.status().as_u16());
+    response
+}
+
+/// `DELETE /v1/subscriptions/{id}`: canceled now.
+async fn cancel_subscription(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let path = format!("/v1/subscriptions/{id}");
+    let mut g = inner.lock().unwrap();
+    record(&mut g, "DELETE", &path, Vec::new());
+    let response = (|| {
+        if let Some(r) = refused(&mut g, &headers, &path) {
+            return r;
+        }
+        let Some(sub) = g.subscriptions.iter_mut().find(|s| s["id"] == id.as_str()) else {
+            return stripe_error(
+                404,
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such subscription: '{id}'"),
+            );
+        };
+        sub["status"] = json!("canceled");
+        sub["ended_at"] = json!(chrono::Utc::now().timestamp());
+        Json(sub.clone()).into_response()
     })();
     set_status(&mut g, response.status().as_u16());
     response

@@ -1,0 +1,408 @@
+//! [`Billing`]: [`SelfService`] over the Stripe API. Each call checks what it can locally first
+//! (the plan, the redirect URLs), so a refused request never reaches Stripe; then it reads the
+//! caller's Stripe customer (the stored link) and live subscription from Stripe, makes the one
+//! change, and writes the entitlement Stripe answered with through the entitlement writer, as
+//! of the current second and order-safe like a webhook: the webhook that follows finds the same
+//! terms, and a newer event still wins.
+
+use super::{BillingError, Change, CheckoutRequest, SelfService, Session};
+use crate::control::entitlement_sync::{Audit, LedgerWrite};
+use crate::entitle::Status;
+use crate::stripe::api::StripeApi;
+use crate::stripe::events::{entitlement_for, stripe_customer_of, subscription_facts};
+use crate::stripe::StripeWebhook;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+
+/// Stripe's refusal (its status and code) or its failure to answer.
+impl From<stripe_api::StripeError> for BillingError {
+    fn from(e: stripe_api::StripeError) -> BillingError {
+        match e {
+            stripe_api::StripeError::Stripe(err, status) => BillingError::Stripe {
+                status,
+                code: err
+                    .code
+                    .as_ref()
+                    .map(|c| c.as_str().to_string())
+                    .or_else(|| err.decline_code.clone()),
+                message: err.message.clone().unwrap_or_default(),
+            },
+            other => BillingError::StripeUnavailable(other.to_string()),
+        }
+    }
+}
+
+/// Subscription statuses that are still a subscription (a change or cancellation applies; a
+/// second checkout is refused).
+const LIVE: &[&str] = &["active", "trialing", "past_due", "unpaid", "paused"];
+
+/// Self-service billing over Stripe, built at assembly when `[stripe]` is configured.
+pub struct Billing {
+    stripe: Arc<StripeWebhook>,
+}
+
+/// A plan a self-service call may name: public, with a Stripe price.
+struct Offered {
+    plan: String,
+    price: String,
+    trial_days: u32,
+}
+
+// === impl Billing ===
+
+impl Billing {
+    pub fn new(stripe: Arc<StripeWebhook>) -> Billing {
+        Billing { stripe }
+    }
+
+    /// The Stripe API client, or `stripe-not-configured` without the secret key.
+    fn api(&self) -> Result<&StripeApi, BillingError> {
+        self.stripe
+            .control
+            .get()
+            .map(|c| &c.api)
+            .ok_or(BillingError::StripeNotConfigured)
+    }
+
+    fn key(&self) -> &str {
+        &self.stripe.settings.customer_metadata_key
+    }
+
+    /// `plan` checked against the config in force.
+    fn offered(&self, plan: Option<String>) -> Result<Offered, BillingError> {
+        let invalid = |detail: String| BillingError::Invalid {
+            key: "plan",
+            detail,
+        };
+        let name = plan
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| {
+                invalid("required: the name of a plan from GET /_tollgate/plans".into())
+            })?;
+        let snap = self.stripe.config.load_full();
+        let p = snap
+            .config
+            .plans
+            .get(&name)
+            .filter(|p| p.offer.public)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no plan {name:?} is offered (see GET /_tollgate/plans)"
+                ))
+            })?;
+        let price = p.offer.stripe_price.clone().ok_or_else(|| {
+            invalid(format!(
+                "plan {name:?} cannot be bought: it has no Stripe price"
+            ))
+        })?;
+        Ok(Offered {
+            plan: name,
+            price,
+            trial_days: p.offer.trial_days,
+        })
+    }
+
+    /// A redirect URL (`key` names it): absolute http(s), to a host `stripe.redirect_hosts`
+    /// allows. Anything else is refused: an open redirect off a payment page is a phishing tool.
+    fn redirect(&self, key: &'static str, url: &str) -> Result<String, BillingError> {
+        let invalid = |detail: String| BillingError::Invalid { key, detail };
+        let parsed = url::Url::parse(url)
+            .map_err(|e| invalid(format!("not an absolute URL ({e}): {url:?}")))?;
+        if !matches!(parsed.scheme(), "https" | "http") {
+            return Err(invalid(format!("must be https:// or http://, got {url:?}")));
+        }
+        let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+        let with_port = parsed.port().map(|p| format!("{host}:{p}"));
+        let allowed = &self.stripe.settings.redirect_hosts;
+        if !allowed
+            .iter()
+            .any(|h| *h == host || Some(h) == with_port.as_ref())
+        {
+            return Err(invalid(if allowed.is_empty() {
+                "no redirect host is allowed: the operator lists them in stripe.redirect_hosts"
+                    .into()
+            } else {
+                format!("host {host:?} is not one of stripe.redirect_hosts")
+            }));
+        }
+        Ok(parsed.into())
+    }
+
+    /// The caller's linked Stripe customer, if any.
+    async fn stripe_customer(&self, customer: &str) -> Result<Option<String>, BillingError> {
+        Ok(self
+            .stripe
+            .ledger
+            .stripe_link(Some(customer), None)
+            .await?
+            .map(|(_, cus)| cus))
+    }
+
+    /// The caller's newest live subscription in Stripe (the one a change applies to).
+    async fn live_subscription(
+        &self,
+        api: &StripeApi,
+        stripe_customer: &str,
+    ) -> Result<Option<serde_json::Value>, BillingError> {
+        let page = api.customer_subscriptions(stripe_customer).await?;
+        Ok(page
+            .get("data")
+            .and_then(|d| d.as_array())
+            .into_iter()
+            .flatten()
+            .find(|s| {
+                s.get("status")
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|st| LIVE.contains(&st))
+                    // A list that ignores the filter must not hand us someone else's.
+                    && stripe_customer_of(s).as_deref() == Some(stripe_customer)
+            })
+            .cloned())
+    }
+
+    /// Writes the entitlement `sub` (Stripe's answer) means, as of this second, and says what
+    /// is in force.
+    async fn apply(
+        &self,
+        customer: &str,
+        sub: &serde_json::Value,
+        action: &str,
+    ) -> Result<Change, BillingError> {
+        let facts = subscription_facts(sub, self.key());
+        let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_default();
+        let snap = self.stripe.config.load_full();
+        let deleted = facts.status == "canceled";
+        let want = entitlement_for(
+            &snap.config,
+            &self.stripe.settings.prices,
+            &facts,
+            deleted,
+            now,
+        );
+        let mut in_force = want.as_ref().and_then(|w| w.plan.clone());
+        if let Some(mut want) = want {
+            let before = self.stripe.ledger.get_customer(customer).await?;
+            if let Some(b) = &before {
+                if b.status == want.status {
+                    want.status_since = b.status_since;
+                }
+                want.suspended = b.suspended;
+            }
+            let audit = Audit {
+                actor: "self-service",
+                action,
+                target: customer.to_string(),
+                before: before.as_ref(),
+            };
+            match self
+                .stripe
+                .entitlements
+                .write(customer, LedgerWrite::StripeOrdered(&want), Some(audit))
+                .await?
+            {
+                Some(after) => in_force = after.plan,
+                // A webhook of this very second got there first: it says the same or newer.
+                None => {
+                    in_force = self
+                        .stripe
+                        .ledger
+                        .get_customer(customer)
+                        .await?
+                        .and_then(|e| e.plan)
+                }
+            }
+        }
+        tracing::info!(%customer, subscription = %facts.id, plan = in_force.as_deref(), status = %facts.status, %action, "self-service subscription change");
+        Ok(Change {
+            subscription: facts.id,
+            plan: in_force,
+            status: facts.status,
+            cancel_at_period_end: facts.cancel_at_period_end,
+            period_end: facts
+                .period_end
+                .and_then(|t| DateTime::from_timestamp(t, 0)),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl SelfService for Billing {
+    async fn checkout(
+        &self,
+        customer: &str,
+        req: CheckoutRequest,
+    ) -> Result<Session, BillingError> {
+        let offered = self.offered(req.plan)?;
+        let success = req.success_url.ok_or(BillingError::Invalid {
+            key: "success_url",
+            detail: "required: where Stripe sends the caller after paying".into(),
+        })?;
+        let success = self.redirect("success_url", &success)?;
+        let cancel = match req.cancel_url {
+            Some(u) => Some(self.redirect("cancel_url", &u)?),
+            None => None,
+        };
+        let api = self.api()?;
+        let linked = self.stripe_customer(customer).await?;
+        if let Some(cus) = &linked {
+            if let Some(sub) = self.live_subscription(api, cus).await? {
+                let snap = self.stripe.config.load_full();
+                let facts = subscription_facts(&sub, self.key());
+                let plan = facts
+                    .price_ids
+                    .iter()
+                    .find_map(|p| snap.config.plan_for_price(&self.stripe.settings.prices, p))
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                return Err(BillingError::SubscriptionExists(plan));
+            }
+        }
+        let key = self.key();
+        let mut form: Vec<(String, String)> = vec![
+            ("mode".into(), "subscription".into()),
+            ("line_items[0][price]".into(), offered.price.clone()),
+            ("line_items[0][quantity]".into(), "1".into()),
+            ("success_url".into(), success),
+            ("client_reference_id".into(), customer.into()),
+            (format!("metadata[{key}]"), customer.into()),
+            (
+                format!("subscription_data[metadata][{key}]"),
+                customer.into(),
+            ),
+        ];
+        if let Some(c) = cancel {
+            form.push(("cancel_url".into(), c));
+        }
+        if let Some(cus) = linked {
+            form.push(("customer".into(), cus));
+        }
+        if offered.trial_days > 0 {
+            form.push((
+                "subscription_data[trial_period_days]".into(),
+                offered.trial_days.to_string(),
+            ));
+        }
+        let session = api.checkout_session(&form).await?;
+        let field = |k: &str| session.get(k).and_then(|v| v.as_str()).map(String::from);
+        let (Some(id), Some(url)) = (field("id"), field("url")) else {
+            return Err(BillingError::StripeUnavailable(
+                "the Checkout session has no id or url".into(),
+            ));
+        };
+        tracing::info!(%customer, plan = %offered.plan, session = %id, "checkout session created");
+        Ok(Session {
+            id,
+            url,
+            plan: Some(offered.plan),
+        })
+    }
+
+    async fn portal(
+        &self,
+        customer: &str,
+        return_url: Option<String>,
+    ) -> Result<Session, BillingError> {
+        let return_url = match return_url {
+            Some(u) => Some(self.redirect("return_url", &u)?),
+            None => None,
+        };
+        let api = self.api()?;
+        let cus = self
+            .stripe_customer(customer)
+            .await?
+            .ok_or(BillingError::NoStripeCustomer)?;
+        let (id, url) = api.portal_session(&cus, return_url.as_deref()).await?;
+        Ok(Session {
+            id,
+            url,
+            plan: None,
+        })
+    }
+
+    async fn change_plan(
+        &self,
+        customer: &str,
+        plan: Option<String>,
+    ) -> Result<Change, BillingError> {
+        let offered = self.offered(plan)?;
+        let api = self.api()?;
+        let cus = self
+            .stripe_customer(customer)
+            .await?
+            .ok_or(BillingError::NoSubscription)?;
+        let sub = self
+            .live_subscription(api, &cus)
+            .await?
+            .ok_or(BillingError::NoSubscription)?;
+        let facts = subscription_facts(&sub, self.key());
+        let snap = self.stripe.config.load_full();
+        let prices = &self.stripe.settings.prices;
+        if facts.price_ids.iter().any(|p| {
+            snap.config
+                .plan_for_price(prices, p)
+                .is_some_and(|p| p.name == offered.plan)
+        }) {
+            return Err(BillingError::PlanUnchanged(offered.plan));
+        }
+        // The item carrying a plan's price is the one swapped; other items (add-ons) stay.
+        let items = sub
+            .pointer("/items/data")
+            .and_then(|d| d.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let item = items
+            .iter()
+            .find(|i| {
+                i.pointer("/price/id")
+                    .and_then(|p| p.as_str())
+                    .is_some_and(|p| snap.config.plan_for_price(prices, p).is_some())
+            })
+            .or(items.first())
+            .and_then(|i| i.get("id"))
+            .and_then(|i| i.as_str())
+            .ok_or(BillingError::NoSubscription)?;
+        let key = self.key();
+        let form: Vec<(String, String)> = vec![
+            ("items[0][id]".into(), item.into()),
+            ("items[0][price]".into(), offered.price),
+            (
+                "proration_behavior".into(),
+                self.stripe.settings.proration_behavior.clone(),
+            ),
+            (format!("metadata[{key}]"), customer.into()),
+        ];
+        let updated = api.update_subscription(&facts.id, &form).await?;
+        self.apply(customer, &updated, "billing.change_plan").await
+    }
+
+    async fn cancel(&self, customer: &str, now: bool) -> Result<Change, BillingError> {
+        if now && !self.stripe.settings.allow_cancel_now {
+            return Err(BillingError::Invalid {
+                key: "now",
+                detail: "ending a subscription at once is not offered here; without now=true it ends at the period's end".into(),
+            });
+        }
+        let api = self.api()?;
+        let cus = self
+            .stripe_customer(customer)
+            .await?
+            .ok_or(BillingError::NoSubscription)?;
+        let sub = self
+            .live_subscription(api, &cus)
+            .await?
+            .ok_or(BillingError::NoSubscription)?;
+        let id = subscription_facts(&sub, self.key()).id;
+        let updated = if now {
+            api.cancel_subscription(&id).await?
+        } else {
+            let form = vec![("cancel_at_period_end".to_string(), "true".to_string())];
+            api.update_subscription(&id, &form).await?
+        };
+        let change = self.apply(customer, &updated, "billing.cancel").await?;
+        if now && change.status != Status::Canceled.as_str() {
+            tracing::warn!(%customer, subscription = %id, status = %change.status, "cancellation answered a status other than canceled");
+        }
+        Ok(change)
+    }
+}

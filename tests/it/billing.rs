@@ -1,0 +1,489 @@
+//! Self-service billing on the proxy listener (issue 13): the offered plans, a Checkout that
+//! lifts a free customer's 429, a plan change and a cancellation through the Stripe stand-in,
+//! and every refusal (bad input, Stripe's errors) with nothing changed.
+
+use crate::support::stripe::{sign_webhook, Fault, StripeStandIn, KEY_ENV};
+use crate::support::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const SUBSCRIPTIONS: &str = "/v1/subscriptions";
+const CHECKOUT: &str = "/v1/checkout/sessions";
+/// `.cargo/config.toml` sets it for every test: its value is the webhook secret here.
+const WHSEC_ENV: &str = "TOLLGATE_TEST_JWT_SECRET";
+
+/// The standard plans, offered: free (public, no price), pro (public, price_pro), starter (a
+/// new public plan, price_starter), tight (not offered).
+fn plans(upstream: std::net::SocketAddr) -> String {
+    base_config(upstream)
+        .replace(
+            "[plans.free]\n",
+            "[plans.free]\npublic = true\ntitle = \"Free\"\nprice_micros = 0\n",
+        )
+        .replace(
+            "[plans.pro]\n",
+            "[plans.pro]\npublic = true\ntitle = \"Pro\"\ndescription = \"For production\"\n\
+             price_micros = 49000000\nstripe_price = \"price_pro\"\nrank = 10\n",
+        )
+        + r#"
+[plans.starter]
+public = true
+title = "Starter"
+price_micros = 9000000
+currency = "usd"
+stripe_price = "price_starter"
+rank = 5
+quotas.api_calls = { included = 100, overage = "deny" }
+quotas.tokens = { included = 100, overage = "deny" }
+"#
+}
+
+fn config(upstream: std::net::SocketAddr, stripe: &StripeStandIn) -> String {
+    format!(
+        r#"{}
+[stripe]
+secret_key_env = "{KEY_ENV}"
+webhook_secrets_env = "{WHSEC_ENV}"
+api_base = "{}"
+sync_interval = "0s"
+redirect_hosts = ["app.example.com"]
+"#,
+        plans(upstream),
+        stripe.url()
+    )
+}
+
+/// Starts tollgate and waits for its start-up reconciliation (an empty listing) to finish.
+async fn start(b: Backend, stripe: &StripeStandIn) -> (Upstream, Tollgate) {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&config(up.addr, stripe), b).await;
+    for _ in 0..100 {
+        if stripe.calls(SUBSCRIPTIONS).iter().any(|c| c.status == 200) {
+            return (up, tg);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no start-up reconciliation");
+}
+
+/// A self-service call as `customer`.
+async fn call(
+    tg: &Tollgate,
+    method: reqwest::Method,
+    path: &str,
+    customer: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut req = tg
+        .client
+        .request(method, tg.url(path))
+        .bearer_auth(token(customer));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap()
+}
+
+async fn post(tg: &Tollgate, path: &str, customer: &str, body: Value) -> reqwest::Response {
+    call(tg, reqwest::Method::POST, path, customer, Some(body)).await
+}
+
+async fn usage(tg: &Tollgate, customer: &str) -> Value {
+    let r = tg.get("/_tollgate/usage", Some(customer)).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Delivers one signed event with `object` as `data.object`; the status.
+async fn deliver(tg: &Tollgate, id: &str, kind: &str, object: &Value) -> u16 {
+    let now = chrono::Utc::now().timestamp();
+    let body = json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": now,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": kind,
+        "data": {"object": object},
+    })
+    .to_string();
+    tg.client
+        .post(tg.admin_url("/webhooks/stripe"))
+        .header("stripe-signature", sign_webhook(&body, SECRET, now))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn param<'a>(call: &'a crate::support::stripe::Call, k: &str) -> Option<&'a str> {
+    call.param(k)
+}
+
+/// Opens a checkout of `plan` for `customer`, completes it in the stand-in and delivers the
+/// two webhooks Stripe sends; the subscription id.
+async fn subscribe(tg: &Tollgate, stripe: &StripeStandIn, customer: &str, plan: &str) -> String {
+    let r = post(
+        tg,
+        "/_tollgate/checkout",
+        customer,
+        json!({"plan": plan, "success_url": "https://app.example.com/thanks"}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let session: Value = r.json().await.unwrap();
+    let (completed, sub) = stripe.complete_checkout(session["id"].as_str().unwrap());
+    let n = uuid::Uuid::now_v7().simple();
+    assert_eq!(
+        deliver(
+            tg,
+            &format!("evt_cs_{n}"),
+            "checkout.session.completed",
+            &completed
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        deliver(
+            tg,
+            &format!("evt_sc_{n}"),
+            "customer.subscription.created",
+            &sub
+        )
+        .await,
+        200
+    );
+    sub["id"].as_str().unwrap().to_string()
+}
+
+/// The offered plans need no token, revalidate by ETag, and mark the caller's plan when a
+/// token is sent; a bad token is 401. Without `[stripe]` every change is
+/// `stripe-not-configured`, and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_are_offered_without_stripe() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&plans(up.addr), Backend::Embedded).await;
+    let r = tg.get("/_tollgate/plans", None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "public, max-age=60");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    let names: Vec<&str> = body["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["free", "starter", "pro"],
+        "by rank; tight is not offered: {body}"
+    );
+    assert!(body.get("current_plan").is_none(), "{body}");
+    let pro = &body["plans"][2];
+    assert_eq!(pro["title"], "Pro");
+    assert_eq!(pro["description"], "For production");
+    assert_eq!(
+        pro["price"],
+        json!({"amount_micros": 49_000_000u64, "currency": "usd", "interval": "month"})
+    );
+    assert_eq!(
+        pro["purchasable"], false,
+        "no [stripe]: nothing can be bought here"
+    );
+    assert_eq!(pro["features"], json!(["export_pdf"]));
+    let api_calls = pro["quotas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["meter"] == "api_calls")
+        .unwrap();
+    assert_eq!(
+        *api_calls,
+        json!({"meter": "api_calls", "included": 1000, "unlimited": false, "overage": "allow", "unit_price_micros": 20000})
+    );
+    let free = &body["plans"][0];
+    assert_eq!(
+        (free["default"].as_bool(), free["purchasable"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(free["rate"], json!({"per_minute": 600, "burst": 600}));
+
+    let again = tg
+        .client
+        .get(tg.url("/_tollgate/plans"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["etag"], etag.as_str());
+
+    let mine = tg.get("/_tollgate/plans", Some("ada")).await;
+    assert_eq!(mine.status(), 200);
+    assert_eq!(mine.headers()["cache-control"], "private, no-cache");
+    let mine: Value = mine.json().await.unwrap();
+    assert_eq!(mine["current_plan"], "free");
+    assert_eq!(mine["plans"][0]["current"], true);
+    assert!(mine["plans"][1].get("current").is_none());
+    let (status, ty, _) = problem(tg.get_with_token("/_tollgate/plans", "not.a.jwt").await).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (401, "urn:tollgate:problem:invalid-token")
+    );
+
+    let (status, ty, p) = problem(
+        post(
+            &tg,
+            "/_tollgate/checkout",
+            "ada",
+            json!({"plan": "pro", "success_url": "https://app.example.com/"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (404, "urn:tollgate:problem:stripe-not-configured"),
+        "{p}"
+    );
+    let (status, ty, _) = problem(
+        call(
+            &tg,
+            reqwest::Method::DELETE,
+            "/_tollgate/subscription",
+            "ada",
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (404, "urn:tollgate:problem:stripe-not-configured")
+    );
+    let r = call(
+        &tg,
+        reqwest::Method::PUT,
+        "/_tollgate/checkout",
+        "ada",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["allow"].to_str().unwrap()),
+        (405, "POST")
+    );
+    assert_eq!(
+        up.hits(),
+        0,
+        "self-service billing never reaches the upstream"
+    );
+    assert_eq!(tg.ledger_usage("ada").await.0, 0);
+}
+
+both!(
+    /// Must-show 1 of issue 13: a free customer at its quota opens a checkout, pays, and the
+    /// next call is served on pro; then a downgrade to starter and a cancellation at the
+    /// period's end, each in `/_tollgate/usage` at once and in the calls Stripe received.
+    checkout_then_downgrade_then_cancel,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        let offered: Value = tg.get("/_tollgate/plans", None).await.json().await.unwrap();
+        assert_eq!(offered["plans"][2]["name"], "pro");
+        assert_eq!(offered["plans"][2]["purchasable"], true, "{offered}");
+        for _ in 0..5 {
+            assert_eq!(tg.get("/signals", Some("ada")).await.status(), 200);
+        }
+        assert_eq!(tg.get("/signals", Some("ada")).await.status(), 429);
+
+        let r = post(
+            &tg,
+            "/_tollgate/checkout",
+            "ada",
+            json!({"plan": "pro", "success_url": "https://app.example.com/thanks?s={CHECKOUT_SESSION_ID}", "cancel_url": "https://app.example.com/pricing"}),
+        )
+        .await;
+        assert_eq!(r.status(), 201);
+        let session: Value = r.json().await.unwrap();
+        assert_eq!(session["plan"], "pro");
+        let id = session["id"].as_str().unwrap();
+        assert_eq!(session["url"], format!("https://checkout.stripe.com/c/pay/{id}"));
+        let calls = stripe.calls(CHECKOUT);
+        assert_eq!(calls.len(), 1);
+        let c = &calls[0];
+        for (k, v) in [
+            ("mode", "subscription"),
+            ("line_items[0][price]", "price_pro"),
+            ("line_items[0][quantity]", "1"),
+            ("client_reference_id", "ada"),
+            ("metadata[tollgate_customer]", "ada"),
+            ("subscription_data[metadata][tollgate_customer]", "ada"),
+            ("success_url", "https://app.example.com/thanks?s={CHECKOUT_SESSION_ID}"),
+            ("cancel_url", "https://app.example.com/pricing"),
+        ] {
+            assert_eq!(param(c, k), Some(v), "{k} in {c:?}");
+        }
+        assert_eq!(param(c, "customer"), None, "a first checkout has no Stripe customer yet");
+
+        let (completed, sub) = stripe.complete_checkout(id);
+        assert_eq!(deliver(&tg, "evt_cs_1", "checkout.session.completed", &completed).await, 200);
+        assert_eq!(deliver(&tg, "evt_sc_1", "customer.subscription.created", &sub).await, 200);
+        assert_eq!(tg.get("/signals", Some("ada")).await.status(), 200, "served on pro at once");
+        let u = usage(&tg, "ada").await;
+        assert_eq!((u["plan"].as_str(), u["status"].as_str()), (Some("pro"), Some("active")), "{u}");
+        let sub_id = sub["id"].as_str().unwrap();
+
+        // A second checkout while subscribed is refused, pointing at the plan change.
+        let (status, ty, p) = problem(
+            post(&tg, "/_tollgate/checkout", "ada", json!({"plan": "starter", "success_url": "https://app.example.com/"})).await,
+        )
+        .await;
+        assert_eq!((status, ty.as_str()), (409, "urn:tollgate:problem:subscription-exists"), "{p}");
+        assert_eq!(p["change"], "/_tollgate/subscription");
+        assert_eq!(stripe.calls(CHECKOUT).len(), 1);
+
+        // Downgrade: Stripe's item swapped to starter's price, in force before any webhook.
+        let r = post(&tg, "/_tollgate/subscription", "ada", json!({"plan": "starter"})).await;
+        assert_eq!(r.status(), 200);
+        let change: Value = r.json().await.unwrap();
+        assert_eq!((change["plan"].as_str(), change["subscription"].as_str()), (Some("starter"), Some(sub_id)), "{change}");
+        let update_path = format!("/v1/subscriptions/{sub_id}");
+        let updates: Vec<_> = stripe.calls(&update_path).into_iter().filter(|c| c.method == "POST").collect();
+        assert_eq!(updates.len(), 1);
+        let item = sub["items"]["data"][0]["id"].as_str().unwrap();
+        assert_eq!(param(&updates[0], "items[0][id]"), Some(item));
+        assert_eq!(param(&updates[0], "items[0][price]"), Some("price_starter"));
+        assert_eq!(param(&updates[0], "proration_behavior"), Some("create_prorations"));
+        let u = usage(&tg, "ada").await;
+        assert_eq!(u["plan"], "starter", "{u}");
+        let calls_meter = u["usage"].as_array().unwrap().iter().find(|m| m["meter"] == "api_calls").unwrap().clone();
+        assert_eq!(calls_meter["included"], 100, "{u}");
+        // The webhook of that change, when it comes, agrees.
+        let now_sub = stripe.subscription(sub_id).unwrap();
+        assert_eq!(deliver(&tg, "evt_su_1", "customer.subscription.updated", &now_sub).await, 200);
+        assert_eq!(usage(&tg, "ada").await["plan"], "starter");
+
+        // The same plan again is a conflict, and Stripe is not called.
+        let (status, ty, _) = problem(post(&tg, "/_tollgate/subscription", "ada", json!({"plan": "starter"})).await).await;
+        assert_eq!((status, ty.as_str()), (409, "urn:tollgate:problem:plan-unchanged"));
+        assert_eq!(stripe.calls(&update_path).len(), 1);
+
+        // Cancel at the period's end: still served, the end announced.
+        let r = call(&tg, reqwest::Method::DELETE, "/_tollgate/subscription", "ada", None).await;
+        assert_eq!(r.status(), 200);
+        let change: Value = r.json().await.unwrap();
+        assert_eq!(change["cancel_at_period_end"], true, "{change}");
+        assert_eq!(change["plan"], "starter");
+        let updates: Vec<_> = stripe.calls(&update_path).into_iter().filter(|c| c.method == "POST").collect();
+        assert_eq!(updates.len(), 2);
+        assert_eq!(param(&updates[1], "cancel_at_period_end"), Some("true"));
+        let u = usage(&tg, "ada").await;
+        assert_eq!((u["plan"].as_str(), u["cancel_at_period_end"].as_bool()), (Some("starter"), Some(true)), "{u}");
+        assert_eq!(tg.get("/signals", Some("ada")).await.status(), 200);
+        // Ending now is not offered by this config.
+        let (status, ty, p) = problem(
+            call(&tg, reqwest::Method::DELETE, "/_tollgate/subscription?now=true", "ada", None).await,
+        )
+        .await;
+        assert_eq!((status, ty.as_str(), p["key"].as_str()), (400, "urn:tollgate:problem:invalid-request", Some("now")));
+        assert_eq!(stripe.calls(&update_path).len(), 2);
+    }
+);
+
+both!(
+    /// Each refusal says which field is wrong or what Stripe said, and changes nothing: no
+    /// Stripe call for what is refused locally, no entitlement change when Stripe refuses.
+    /// (One customer per part: self-service calls are limited to bursts of 20 per customer.)
+    refusals_change_nothing,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        let checkout = |plan: &str, url: &str| json!({"plan": plan, "success_url": url});
+        let ok_url = "https://app.example.com/ok";
+        for (body, key) in [
+            (checkout("gold", ok_url), "plan"),
+            (checkout("tight", ok_url), "plan"),
+            (checkout("free", ok_url), "plan"),
+            (json!({"plan": "pro"}), "success_url"),
+            (checkout("pro", "https://evil.example.net/steal"), "success_url"),
+            (checkout("pro", "javascript:alert(1)"), "success_url"),
+            (checkout("pro", "/relative"), "success_url"),
+            (json!({"plan": "pro", "success_url": ok_url, "cancel_url": "https://app.example.com.evil.net/"}), "cancel_url"),
+            (json!({"plan": "pro", "success_url": ok_url, "customer": "bob"}), "body"),
+        ] {
+            let (status, ty, p) = problem(post(&tg, "/_tollgate/checkout", "ada", body.clone()).await).await;
+            assert_eq!((status, ty.as_str(), p["key"].as_str()), (400, "urn:tollgate:problem:invalid-request", Some(key)), "{body} → {p}");
+        }
+        let r = tg
+            .client
+            .post(tg.url("/_tollgate/checkout"))
+            .bearer_auth(token("ada"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        let (status, _, p) = problem(r).await;
+        assert_eq!((status, p["key"].as_str()), (400, Some("body")));
+        assert!(stripe.calls(CHECKOUT).is_empty(), "nothing refused locally reaches Stripe");
+
+        // No subscription yet: a change or cancellation points at checkout.
+        let (status, ty, p) = problem(post(&tg, "/_tollgate/subscription", "bob", json!({"plan": "starter"})).await).await;
+        assert_eq!((status, ty.as_str(), p["checkout"].as_str()), (409, "urn:tollgate:problem:no-subscription", Some("/_tollgate/checkout")));
+        let (status, ty, _) = problem(call(&tg, reqwest::Method::DELETE, "/_tollgate/subscription", "bob", None).await).await;
+        assert_eq!((status, ty.as_str()), (409, "urn:tollgate:problem:no-subscription"));
+        let (status, ty, _) = problem(post(&tg, "/_tollgate/portal", "bob", json!({})).await).await;
+        assert_eq!((status, ty.as_str()), (409, "urn:tollgate:problem:no-stripe-customer"));
+
+        // Stripe refusing a checkout: its status and code, nothing created.
+        for (fault, status, kind, code) in [
+            (402, 402, "stripe-refused", Some("card_declined")),
+            (400, 502, "stripe-refused", Some("resource_missing")),
+            (429, 503, "stripe-unavailable", Some("rate_limit")),
+            (500, 502, "stripe-unavailable", None),
+        ] {
+            stripe.fail_next(CHECKOUT, &[Fault::Status(fault)]);
+            let r = post(&tg, "/_tollgate/checkout", "cy", checkout("pro", ok_url)).await;
+            let retry = r.headers().get("retry-after").is_some();
+            let (s, ty, p) = problem(r).await;
+            assert_eq!((s, ty.as_str()), (status, format!("urn:tollgate:problem:{kind}").as_str()), "{fault}: {p}");
+            assert_eq!(p["stripe_status"], fault, "{p}");
+            assert_eq!(p["stripe_code"].as_str(), code, "{p}");
+            assert_eq!(retry, status == 503);
+        }
+        assert!(stripe.inner.lock().unwrap().checkout_sessions.is_empty());
+
+        // Subscribed to pro; Stripe refusing the plan change leaves pro in force.
+        subscribe(&tg, &stripe, "dee", "pro").await;
+        assert_eq!(usage(&tg, "dee").await["plan"], "pro");
+        let sub_path = {
+            let g = stripe.inner.lock().unwrap();
+            format!("/v1/subscriptions/{}", g.subscriptions[0]["id"].as_str().unwrap())
+        };
+        for (fault, status) in [(402u16, 402u16), (400, 502), (429, 503), (500, 502)] {
+            stripe.fail_next(&sub_path, &[Fault::Status(fault)]);
+            let (s, _, p) = problem(post(&tg, "/_tollgate/subscription", "dee", json!({"plan": "starter"})).await).await;
+            assert_eq!((s, p["stripe_status"].as_u64()), (status, Some(u64::from(fault))), "{p}");
+            assert_eq!(usage(&tg, "dee").await["plan"], "pro", "nothing changed locally");
+        }
+        stripe.fail_next(&sub_path, &[Fault::Status(500)]);
+        let (s, _, _) = problem(call(&tg, reqwest::Method::DELETE, "/_tollgate/subscription", "dee", None).await).await;
+        assert_eq!(s, 502);
+        assert_eq!(usage(&tg, "dee").await["cancel_at_period_end"], false);
+        // The portal for a subscribed caller is its own Stripe customer's.
+        let r = post(&tg, "/_tollgate/portal", "dee", json!({"return_url": "https://app.example.com/account"})).await;
+        assert_eq!(r.status(), 201);
+        let portal: Value = r.json().await.unwrap();
+        assert!(portal["url"].as_str().unwrap().starts_with("https://billing.stripe.com/"), "{portal}");
+        let g = stripe.inner.lock().unwrap();
+        let cus = g.subscriptions[0]["customer"].as_str().unwrap().to_string();
+        assert_eq!(g.portal_sessions.last().unwrap(), &(cus, Some("https://app.example.com/account".into())));
+    }
+);
