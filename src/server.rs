@@ -433,9 +433,9 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
     if let Some(stripe) = &stripe {
         stripe::start(stripe, &shared.metrics.registry, &tasks, &rt, &cancel)
             .context("starting the Stripe reporter and reconciler")?;
-        let billing = crate::billing::service::Billing::new(stripe.clone());
-        let _ = shared.billing.set(Arc::new(billing));
     }
+    let billing = crate::billing::service::Billing::new(ledger.clone(), stripe.clone());
+    let _ = shared.billing.set(Arc::new(billing));
     if let Some(census) = channel("config")? {
         // How many instances share Redis: a fail-open plan's default share of what is left.
         let fail_open = fail_open.clone();

@@ -9,6 +9,7 @@
 
 mod alerts;
 mod audit;
+mod billing;
 mod config;
 mod customers;
 mod error;
@@ -69,6 +70,7 @@ pub fn app(state: AdminState) -> Router {
         .merge(config::routes())
         .merge(stripe::routes())
         .merge(customers::routes())
+        .merge(billing::routes())
         .merge(usage::routes())
         .merge(alerts::routes())
         .route_layer(axum::middleware::from_fn_with_state(

@@ -51,6 +51,7 @@ const SECURITY_SCHEME: &str = "admin_token";
         crate::admin::customers::suspend,
         crate::admin::customers::resume,
         crate::admin::customers::credit,
+        crate::admin::billing::invoices,
         crate::admin::usage::usage,
         crate::admin::alerts::delivery_log,
         crate::admin::stripe::sync,

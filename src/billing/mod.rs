@@ -1,6 +1,7 @@
 //! Self-service billing (issue 13): which plans are offered ([`catalog`]) and what a caller does
 //! about their own subscription through Stripe: a Checkout session, a billing portal session, a
-//! plan change, a cancellation ([`service`]).
+//! plan change, a cancellation, and their invoices as Stripe's webhooks stored them
+//! ([`service`]).
 //!
 //! The proxy listener's `/_tollgate/*` handlers (`proxy::billing`) call [`SelfService`], a trait
 //! defined here and implemented by [`service::Billing`] over the Stripe API: the request path
@@ -163,4 +164,58 @@ pub trait SelfService: Send + Sync {
     ) -> Result<Change, BillingError>;
     /// Cancels `customer`'s subscription at the period's end, or `now` where allowed.
     async fn cancel(&self, customer: &str, now: bool) -> Result<Change, BillingError>;
+    /// A page of `customer`'s invoices, newest first, after the invoice `after`.
+    async fn invoices(
+        &self,
+        customer: &str,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<InvoicePage, BillingError>;
+}
+
+/// One invoice as callers and operators see it. Amounts are integer minor units of
+/// `currency` (cents for `usd`), as Stripe states them.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Invoice {
+    /// Stripe's id (`in_…`).
+    pub id: String,
+    pub number: Option<String>,
+    /// `draft`, `open`, `paid`, `uncollectible` or `void`.
+    pub status: String,
+    pub currency: String,
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub amount_remaining: i64,
+    pub total: i64,
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
+    /// Stripe's page where the customer sees and pays it.
+    pub hosted_invoice_url: Option<String>,
+    pub created: DateTime<Utc>,
+}
+
+impl From<crate::ledger::InvoiceRecord> for Invoice {
+    fn from(r: crate::ledger::InvoiceRecord) -> Invoice {
+        Invoice {
+            id: r.id,
+            number: r.number,
+            status: r.status,
+            currency: r.currency,
+            amount_due: r.amount_due,
+            amount_paid: r.amount_paid,
+            amount_remaining: r.amount_remaining,
+            total: r.total,
+            period_start: r.period_start,
+            period_end: r.period_end,
+            hosted_invoice_url: r.hosted_invoice_url,
+            created: r.created,
+        }
+    }
+}
+
+/// A page of invoices, newest first; `next` is the `after` of the next page.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct InvoicePage {
+    pub invoices: Vec<Invoice>,
+    pub next: Option<String>,
 }

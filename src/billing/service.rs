@@ -5,9 +5,10 @@
 //! of the current second and order-safe like a webhook: the webhook that follows finds the same
 //! terms, and a newer event still wins.
 
-use super::{BillingError, Change, CheckoutRequest, SelfService, Session};
+use super::{BillingError, Change, CheckoutRequest, Invoice, InvoicePage, SelfService, Session};
 use crate::control::entitlement_sync::{Audit, LedgerWrite};
 use crate::entitle::Status;
+use crate::ledger::Ledger;
 use crate::stripe::api::StripeApi;
 use crate::stripe::events::{entitlement_for, stripe_customer_of, subscription_facts};
 use crate::stripe::StripeWebhook;
@@ -36,8 +37,15 @@ impl From<stripe_api::StripeError> for BillingError {
 /// second checkout is refused).
 const LIVE: &[&str] = &["active", "trialing", "past_due", "unpaid", "paused"];
 
-/// Self-service billing over Stripe, built at assembly when `[stripe]` is configured.
+/// Self-service billing, built at assembly: invoices from the ledger always, the rest over
+/// Stripe when `[stripe]` is configured (else `stripe-not-configured`).
 pub struct Billing {
+    ledger: Arc<dyn Ledger>,
+    stripe: Option<OverStripe>,
+}
+
+/// The calls that go to Stripe.
+struct OverStripe {
     stripe: Arc<StripeWebhook>,
 }
 
@@ -51,10 +59,97 @@ struct Offered {
 // === impl Billing ===
 
 impl Billing {
-    pub fn new(stripe: Arc<StripeWebhook>) -> Billing {
-        Billing { stripe }
+    pub fn new(ledger: Arc<dyn Ledger>, stripe: Option<Arc<StripeWebhook>>) -> Billing {
+        Billing {
+            ledger,
+            stripe: stripe.map(|stripe| OverStripe { stripe }),
+        }
     }
 
+    fn over_stripe(&self) -> Result<&OverStripe, BillingError> {
+        self.stripe
+            .as_ref()
+            .ok_or(BillingError::StripeNotConfigured)
+    }
+}
+
+#[async_trait::async_trait]
+impl SelfService for Billing {
+    async fn checkout(
+        &self,
+        customer: &str,
+        req: CheckoutRequest,
+    ) -> Result<Session, BillingError> {
+        self.over_stripe()?.checkout(customer, req).await
+    }
+
+    async fn portal(
+        &self,
+        customer: &str,
+        return_url: Option<String>,
+    ) -> Result<Session, BillingError> {
+        self.over_stripe()?.portal(customer, return_url).await
+    }
+
+    async fn change_plan(
+        &self,
+        customer: &str,
+        plan: Option<String>,
+    ) -> Result<Change, BillingError> {
+        self.over_stripe()?.change_plan(customer, plan).await
+    }
+
+    async fn cancel(&self, customer: &str, now: bool) -> Result<Change, BillingError> {
+        self.over_stripe()?.cancel(customer, now).await
+    }
+
+    async fn invoices(
+        &self,
+        customer: &str,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<InvoicePage, BillingError> {
+        invoice_page(&*self.ledger, customer, after, limit).await
+    }
+}
+
+/// A page of `customer`'s invoices (the admin API reads the same pages).
+pub async fn invoice_page(
+    ledger: &dyn Ledger,
+    customer: &str,
+    after: Option<String>,
+    limit: i64,
+) -> Result<InvoicePage, BillingError> {
+    if let Some(a) = &after {
+        if a.is_empty()
+            || a.len() > 255
+            || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(BillingError::Invalid {
+                key: "after",
+                detail: format!("not an invoice id: {a:?}"),
+            });
+        }
+    }
+    // One more than asked: whether there is a next page.
+    let mut rows = ledger
+        .invoices(customer, after.as_deref(), limit + 1)
+        .await?;
+    let next = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(InvoicePage {
+        invoices: rows.into_iter().map(Invoice::from).collect(),
+        next,
+    })
+}
+
+// === impl OverStripe ===
+
+impl OverStripe {
     /// The Stripe API client, or `stripe-not-configured` without the secret key.
     fn api(&self) -> Result<&StripeApi, BillingError> {
         self.stripe
@@ -226,8 +321,7 @@ impl Billing {
     }
 }
 
-#[async_trait::async_trait]
-impl SelfService for Billing {
+impl OverStripe {
     async fn checkout(
         &self,
         customer: &str,

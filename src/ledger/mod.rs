@@ -17,7 +17,7 @@
 //!   entitlements, the one Stripe upsert, Stripe links), `stripe_events` ([`StripeEventLedger`]:
 //!   webhook events), `reports` ([`ReportLedger`]: usage reports to Stripe), `config_versions`
 //!   ([`ConfigLedger`]: config history and the audit log), `alerts` ([`AlertLedger`]: alert
-//!   deliveries and leases).
+//!   deliveries and leases), `invoices` ([`InvoiceLedger`]: Stripe invoices).
 //! - `dialect`: what differs between the backends (SQL fragments, time encoding, the two
 //!   statements written per backend) and the thin layer shared code runs queries through.
 //! - `test_support` (tests only): fixtures, and `contract!`, which runs a check on both backends.
@@ -32,6 +32,7 @@ mod alerts;
 mod config_versions;
 mod customers;
 mod dialect;
+mod invoices;
 pub mod postgres;
 mod reports;
 pub mod sqlite;
@@ -49,6 +50,7 @@ use serde::{Deserialize, Serialize};
 pub use alerts::AlertLedger;
 pub use config_versions::ConfigLedger;
 pub use customers::CustomerLedger;
+pub use invoices::{InvoiceLedger, InvoiceRecord};
 pub use postgres::PgLedger;
 pub use reports::{group_reports, ReportLedger};
 pub use sqlite::SqliteLedger;
@@ -188,6 +190,7 @@ pub trait Ledger:
     + ReportLedger
     + ConfigLedger
     + AlertLedger
+    + InvoiceLedger
     + Send
     + Sync
     + 'static

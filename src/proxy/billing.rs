@@ -7,12 +7,13 @@
 //! | `POST /_tollgate/portal` `{return_url?}` | required | 201 a Stripe billing portal URL |
 //! | `POST /_tollgate/subscription` `{plan}` | required | 200 the subscription on the new plan |
 //! | `DELETE /_tollgate/subscription[?now=true]` | required | 200 the subscription, ending |
+//! | `GET /_tollgate/invoices[?limit=&after=]` | required | 200 the caller's invoices, newest first |
 //!
 //! The customer is the token's, never a body field. Each call is free (never metered, never
 //! forwarded), limited per customer with the usage read's guard, and refused as problem+json
 //! (`billing::BillingError` says the status and `type`). The Stripe side is behind
-//! `billing::SelfService`, set at assembly; without it (no `[stripe]` section) the plans are
-//! still listed and every change is `stripe-not-configured`.
+//! `billing::SelfService`, set at assembly; without a `[stripe]` section the plans are still
+//! listed, the invoices are an empty list, and every change is `stripe-not-configured`.
 //!
 //! Owns: these paths and their HTTP shapes. Must not touch: Stripe (only through the trait),
 //! reservations, the usage pipeline.
@@ -35,6 +36,7 @@ const PLANS: &str = "/_tollgate/plans";
 const CHECKOUT: &str = "/_tollgate/checkout";
 const PORTAL: &str = "/_tollgate/portal";
 const SUBSCRIPTION: &str = "/_tollgate/subscription";
+const INVOICES: &str = "/_tollgate/invoices";
 
 /// Answers the billing paths; anything else is [`Outcome::NotMine`].
 pub async fn handle(
@@ -48,6 +50,7 @@ pub async fn handle(
     let path = normalised_path.unwrap_or(req.uri.path());
     let allow = match path {
         PLANS => "GET, HEAD",
+        INVOICES => "GET",
         CHECKOUT | PORTAL => "POST",
         SUBSCRIPTION => "POST, DELETE",
         _ => return Ok(Outcome::NotMine),
@@ -55,6 +58,7 @@ pub async fn handle(
     let method = req.method.clone();
     let allowed = match path {
         PLANS => method == Method::GET || method == Method::HEAD,
+        INVOICES => method == Method::GET,
         CHECKOUT | PORTAL => method == Method::POST,
         _ => method == Method::POST || method == Method::DELETE,
     };
@@ -65,6 +69,7 @@ pub async fn handle(
     }
     let path: &'static str = match path {
         PLANS => PLANS,
+        INVOICES => INVOICES,
         CHECKOUT => CHECKOUT,
         PORTAL => PORTAL,
         _ => SUBSCRIPTION,
@@ -114,6 +119,13 @@ pub async fn handle(
         .unwrap_or_default()
         .to_string();
     let answer = match (path, method) {
+        (INVOICES, _) => match page_params(&query) {
+            Ok((after, limit)) => billing
+                .invoices(customer, after, limit)
+                .await
+                .map(|p| (200, json(&p))),
+            Err(e) => Err(e),
+        },
         (CHECKOUT, _) => match parse::<CheckoutRequest>(&body) {
             Ok(r) => billing.checkout(customer, r).await.map(|s| (201, json(&s))),
             Err(e) => Err(e),
@@ -192,6 +204,28 @@ fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Bil
         key: "body",
         detail: format!("not the expected JSON object: {e}"),
     })
+}
+
+/// `?after=<invoice id>&limit=<1-100, default 20>`.
+fn page_params(query: &str) -> Result<(Option<String>, i64), BillingError> {
+    let (mut after, mut limit) = (None, 20);
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "after" => after = Some(v.into_owned()),
+            "limit" => {
+                limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|l| (1..=100).contains(l))
+                    .ok_or_else(|| BillingError::Invalid {
+                        key: "limit",
+                        detail: format!("must be from 1 to 100, got {v:?}"),
+                    })?
+            }
+            _ => {}
+        }
+    }
+    Ok((after, limit))
 }
 
 /// `?now=true` (or `false`); anything else is refused with its key.

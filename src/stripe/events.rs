@@ -232,6 +232,67 @@ pub fn stripe_customer_of(obj: &serde_json::Value) -> Option<String> {
         .map(String::from)
 }
 
+/// Most an invoice amount may be (minor units): far above any real invoice, far below
+/// `i64::MAX`, so that sums over many invoices stay exact.
+pub const MAX_INVOICE_AMOUNT: i64 = 1_000_000_000_000_000;
+
+/// An invoice object as the ledger stores it, as of the event's `created` (the order of
+/// writes). Amounts must be integers from 0 to [`MAX_INVOICE_AMOUNT`] (`amount_remaining` and
+/// `total` may be negative down to its negative: credit notes); anything else is
+/// [`StripeError::BadBody`], refused before the event is stored, so Stripe retries it.
+pub fn invoice_record(
+    obj: &serde_json::Value,
+    event_created: DateTime<Utc>,
+) -> Result<crate::ledger::InvoiceRecord, StripeError> {
+    let bad = |m: String| StripeError::BadBody(format!("invoice: {m}"));
+    let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(String::from);
+    let amount = |k: &str, signed: bool| -> Result<i64, StripeError> {
+        let v = obj.get(k).ok_or_else(|| bad(format!("missing {k}")))?;
+        let n = v
+            .as_i64()
+            .ok_or_else(|| bad(format!("{k} is not an integer: {v}")))?;
+        let low = if signed { -MAX_INVOICE_AMOUNT } else { 0 };
+        if !(low..=MAX_INVOICE_AMOUNT).contains(&n) {
+            return Err(bad(format!("{k} is out of range: {n}")));
+        }
+        Ok(n)
+    };
+    let time = |k: &str| {
+        obj.get(k)
+            .and_then(|t| t.as_i64())
+            .and_then(|t| DateTime::from_timestamp(t, 0))
+    };
+    let id = text("id")
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| bad("missing id".into()))?;
+    let currency = text("currency")
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_lowercase()))
+        .ok_or_else(|| bad("missing or malformed currency".into()))?;
+    Ok(crate::ledger::InvoiceRecord {
+        customer: None,
+        stripe_customer: stripe_customer_of(obj),
+        // Under `parent` since API 2025-03-31, at the top level before.
+        subscription: ["/parent/subscription_details/subscription", "/subscription"]
+            .iter()
+            .find_map(|p| obj.pointer(p).and_then(|s| s.as_str()))
+            .map(String::from),
+        number: text("number"),
+        status: text("status").unwrap_or_else(|| "draft".into()),
+        currency,
+        amount_due: amount("amount_due", false)?,
+        amount_paid: amount("amount_paid", false)?,
+        amount_remaining: amount("amount_remaining", true)?,
+        total: amount("total", true)?,
+        period_start: time("period_start"),
+        period_end: time("period_end"),
+        hosted_invoice_url: text("hosted_invoice_url"),
+        created: time("created").unwrap_or(event_created),
+        updated_at: event_created,
+        id,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

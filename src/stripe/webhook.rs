@@ -1,7 +1,7 @@
 //! Applying one verified Stripe delivery (DESIGN §5, §7): store the event id first
 //! (`stripe_events`, so a redelivery is a no-op), then apply `customer.subscription.*`,
-//! `invoice.*`, `customer.deleted` and `checkout.session.completed` to the customer's
-//! entitlement and links. Applied changes are written order-safe (a write carries the event's
+//! `invoice.*` (stored in `invoices`; payments also move the status), `customer.deleted` and
+//! `checkout.session.completed` to the customer's entitlement and links. Applied changes are written order-safe (a write carries the event's
 //! `created` as `updated_at` and never replaces newer state) in the same transaction that marks
 //! the event processed, then reach this instance's cache and every other instance through the
 //! one entitlement writer.
@@ -17,8 +17,8 @@
 //! `admin::webhook` reads the body and maps errors), the request path, quota counters.
 
 use super::events::{
-    entitlement_for, envelope, parse_secrets, same_terms, stripe_customer_of, subscription_facts,
-    verify, Envelope, Secret, Verified,
+    entitlement_for, envelope, invoice_record, parse_secrets, same_terms, stripe_customer_of,
+    subscription_facts, verify, Envelope, Secret, Verified,
 };
 use super::{link_or_log, Control, StripeError};
 use crate::control::entitlement_sync::{EntitlementSync, LedgerWrite};
@@ -51,9 +51,14 @@ const NAMED_TYPES: &[&str] = &[
     "customer.subscription.paused",
     "customer.subscription.resumed",
     "customer.subscription.trial_will_end",
+    "invoice.created",
+    "invoice.finalized",
+    "invoice.updated",
     "invoice.payment_failed",
     "invoice.paid",
     "invoice.payment_succeeded",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
     "customer.deleted",
     "checkout.session.completed",
 ];
@@ -184,6 +189,14 @@ impl StripeWebhook {
         }
         let verified = verify(payload, header, &self.secrets, Utc::now().timestamp())?;
         let env = envelope(payload)?;
+        // An invoice is read before anything is stored: one whose amounts are not integers is
+        // refused (400, nothing stored), and Stripe delivers it again.
+        let invoice = match env.object.get("object").and_then(|o| o.as_str()) {
+            Some("invoice") if env.event_type.starts_with("invoice.") => {
+                Some(invoice_record(&env.object, env.created)?)
+            }
+            _ => None,
+        };
         if verified == Verified::Untyped {
             tracing::debug!(event = %env.id, "event not typable by the SDK; read from raw JSON");
         }
@@ -198,7 +211,7 @@ impl StripeWebhook {
             return Ok(Outcome::Duplicate);
         }
         let apply = match env.event_type.as_str() {
-            t if t.starts_with("invoice.") => self.payment_change(&env, &t[8..]).await?,
+            t if t.starts_with("invoice.") => self.invoice_event(&env, &t[8..], invoice).await?,
             "customer.deleted" => self.customer_deleted(&env).await?,
             "checkout.session.completed" => {
                 self.checkout_completed(&env).await?;
@@ -353,24 +366,22 @@ impl StripeWebhook {
         }
     }
 
-    /// Invoice events move a subscribed customer between `past_due` and `active` (DESIGN §7:
-    /// `invoice.payment_failed` marks it past_due unless a newer state says otherwise). The rest
-    /// of the entitlement is the stored one; the write is as of the event's `created`, so the
-    /// ledger's conditional upsert refuses it when a newer subscription event was applied. A
-    /// canceled or unpaid customer is never revived by an invoice.
-    async fn payment_change(&self, env: &Envelope, kind: &str) -> Result<Apply, StripeError> {
-        let target = match kind {
-            "payment_failed" => Status::PastDue,
-            "paid" | "payment_succeeded" => Status::Active,
-            _ => return Ok(Apply::Nothing),
-        };
-        if env.object.get("object").and_then(|o| o.as_str()) != Some("invoice") {
+    /// Every `invoice.*` event with an invoice object: the invoice is stored (order-safe, with
+    /// its customer, or unlinked when none is known: acknowledged and counted `unmatched`), then
+    /// a payment event may change the customer's status ([`StripeWebhook::payment_change`]).
+    async fn invoice_event(
+        &self,
+        env: &Envelope,
+        kind: &str,
+        invoice: Option<crate::ledger::InvoiceRecord>,
+    ) -> Result<Apply, StripeError> {
+        let Some(mut invoice) = invoice else {
             return Ok(Apply::Nothing);
-        }
+        };
         // The subscription's metadata as the invoice carries it: under `parent` since API
         // 2025-03-31, at the top level before.
         let key = &self.settings.customer_metadata_key;
-        let customer = [
+        let named = [
             "/parent/subscription_details/metadata",
             "/subscription_details/metadata",
         ]
@@ -384,8 +395,32 @@ impl StripeWebhook {
         .map(str::trim)
         .filter(|c| crate::entitle::check_customer_id(c).is_ok())
         .map(String::from);
-        let Some(customer) = self.customer_of(env, customer).await? else {
-            return Ok(Apply::Unmatched);
+        let customer = self.customer_of(env, named).await?;
+        invoice.customer = customer.clone();
+        if !self.ledger.record_invoice(&invoice).await? {
+            tracing::debug!(event = %env.id, invoice = %invoice.id, "a newer state of the invoice is stored");
+        }
+        match customer {
+            Some(customer) => self.payment_change(env, kind, customer).await,
+            None => Ok(Apply::Unmatched),
+        }
+    }
+
+    /// Invoice events move a subscribed customer between `past_due` and `active` (DESIGN §7:
+    /// `invoice.payment_failed` marks it past_due unless a newer state says otherwise). The rest
+    /// of the entitlement is the stored one; the write is as of the event's `created`, so the
+    /// ledger's conditional upsert refuses it when a newer subscription event was applied. A
+    /// canceled or unpaid customer is never revived by an invoice.
+    async fn payment_change(
+        &self,
+        env: &Envelope,
+        kind: &str,
+        customer: String,
+    ) -> Result<Apply, StripeError> {
+        let target = match kind {
+            "payment_failed" => Status::PastDue,
+            "paid" | "payment_succeeded" => Status::Active,
+            _ => return Ok(Apply::Nothing),
         };
         let Some(current) = self.ledger.get_customer(&customer).await? else {
             return Ok(Apply::Nothing); // no subscription applied yet: nothing to mark

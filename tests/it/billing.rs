@@ -97,11 +97,23 @@ async fn usage(tg: &Tollgate, customer: &str) -> Value {
 /// Delivers one signed event with `object` as `data.object`; the status.
 async fn deliver(tg: &Tollgate, id: &str, kind: &str, object: &Value) -> u16 {
     let now = chrono::Utc::now().timestamp();
+    deliver_at(tg, id, kind, object, now).await.0
+}
+
+/// The same with the event's `created`; the status and the answer (its `outcome`).
+async fn deliver_at(
+    tg: &Tollgate,
+    id: &str,
+    kind: &str,
+    object: &Value,
+    created: i64,
+) -> (u16, Value) {
+    let now = chrono::Utc::now().timestamp();
     let body = json!({
         "id": id,
         "object": "event",
         "api_version": "2025-03-31.basil",
-        "created": now,
+        "created": created,
         "livemode": false,
         "pending_webhooks": 1,
         "request": {"id": null, "idempotency_key": null},
@@ -109,16 +121,49 @@ async fn deliver(tg: &Tollgate, id: &str, kind: &str, object: &Value) -> u16 {
         "data": {"object": object},
     })
     .to_string();
-    tg.client
+    let r = tg
+        .client
         .post(tg.admin_url("/webhooks/stripe"))
         .header("stripe-signature", sign_webhook(&body, SECRET, now))
         .header("content-type", "application/json")
         .body(body)
         .send()
         .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Stripe's invoice fixture as `id` of `stripe_customer`, `status`, `due` cents, `created`.
+fn invoice(id: &str, stripe_customer: &str, status: &str, due: i64, created: i64) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/stripe/openapi_fixtures3_invoice.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut inv: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let paid = if status == "paid" { due } else { 0 };
+    for (k, v) in [
+        ("id", json!(id)),
+        ("customer", json!(stripe_customer)),
+        ("status", json!(status)),
+        ("number", json!(format!("TG-{id}"))),
+        ("amount_due", json!(due)),
+        ("amount_paid", json!(paid)),
+        ("amount_remaining", json!(due - paid)),
+        ("total", json!(due)),
+        ("created", json!(created)),
+        ("period_start", json!(created - 30 * 86_400)),
+        ("period_end", json!(created)),
+        (
+            "hosted_invoice_url",
+            json!(format!("https://invoice.stripe.com/i/{id}")),
+        ),
+    ] {
+        inv[k] = v;
+    }
+    inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
+        "subscription_details": {"metadata": {}, "subscription": "sub_standin1"}});
+    inv
 }
 
 fn param<'a>(call: &'a crate::support::stripe::Call, k: &str) -> Option<&'a str> {
@@ -267,6 +312,12 @@ async fn plans_are_offered_without_stripe() {
     assert_eq!(
         (status, ty.as_str()),
         (404, "urn:tollgate:problem:stripe-not-configured")
+    );
+    let r = tg.get("/_tollgate/invoices", Some("ada")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"invoices": [], "next": null})
     );
     let r = call(
         &tg,
@@ -485,5 +536,109 @@ both!(
         let g = stripe.inner.lock().unwrap();
         let cus = g.subscriptions[0]["customer"].as_str().unwrap().to_string();
         assert_eq!(g.portal_sessions.last().unwrap(), &(cus, Some("https://app.example.com/account".into())));
+    }
+);
+
+both!(
+    /// Invoice webhooks are stored per customer, order-safe, and read back by the customer
+    /// (`/_tollgate/invoices`) and the operator (`/admin/customers/{id}/invoices`) in pages; an
+    /// invoice of an unknown Stripe customer is acknowledged and kept unlinked until its
+    /// customer is linked; one whose amount is not an integer is refused and not stored.
+    invoices_from_webhooks,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        subscribe(&tg, &stripe, "ada", "pro").await;
+        let cus = stripe.inner.lock().unwrap().subscriptions[0]["customer"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t = chrono::Utc::now().timestamp() - 3_600;
+        let draft = invoice("in_a1", &cus, "draft", 4900, t);
+        let open = invoice("in_a1", &cus, "open", 4900, t);
+        let paid = invoice("in_a1", &cus, "paid", 4900, t);
+        assert_eq!(deliver_at(&tg, "evt_i1", "invoice.created", &draft, t).await.0, 200);
+        assert_eq!(deliver_at(&tg, "evt_i3", "invoice.paid", &paid, t + 20).await.0, 200);
+        // Finalized arrives last but is older: the invoice stays paid.
+        assert_eq!(deliver_at(&tg, "evt_i2", "invoice.finalized", &open, t + 10).await.0, 200);
+        let later = invoice("in_a2", &cus, "open", 9900, t + 600);
+        assert_eq!(deliver_at(&tg, "evt_i4", "invoice.finalized", &later, t + 600).await.0, 200);
+
+        let r = tg.get("/_tollgate/invoices", Some("ada")).await;
+        assert_eq!((r.status().as_u16(), r.headers()["cache-control"].to_str().unwrap()), (200, "no-store"));
+        let page: Value = r.json().await.unwrap();
+        let ids: Vec<&str> = page["invoices"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["in_a2", "in_a1"], "newest first: {page}");
+        let first = &page["invoices"][1];
+        for (k, v) in [
+            ("status", json!("paid")),
+            ("currency", json!("usd")),
+            ("amount_due", json!(4900)),
+            ("amount_paid", json!(4900)),
+            ("amount_remaining", json!(0)),
+            ("total", json!(4900)),
+            ("number", json!("TG-in_a1")),
+            ("hosted_invoice_url", json!("https://invoice.stripe.com/i/in_a1")),
+        ] {
+            assert_eq!(first[k], v, "{k}: {first}");
+        }
+        assert!(page["next"].is_null());
+        let p1: Value = tg.get("/_tollgate/invoices?limit=1", Some("ada")).await.json().await.unwrap();
+        assert_eq!((p1["invoices"][0]["id"].as_str(), p1["next"].as_str()), (Some("in_a2"), Some("in_a2")));
+        let p2: Value = tg.get("/_tollgate/invoices?limit=1&after=in_a2", Some("ada")).await.json().await.unwrap();
+        assert_eq!((p2["invoices"][0]["id"].as_str(), p2["next"].as_str()), (Some("in_a1"), None));
+        let (status, _, p) = problem(tg.get("/_tollgate/invoices?limit=0", Some("ada")).await).await;
+        assert_eq!((status, p["key"].as_str()), (400, Some("limit")));
+        // Nobody else sees them.
+        let other: Value = tg.get("/_tollgate/invoices", Some("bob")).await.json().await.unwrap();
+        assert_eq!(other["invoices"], json!([]));
+        // The operator reads the same page.
+        let admin: Value = tg
+            .client
+            .get(tg.admin_url("/admin/customers/ada/invoices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(admin, page);
+
+        // An amount Stripe cannot mean: 400, nothing stored (the fixed redelivery is new).
+        let mut bad = invoice("in_a3", &cus, "open", 100, t + 700);
+        bad["amount_due"] = json!(100.5);
+        assert_eq!(deliver_at(&tg, "evt_i5", "invoice.finalized", &bad, t + 700).await.0, 400);
+        let listed: Value = tg.get("/_tollgate/invoices", Some("ada")).await.json().await.unwrap();
+        assert_eq!(listed["invoices"].as_array().unwrap().len(), 2);
+        let fixed = invoice("in_a3", &cus, "open", 100, t + 700);
+        let (status, answer) = deliver_at(&tg, "evt_i5", "invoice.finalized", &fixed, t + 700).await;
+        assert_eq!((status, answer["outcome"].as_str()), (200, Some("ignored")), "{answer}");
+        let listed: Value = tg.get("/_tollgate/invoices", Some("ada")).await.json().await.unwrap();
+        assert_eq!(listed["invoices"][0]["id"], "in_a3");
+
+        // An unknown Stripe customer's invoice: acknowledged, unmatched, kept until linked.
+        let stray = invoice("in_z1", "cus_unknown9", "open", 2500, t);
+        let (status, answer) = deliver_at(&tg, "evt_z1", "invoice.finalized", &stray, t).await;
+        assert_eq!((status, answer["outcome"].as_str()), (200, Some("unmatched")), "{answer}");
+        let zed = |tg: &Tollgate| {
+            tg.client
+                .get(tg.admin_url("/admin/customers/zed/invoices"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+        };
+        assert_eq!(zed(&tg).await.unwrap().status(), 404);
+        let r = tg
+            .client
+            .put(tg.admin_url("/admin/customers/zed/stripe"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"stripe_customer": "cus_unknown9"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let linked: Value = zed(&tg).await.unwrap().json().await.unwrap();
+        assert_eq!(linked["invoices"][0]["id"], "in_z1", "{linked}");
+        assert_eq!(linked["invoices"][0]["amount_due"], 2500);
     }
 );
