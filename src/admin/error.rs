@@ -32,6 +32,13 @@ pub(crate) enum AdminError {
     /// 400 `invalid-body`: the body is not what the call takes (what is wrong with it).
     #[error("{0}")]
     InvalidBody(String),
+    /// 409 `customer-exists`: provisioning an existing customer with other terms.
+    #[error("{0}")]
+    CustomerExists(String),
+    /// A billing call refused (`billing::BillingError`): its own status, `type` and members,
+    /// the same as on the proxy listener.
+    #[error(transparent)]
+    Billing(crate::billing::BillingError),
     /// 400 `invalid-query`: a query parameter is malformed (which, and how).
     #[error("{0}")]
     InvalidQuery(String),
@@ -175,6 +182,14 @@ impl AdminError {
         match self {
             E::Unauthorized => (StatusCode::UNAUTHORIZED, "admin-unauthorized"),
             E::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid-body"),
+            E::CustomerExists(_) => (StatusCode::CONFLICT, "customer-exists"),
+            E::Billing(e) => {
+                let (status, kind) = e.status_and_kind();
+                (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    kind,
+                )
+            }
             E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid-query"),
             E::InvalidRange(_) => (StatusCode::BAD_REQUEST, "invalid-range"),
             E::InvalidCustomerId(_) => (StatusCode::BAD_REQUEST, "invalid-customer-id"),
@@ -213,12 +228,15 @@ impl AdminError {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let (status, suffix) = self.kind();
-        let problem = Problem::new(
+        let mut problem = Problem::new(
             suffix,
             status.canonical_reason().unwrap_or(""),
             status.as_u16(),
             self.to_string(),
         );
+        if let AdminError::Billing(e) = &self {
+            problem = problem.with_members(e.members());
+        }
         // Plain strings and numbers: serializing cannot fail.
         let body = match self {
             AdminError::InvalidConfig(errors) => {
@@ -336,6 +354,15 @@ impl From<SyncError> for AdminError {
 }
 
 /// A Stripe API call that failed.
+impl From<crate::billing::BillingError> for AdminError {
+    fn from(e: crate::billing::BillingError) -> AdminError {
+        match e {
+            crate::billing::BillingError::Ledger(e) => AdminError::LedgerUnavailable(e),
+            e => AdminError::Billing(e),
+        }
+    }
+}
+
 impl From<stripe_api::StripeError> for AdminError {
     fn from(e: stripe_api::StripeError) -> AdminError {
         AdminError::StripeUnavailable(e.to_string())

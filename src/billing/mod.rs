@@ -45,7 +45,7 @@ pub struct Session {
 }
 
 /// What a plan change or cancellation left, as Stripe answered it and as now enforced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Change {
     pub subscription: String,
     /// The plan in force now.

@@ -49,7 +49,32 @@ struct OverStripe {
     stripe: Arc<StripeWebhook>,
 }
 
-/// A plan a self-service call may name: public, with a Stripe price.
+/// Who asks for a change: the caller through self-service (public plans only, cancelling at
+/// once only where allowed) or an operator through the admin API (any plan with a Stripe
+/// price; audited under the admin actor).
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub actor: &'a str,
+    pub operator: bool,
+}
+
+impl Who<'static> {
+    /// The caller of a `/_tollgate/*` call.
+    pub const SELF_SERVICE: Who<'static> = Who {
+        actor: "self-service",
+        operator: false,
+    };
+}
+
+/// What `POST /admin/customers` provisions in Stripe.
+#[derive(Debug, Clone, Default)]
+pub struct NewCustomer {
+    pub id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A plan a change may name: public (for self-service), with a Stripe price.
 struct Offered {
     plan: String,
     price: String,
@@ -70,6 +95,81 @@ impl Billing {
         self.stripe
             .as_ref()
             .ok_or(BillingError::StripeNotConfigured)
+    }
+
+    /// An operator's plan change (`POST /admin/customers/{id}/subscription`).
+    pub async fn operator_change_plan(
+        &self,
+        customer: &str,
+        plan: Option<String>,
+        actor: &str,
+    ) -> Result<Change, BillingError> {
+        let who = Who {
+            actor,
+            operator: true,
+        };
+        self.over_stripe()?.change_plan(customer, plan, who).await
+    }
+
+    /// An operator's termination (`DELETE /admin/customers/{id}/subscription`): at once, or at
+    /// the period's end.
+    pub async fn operator_cancel(
+        &self,
+        customer: &str,
+        now: bool,
+        actor: &str,
+    ) -> Result<Change, BillingError> {
+        let who = Who {
+            actor,
+            operator: true,
+        };
+        self.over_stripe()?.cancel(customer, now, who).await
+    }
+
+    /// The Stripe customer of a provisioned customer: the linked one, else one created with
+    /// its email, name and metadata and linked (audited as `actor`). The create call's
+    /// `Idempotency-Key` is derived from the id, so a retry after a lost answer gets the same
+    /// Stripe customer, never a second one. `None` when the Stripe API is off.
+    pub async fn provision_stripe_customer(
+        &self,
+        c: &NewCustomer,
+        actor: &str,
+    ) -> Result<Option<String>, BillingError> {
+        let Some(st) = &self.stripe else {
+            return Ok(None);
+        };
+        let Ok(api) = st.api() else {
+            return Ok(None);
+        };
+        if let Some(cus) = st.stripe_customer(&c.id).await? {
+            return Ok(Some(cus));
+        }
+        let key = st.key();
+        let mut form = vec![(format!("metadata[{key}]"), c.id.clone())];
+        if let Some(e) = &c.email {
+            form.push(("email".into(), e.clone()));
+        }
+        if let Some(n) = &c.name {
+            form.push(("name".into(), n.clone()));
+        }
+        let created = api
+            .create_customer(&form, &customer_idempotency_key(&c.id))
+            .await?;
+        let cus = created
+            .get("id")
+            .and_then(|i| i.as_str())
+            .filter(|i| i.starts_with("cus_"))
+            .ok_or_else(|| BillingError::StripeUnavailable("the customer has no id".into()))?
+            .to_string();
+        match crate::stripe::link(&*st.stripe.ledger, &c.id, &cus, "admin", actor).await? {
+            crate::stripe::Linked::Conflict { owner } => Err(BillingError::Invalid {
+                key: "id",
+                detail: format!(
+                    "Stripe answered with customer {cus}, which is linked to {owner:?}"
+                ),
+            }),
+            _ => Ok(Some(cus)),
+        }
     }
 }
 
@@ -96,11 +196,15 @@ impl SelfService for Billing {
         customer: &str,
         plan: Option<String>,
     ) -> Result<Change, BillingError> {
-        self.over_stripe()?.change_plan(customer, plan).await
+        self.over_stripe()?
+            .change_plan(customer, plan, Who::SELF_SERVICE)
+            .await
     }
 
     async fn cancel(&self, customer: &str, now: bool) -> Result<Change, BillingError> {
-        self.over_stripe()?.cancel(customer, now).await
+        self.over_stripe()?
+            .cancel(customer, now, Who::SELF_SERVICE)
+            .await
     }
 
     async fn invoices(
@@ -110,6 +214,24 @@ impl SelfService for Billing {
         limit: i64,
     ) -> Result<InvoicePage, BillingError> {
         invoice_page(&*self.ledger, customer, after, limit).await
+    }
+}
+
+/// The `Idempotency-Key` of creating `id`'s Stripe customer: `tollgate-customer-<id>` for a
+/// plain id (readable in Stripe's request log), else a hash of it (Stripe takes at most 255
+/// characters; an id may hold any printable character).
+fn customer_idempotency_key(id: &str) -> String {
+    let plain = id.len() <= 200
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'));
+    if plain {
+        format!("tollgate-customer-{id}")
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("tollgate-customer-sha256-{hex}")
     }
 }
 
@@ -163,8 +285,8 @@ impl OverStripe {
         &self.stripe.settings.customer_metadata_key
     }
 
-    /// `plan` checked against the config in force.
-    fn offered(&self, plan: Option<String>) -> Result<Offered, BillingError> {
+    /// `plan` checked against the config in force: public unless an operator asks.
+    fn offered(&self, plan: Option<String>, who: Who<'_>) -> Result<Offered, BillingError> {
         let invalid = |detail: String| BillingError::Invalid {
             key: "plan",
             detail,
@@ -180,7 +302,7 @@ impl OverStripe {
             .config
             .plans
             .get(&name)
-            .filter(|p| p.offer.public)
+            .filter(|p| p.offer.public || who.operator)
             .ok_or_else(|| {
                 invalid(format!(
                     "no plan {name:?} is offered (see GET /_tollgate/plans)"
@@ -263,6 +385,7 @@ impl OverStripe {
         customer: &str,
         sub: &serde_json::Value,
         action: &str,
+        who: Who<'_>,
     ) -> Result<Change, BillingError> {
         let facts = subscription_facts(sub, self.key());
         let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_default();
@@ -285,7 +408,7 @@ impl OverStripe {
                 want.suspended = b.suspended;
             }
             let audit = Audit {
-                actor: "self-service",
+                actor: who.actor,
                 action,
                 target: customer.to_string(),
                 before: before.as_ref(),
@@ -327,7 +450,7 @@ impl OverStripe {
         customer: &str,
         req: CheckoutRequest,
     ) -> Result<Session, BillingError> {
-        let offered = self.offered(req.plan)?;
+        let offered = self.offered(req.plan, Who::SELF_SERVICE)?;
         let success = req.success_url.ok_or(BillingError::Invalid {
             key: "success_url",
             detail: "required: where Stripe sends the caller after paying".into(),
@@ -418,8 +541,9 @@ impl OverStripe {
         &self,
         customer: &str,
         plan: Option<String>,
+        who: Who<'_>,
     ) -> Result<Change, BillingError> {
-        let offered = self.offered(plan)?;
+        let offered = self.offered(plan, who)?;
         let api = self.api()?;
         let cus = self
             .stripe_customer(customer)
@@ -467,11 +591,17 @@ impl OverStripe {
             (format!("metadata[{key}]"), customer.into()),
         ];
         let updated = api.update_subscription(&facts.id, &form).await?;
-        self.apply(customer, &updated, "billing.change_plan").await
+        self.apply(customer, &updated, "billing.change_plan", who)
+            .await
     }
 
-    async fn cancel(&self, customer: &str, now: bool) -> Result<Change, BillingError> {
-        if now && !self.stripe.settings.allow_cancel_now {
+    async fn cancel(
+        &self,
+        customer: &str,
+        now: bool,
+        who: Who<'_>,
+    ) -> Result<Change, BillingError> {
+        if now && !who.operator && !self.stripe.settings.allow_cancel_now {
             return Err(BillingError::Invalid {
                 key: "now",
                 detail: "ending a subscription at once is not offered here; without now=true it ends at the period's end".into(),
@@ -493,7 +623,9 @@ impl OverStripe {
             let form = vec![("cancel_at_period_end".to_string(), "true".to_string())];
             api.update_subscription(&id, &form).await?
         };
-        let change = self.apply(customer, &updated, "billing.cancel").await?;
+        let change = self
+            .apply(customer, &updated, "billing.cancel", who)
+            .await?;
         if now && change.status != Status::Canceled.as_str() {
             tracing::warn!(%customer, subscription = %id, status = %change.status, "cancellation answered a status other than canceled");
         }

@@ -222,6 +222,17 @@ impl<'a> Problem<'a> {
     }
 }
 
+impl Problem<'_> {
+    /// The problem with members of its kind added (a billing refusal's `key`, `stripe_code`, …).
+    pub(crate) fn with_members(mut self, members: Vec<(&'static str, serde_json::Value)>) -> Self {
+        self.extra = members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        self
+    }
+}
+
 /// A rendered response: status, headers, body.
 #[derive(Debug, Clone)]
 pub struct Rendered {

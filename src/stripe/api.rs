@@ -3,9 +3,11 @@
 //! sessions. The secret key comes only from the env var
 //! named by `stripe.secret_key_env`, read as a `SecretString`.
 //!
-//! Requests are sent once (async-stripe's `RequestStrategy::Once`, no `Idempotency-Key`): callers
-//! decide about retries. DESIGN §7: an `Idempotency-Key` reused after a 500 may replay the 500;
-//! meter events are deduplicated by their `identifier` instead.
+//! Requests are sent once (async-stripe's `RequestStrategy::Once`): callers decide about retries.
+//! DESIGN §7: an `Idempotency-Key` reused after a 500 may replay the 500, so meter events carry
+//! none (their `identifier` deduplicates them). Customer creation is the exception: its key is
+//! derived from the tollgate customer, so a retry after a lost answer can never make a second
+//! Stripe customer (the price: a 500 is replayed to retries for Stripe's 24 hours).
 
 use crate::ledger::MeterReport;
 use secrecy::{ExposeSecret, SecretString};
@@ -116,13 +118,15 @@ impl StripeApi {
 
     /// A call whose answer is read as raw JSON (like a webhook's object, whatever the API
     /// version): `form` is sent form-encoded (keys already in Stripe's bracket form,
-    /// `line_items[0][price]`), `query` as the query string.
+    /// `line_items[0][price]`), `query` as the query string, with `Idempotency-Key:
+    /// idempotency_key` when given (Stripe answers a repeat with the first answer).
     async fn raw(
         &self,
         method: stripe_client_core::StripeMethod,
         path: String,
         query: &[(&str, &str)],
         form: &[(String, String)],
+        idempotency_key: Option<&str>,
     ) -> Result<serde_json::Value, stripe_api::StripeError> {
         use stripe_client_core::RequestBuilder;
         let mut req = RequestBuilder::new(method, path);
@@ -135,7 +139,13 @@ impl StripeApi {
                 form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             req = req.form(&f);
         }
-        let v: miniserde::json::Value = req.customize().send(&self.client).await?;
+        let mut req = req.customize();
+        if let Some(k) = idempotency_key {
+            let key = stripe_client_core::IdempotencyKey::new(k)
+                .map_err(|e| stripe_api::StripeError::ClientError(e.to_string()))?;
+            req = req.request_strategy(stripe_client_core::RequestStrategy::Idempotent(key));
+        }
+        let v: miniserde::json::Value = req.send(&self.client).await?;
         serde_json::from_str(&miniserde::json::to_string(&v))
             .map_err(|e| stripe_api::StripeError::JSONDeserialize(e.to_string()))
     }
@@ -146,8 +156,14 @@ impl StripeApi {
         form: &[(String, String)],
     ) -> Result<serde_json::Value, stripe_api::StripeError> {
         use stripe_client_core::StripeMethod;
-        self.raw(StripeMethod::Post, "/checkout/sessions".into(), &[], form)
-            .await
+        self.raw(
+            StripeMethod::Post,
+            "/checkout/sessions".into(),
+            &[],
+            form,
+            None,
+        )
+        .await
     }
 
     /// The newest subscriptions of a Stripe customer (`GET /v1/subscriptions?customer=…`,
@@ -162,7 +178,7 @@ impl StripeApi {
             ("status", "all"),
             ("limit", "20"),
         ];
-        self.raw(StripeMethod::Get, "/subscriptions".into(), &q, &[])
+        self.raw(StripeMethod::Get, "/subscriptions".into(), &q, &[], None)
             .await
     }
 
@@ -179,6 +195,7 @@ impl StripeApi {
             format!("/subscriptions/{id}"),
             &[],
             form,
+            None,
         )
         .await
     }
@@ -195,6 +212,24 @@ impl StripeApi {
             format!("/subscriptions/{id}"),
             &[],
             &[],
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/customers` with these fields under `idempotency_key`: the customer.
+    pub async fn create_customer(
+        &self,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<serde_json::Value, stripe_api::StripeError> {
+        use stripe_client_core::StripeMethod;
+        self.raw(
+            StripeMethod::Post,
+            "/customers".into(),
+            &[],
+            form,
+            Some(idempotency_key),
         )
         .await
     }

@@ -25,6 +25,10 @@ fn plans(upstream: std::net::SocketAddr) -> String {
             "[plans.pro]\npublic = true\ntitle = \"Pro\"\ndescription = \"For production\"\n\
              price_micros = 49000000\nstripe_price = \"price_pro\"\nrank = 10\n",
         )
+        .replace(
+            "[plans.tight]\n",
+            "[plans.tight]\nstripe_price = \"price_tight\"\n",
+        )
         + r#"
 [plans.starter]
 public = true
@@ -336,6 +340,21 @@ async fn plans_are_offered_without_stripe() {
         0,
         "self-service billing never reaches the upstream"
     );
+    // Provisioning without Stripe: the customer only.
+    let r = tg
+        .client
+        .post(tg.admin_url("/admin/customers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"id": "zoe", "email": "zoe@example.test", "plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"id": "zoe", "plan": "pro", "stripe_customer": null, "created": true})
+    );
+    assert_eq!(usage(&tg, "zoe").await["plan"], "pro");
     assert_eq!(tg.ledger_usage("ada").await.0, 0);
 }
 
@@ -640,5 +659,104 @@ both!(
         let linked: Value = zed(&tg).await.unwrap().json().await.unwrap();
         assert_eq!(linked["invoices"][0]["id"], "in_z1", "{linked}");
         assert_eq!(linked["invoices"][0]["amount_due"], 2500);
+    }
+);
+
+async fn provision(tg: &Tollgate, body: Value) -> reqwest::Response {
+    tg.client
+        .post(tg.admin_url("/admin/customers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+both!(
+    /// `POST /admin/customers` makes the customer and its Stripe customer once, whatever the
+    /// retries (an answer lost after Stripe made it included); the operator then moves the
+    /// subscription to a plan callers cannot pick, and ends it now.
+    provisioning_and_operator_changes,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let (_up, tg) = start(b, &stripe).await;
+        let body = json!({"id": "acme", "email": "ops@acme.test", "name": "Acme Corp", "plan": "starter"});
+        let r = provision(&tg, body.clone()).await;
+        assert_eq!(r.status(), 201);
+        let made: Value = r.json().await.unwrap();
+        assert_eq!(made, json!({"id": "acme", "plan": "starter", "stripe_customer": "cus_standin1", "created": true}));
+        let creates = stripe.calls("/v1/customers");
+        assert_eq!(creates.len(), 1);
+        assert_eq!(creates[0].idempotency_key.as_deref(), Some("tollgate-customer-acme"));
+        for (k, v) in [("email", "ops@acme.test"), ("name", "Acme Corp"), ("metadata[tollgate_customer]", "acme")] {
+            assert_eq!(param(&creates[0], k), Some(v), "{k}");
+        }
+        // A retry: the same customer, no second Stripe call.
+        let r = provision(&tg, body.clone()).await;
+        assert_eq!(r.status(), 200);
+        let again: Value = r.json().await.unwrap();
+        assert_eq!((again["stripe_customer"].as_str(), again["created"].as_bool()), (Some("cus_standin1"), Some(false)));
+        assert_eq!(stripe.calls("/v1/customers").len(), 1);
+        assert_eq!(usage(&tg, "acme").await["plan"], "starter");
+
+        // Stripe makes the customer but the answer is lost: nothing stored; the retry's key
+        // gets the same Stripe customer back.
+        stripe.fail_next("/v1/customers", &[Fault::ApplyThenStatus(500)]);
+        let (status, ty, _) = problem(provision(&tg, json!({"id": "beta"})).await).await;
+        assert_eq!((status, ty.as_str()), (502, "urn:tollgate:problem:stripe-unavailable"));
+        let unknown = tg.client.get(tg.admin_url("/admin/customers/beta")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(unknown.status(), 404, "nothing stored when Stripe failed");
+        let r = provision(&tg, json!({"id": "beta"})).await;
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.json::<Value>().await.unwrap()["stripe_customer"], "cus_standin2");
+        assert_eq!(stripe.inner.lock().unwrap().customers_created, 2, "one Stripe customer each");
+
+        // Refused: each names what is wrong; nothing reaches Stripe.
+        for (body, status, kind) in [
+            (json!({"id": "c1", "email": "not-an-email"}), 400, "invalid-body"),
+            (json!({"id": "c1", "plan": "gold"}), 400, "invalid-body"),
+            (json!({"id": " c1"}), 400, "invalid-customer-id"),
+            (json!({"id": "c1", "tier": "x"}), 400, "invalid-body"),
+            (json!({"id": "acme", "plan": "pro"}), 409, "customer-exists"),
+        ] {
+            let (s, ty, p) = problem(provision(&tg, body.clone()).await).await;
+            assert_eq!((s, ty.as_str()), (status, format!("urn:tollgate:problem:{kind}").as_str()), "{body}: {p}");
+        }
+        assert_eq!(stripe.calls("/v1/customers").len(), 3);
+
+        // A checkout of a provisioned customer reuses its Stripe customer.
+        subscribe(&tg, &stripe, "acme", "pro").await;
+        let checkout = stripe.calls(CHECKOUT);
+        assert_eq!(param(&checkout[0], "customer"), Some("cus_standin1"));
+        assert_eq!(usage(&tg, "acme").await["plan"], "pro");
+
+        // tight is not offered: callers cannot pick it; the operator can.
+        let (s, _, p) = problem(post(&tg, "/_tollgate/subscription", "acme", json!({"plan": "tight"})).await).await;
+        assert_eq!((s, p["key"].as_str()), (400, Some("plan")));
+        let admin_sub = |method: reqwest::Method, query: &str| {
+            tg.client
+                .request(method, tg.admin_url(&format!("/admin/customers/acme/subscription{query}")))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("x-tollgate-actor", "ops-jane")
+        };
+        let r = admin_sub(reqwest::Method::POST, "").json(&json!({"plan": "tight"})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["plan"], "tight");
+        assert_eq!(usage(&tg, "acme").await["plan"], "tight");
+        let audit: Value = tg.client.get(tg.admin_url("/admin/audit?limit=5")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+        assert!(audit.to_string().contains("admin:ops-jane"), "{audit}");
+        // Ended now by the operator: canceled at once, and the next call is refused.
+        let r = admin_sub(reqwest::Method::DELETE, "").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let ended: Value = r.json().await.unwrap();
+        assert_eq!(ended["status"], "canceled", "{ended}");
+        let sub_id = ended["subscription"].as_str().unwrap();
+        let deletes: Vec<_> = stripe.calls(&format!("/v1/subscriptions/{sub_id}")).into_iter().filter(|c| c.method == "DELETE").collect();
+        assert_eq!(deletes.len(), 1);
+        assert_eq!(usage(&tg, "acme").await["status"], "canceled");
+        let (s, ty, _) = problem(tg.get("/signals", Some("acme")).await).await;
+        assert_eq!((s, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
+        let (s, ty, _) = problem(admin_sub(reqwest::Method::DELETE, "").send().await.unwrap()).await;
+        assert_eq!((s, ty.as_str()), (409, "urn:tollgate:problem:no-subscription"));
     }
 );

@@ -39,6 +39,8 @@ pub struct Call {
     /// Form fields (POST) or query parameters (GET), in order.
     pub params: Vec<(String, String)>,
     pub status: u16,
+    /// The `Idempotency-Key` header, when sent.
+    pub idempotency_key: Option<String>,
 }
 
 impl Call {
@@ -76,8 +78,10 @@ pub struct Inner {
     pub portal_sessions: Vec<(String, Option<String>)>,
     /// Checkout sessions created: id → the form fields they were created with.
     pub checkout_sessions: BTreeMap<String, Vec<(String, String)>>,
-    /// Stripe customers created by completed checkouts.
+    /// Stripe customers created by completed checkouts and `POST /v1/customers`.
     pub customers_created: usize,
+    /// `POST /v1/customers` answers by `Idempotency-Key`: a repeat gets the first answer.
+    pub customers_by_key: HashMap<String, Value>,
 }
 
 pub struct StripeStandIn {
@@ -100,6 +104,7 @@ impl StripeStandIn {
             )
             .route("/v1/billing_portal/sessions", post(portal_session))
             .route("/v1/checkout/sessions", post(checkout_session))
+            .route("/v1/customers", post(create_customer))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -243,6 +248,7 @@ fn record(inner: &mut Inner, method: &'static str, path: &str, params: Vec<(Stri
         path: path.to_string(),
         params,
         status: 0,
+        idempotency_key: None,
     });
 }
 
@@ -525,6 +531,73 @@ fn refused(inner: &mut Inner, headers: &HeaderMap, path: &str) -> Option<Respons
         Some(Fault::Status(s) | Fault::ApplyThenStatus(s)) => Some(fault_response(s)),
         _ => None,
     }
+}
+
+/// `POST /v1/customers`: a new customer, or (same `Idempotency-Key`) the first answer again.
+async fn create_customer(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    const PATH: &str = "/v1/customers";
+    let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let mut g = inner.lock().unwrap();
+    record(&mut g, "POST", PATH, params.clone());
+    if let Some(c) = g.calls.last_mut() {
+        c.idempotency_key = key.clone();
+    }
+    let response = (|| {
+        if !authorized(&headers) {
+            return unauthorized();
+        }
+        // Stripe replays what a key was first answered with.
+        if let Some(first) = key.as_ref().and_then(|k| g.customers_by_key.get(k)) {
+            return Json(first.clone()).into_response();
+        }
+        let lost = match next_fault(&mut g, PATH) {
+            Some(Fault::ApplyThenStatus(s)) => Some(s),
+            Some(Fault::Status(s)) => return fault_response(s),
+            _ => None,
+        };
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        g.customers_created += 1;
+        let mut metadata = serde_json::Map::new();
+        for (k, v) in &params {
+            if let Some(m) = k
+                .strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                metadata.insert(m.to_string(), json!(v));
+            }
+        }
+        let customer = json!({
+            "id": format!("cus_standin{}", g.customers_created),
+            "object": "customer",
+            "email": get("email"),
+            "name": get("name"),
+            "metadata": metadata,
+            "created": chrono::Utc::now().timestamp(),
+            "livemode": false,
+        });
+        if let Some(k) = key {
+            g.customers_by_key.insert(k, customer.clone());
+        }
+        match lost {
+            Some(s) => fault_response(s),
+            None => Json(customer).into_response(),
+        }
+    })();
+    set_status(&mut g, response.status().as_u16());
+    response
 }
 
 /// `POST /v1/checkout/sessions` (mode `subscription`): an open session whose URL the caller
