@@ -79,19 +79,10 @@ pub async fn handle(
         let (body, etag) = snap.catalog.body(None);
         return plans(session, body, etag, "public, max-age=60", request_id).await;
     }
-    let authorization = req.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-    let identity = match shared.verifier.verify(authorization).await {
+    let identity = match crate::proxy::selfservice::caller(shared, session).await {
         Ok(id) => id,
-        Err(e) => {
-            return Ok(Outcome::Denied(Denial::InvalidToken {
-                description: e.description(),
-                missing: e.is_missing(),
-            }))
-        }
+        Err(d) => return Ok(Outcome::Denied(d)),
     };
-    if let Err(retry_after) = shared.self_service.check(&identity.customer) {
-        return Ok(Outcome::Denied(Denial::RateLimited { retry_after }));
-    }
     let customer = identity.customer.as_str();
     if path == PLANS {
         let ent = shared.entitlements.get(customer);

@@ -140,45 +140,26 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        // Self-service usage (`GET /_tollgate/usage`): free, answered here, never forwarded.
-        match selfservice::handle(
-            &self.shared,
-            &snap,
-            session,
-            ctx.path.as_deref(),
-            &ctx.request_id,
-        )
-        .await?
-        {
+        // Self-service (`/_tollgate/usage`, and billing: `plans`, `checkout`, `portal`,
+        // `subscription`, `invoices`): free, answered here, never forwarded.
+        let path = ctx.path.as_deref();
+        let (label, outcome) =
+            match selfservice::handle(&self.shared, &snap, session, path, &ctx.request_id).await? {
+                Outcome::NotMine => (
+                    billing::ROUTE,
+                    billing::handle(&self.shared, &snap, session, path, &ctx.request_id).await?,
+                ),
+                mine => (selfservice::ROUTE, mine),
+            };
+        match outcome {
             Outcome::NotMine => {}
             Outcome::Served => {
-                ctx.self_service = Some(selfservice::ROUTE);
+                ctx.self_service = Some(label);
                 ctx.decision = Decision::Unmetered;
                 return Ok(true);
             }
             Outcome::Denied(d) => {
-                ctx.self_service = Some(selfservice::ROUTE);
-                return self.deny(session, ctx, d).await;
-            }
-        }
-        // Self-service billing (`/_tollgate/plans`, `checkout`, `portal`, `subscription`).
-        match billing::handle(
-            &self.shared,
-            &snap,
-            session,
-            ctx.path.as_deref(),
-            &ctx.request_id,
-        )
-        .await?
-        {
-            Outcome::NotMine => {}
-            Outcome::Served => {
-                ctx.self_service = Some(billing::ROUTE);
-                ctx.decision = Decision::Unmetered;
-                return Ok(true);
-            }
-            Outcome::Denied(d) => {
-                ctx.self_service = Some(billing::ROUTE);
+                ctx.self_service = Some(label);
                 return self.deny(session, ctx, d).await;
             }
         }

@@ -55,7 +55,7 @@ impl Default for Guard {
 
 impl Guard {
     /// `Err(seconds to wait)` when `customer` is over the limit.
-    pub(super) fn check(&self, customer: &str) -> Result<(), u64> {
+    fn check(&self, customer: &str) -> Result<(), u64> {
         use governor::clock::Clock;
         self.0
             .check_key(&customer.to_string())
@@ -72,6 +72,33 @@ impl Guard {
     pub fn sweep(&self) {
         self.0.retain_recent();
     }
+}
+
+/// The caller of a self-service call: its verified token (401 as on any route), within the
+/// per-customer limit (429 `rate-limited`).
+pub(super) async fn caller(
+    shared: &Shared,
+    session: &Session,
+) -> Result<crate::auth::Identity, Denial> {
+    let authorization = session
+        .req_header()
+        .headers
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let identity =
+        shared
+            .verifier
+            .verify(authorization)
+            .await
+            .map_err(|e| Denial::InvalidToken {
+                description: e.description(),
+                missing: e.is_missing(),
+            })?;
+    shared
+        .self_service
+        .check(&identity.customer)
+        .map_err(|retry_after| Denial::RateLimited { retry_after })?;
+    Ok(identity)
 }
 
 /// What [`handle`] did with a request.
@@ -111,19 +138,10 @@ pub async fn handle(
     if req.method != Method::GET || normalised_path.unwrap_or(req.uri.path()) != PATH {
         return Ok(Outcome::NotMine);
     }
-    let authorization = req.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-    let identity = match shared.verifier.verify(authorization).await {
+    let identity = match caller(shared, session).await {
         Ok(id) => id,
-        Err(e) => {
-            return Ok(Outcome::Denied(Denial::InvalidToken {
-                description: e.description(),
-                missing: e.is_missing(),
-            }))
-        }
+        Err(d) => return Ok(Outcome::Denied(d)),
     };
-    if let Err(retry_after) = shared.self_service.check(&identity.customer) {
-        return Ok(Outcome::Denied(Denial::RateLimited { retry_after }));
-    }
     let config = &snap.config;
     let ent = shared.entitlements.get(&identity.customer);
     let now = Utc::now();
