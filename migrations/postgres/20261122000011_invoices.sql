@@ -2,6 +2,7 @@
 -- payment_failed/voided/marked_uncollectible): one row per invoice, the newest event's state.
 -- Amounts are Stripe's integer minor units of `currency`. `customer` is NULL while the invoice
 -- names no known tollgate customer; it is found then through `stripe_customer`'s link.
+-- `attempt_count` > 0 on an open invoice: a payment was tried and failed.
 CREATE TABLE invoices (
     id                 text PRIMARY KEY,
     customer           text,
@@ -16,6 +17,7 @@ CREATE TABLE invoices (
     total              bigint NOT NULL,
     period_start       timestamptz,
     period_end         timestamptz,
+    attempt_count      bigint NOT NULL DEFAULT 0,
     hosted_invoice_url text,
     created            timestamptz NOT NULL,
     updated_at         timestamptz NOT NULL

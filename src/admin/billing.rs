@@ -6,6 +6,7 @@
 //! | `POST /admin/customers/{id}/subscription` `{plan}` | moves the customer's Stripe subscription to any plan with a Stripe price |
 //! | `DELETE /admin/customers/{id}/subscription[?at_period_end=true]` | ends it now (or at the period's end) |
 //! | `GET /admin/customers/{id}/invoices?limit=&after=` | the customer's invoices, newest first (the pages `GET /_tollgate/invoices` serves the customer) |
+//! | `GET /admin/billing/summary?period=YYYY-MM&days=7&near=0.8&format=csv` | the month's customers, MRR, overage, invoices, churn, renewals, limits (`billing::summary`) |
 //!
 //! Owns: these HTTP shapes. Must not touch: the Stripe calls and the entitlement they leave
 //! (`billing::service`), how invoices are stored (`stripe::webhook`, `ledger`), entitlement
@@ -36,6 +37,91 @@ pub(crate) fn routes() -> Router<AdminState> {
             post(change_subscription).delete(end_subscription),
         )
         .route("/admin/customers/{id}/invoices", get(invoices))
+        .route("/admin/billing/summary", get(summary))
+}
+
+/// The billing summary of a calendar month: JSON, or CSV with `format=csv`. Figures from
+/// Stripe (invoices) and tollgate's estimates (the rest) are named in `sources`.
+#[utoipa::path(
+    get,
+    path = "/admin/billing/summary",
+    tag = "customers",
+    params(
+        ("period" = Option<String>, Query, description = "the month, `YYYY-MM` (UTC); default the current one"),
+        ("days" = Option<u32>, Query, description = "renewals and trials ending within this many days of now, 1-366 (default 7)"),
+        ("near" = Option<f64>, Query, description = "share of a limit that counts as near it, 0-1 (default 0.8)"),
+        ("format" = Option<String>, Query, description = "`json` (default) or `csv`"),
+    ),
+    responses(
+        (status = 200, description = "the summary", body = crate::billing::summary::Summary),
+        (status = 400, description = "`invalid-query`: a bad period, days, near or format", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the ledger is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn summary(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::response::Response, AdminError> {
+    use crate::billing::summary::{csv, summary, Ask, Month, SummaryError};
+    use axum::response::IntoResponse;
+    let now = Utc::now();
+    let month = match q.get("period") {
+        None => Month::of(now),
+        Some(p) => Month::parse(p).ok_or_else(|| {
+            AdminError::InvalidQuery(format!("period must be a month, YYYY-MM, got {p:?}"))
+        })?,
+    };
+    let days = match q.get("days") {
+        None => 7,
+        Some(d) => d
+            .parse::<u32>()
+            .ok()
+            .filter(|d| (1..=366).contains(d))
+            .ok_or_else(|| {
+                AdminError::InvalidQuery(format!("days must be from 1 to 366, got {d:?}"))
+            })?,
+    };
+    let near = match q.get("near") {
+        None => 0.8,
+        Some(n) => n
+            .parse::<f64>()
+            .ok()
+            .filter(|n| (0.0..=1.0).contains(n))
+            .ok_or_else(|| {
+                AdminError::InvalidQuery(format!("near must be a share from 0 to 1, got {n:?}"))
+            })?,
+    };
+    let as_csv = match q.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(f) => {
+            return Err(AdminError::InvalidQuery(format!(
+                "format must be json or csv, got {f:?}"
+            )))
+        }
+    };
+    let snap = s.shared.snapshot.load_full();
+    let ask = Ask {
+        month,
+        now,
+        days,
+        near,
+    };
+    let sum = summary(&*s.ledger, &snap.config, ask)
+        .await
+        .map_err(|e| match e {
+            SummaryError::Ledger(e) => AdminError::LedgerUnavailable(e),
+            e @ SummaryError::Overflow(_) => AdminError::InvalidQuery(e.to_string()),
+        })?;
+    Ok(if as_csv {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            csv(&sum),
+        )
+            .into_response()
+    } else {
+        Json(sum).into_response()
+    })
 }
 
 fn billing(s: &AdminState) -> Billing {

@@ -55,6 +55,7 @@ const SECURITY_SCHEME: &str = "admin_token";
         crate::admin::billing::change_subscription,
         crate::admin::billing::end_subscription,
         crate::admin::billing::invoices,
+        crate::admin::billing::summary,
         crate::admin::usage::usage,
         crate::admin::alerts::delivery_log,
         crate::admin::stripe::sync,

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 pub mod catalog;
 pub mod service;
+pub mod summary;
 
 /// Largest self-service request body (a plan name and two URLs).
 pub const MAX_BODY: usize = 16 * 1024;

@@ -82,6 +82,13 @@ pub trait CustomerLedger: Send + Sync {
     ) -> Result<Option<String>, LedgerError>;
     /// Every (tollgate customer, Stripe customer) link, ordered by customer.
     async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError>;
+    /// How many customers were linked to a Stripe customer in `[from, to)` (first link or
+    /// relink).
+    async fn stripe_links_made(
+        &self,
+        from: chrono::DateTime<Utc>,
+        to: chrono::DateTime<Utc>,
+    ) -> Result<i64, LedgerError>;
     /// One link, looked up from either side: `(customer, stripe customer)` of the link whose
     /// tollgate customer is `customer`, or (when `customer` is `None`) whose Stripe customer is
     /// `stripe_customer`.
@@ -250,6 +257,23 @@ impl<DB: Backend> CustomerLedger for SqlLedger<DB> {
             }) if owner == CONCURRENT => link_once(self, customer, stripe_customer, source).await,
             r => r,
         }
+    }
+
+    async fn stripe_links_made(
+        &self,
+        from: chrono::DateTime<Utc>,
+        to: chrono::DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let op = "stripe_links_made";
+        let row = DB::sql(
+            "SELECT COUNT(*) AS n FROM stripe_customers WHERE linked_at >= $1 AND linked_at < $2",
+        )
+        .bind(Time(from))
+        .bind(Time(to))
+        .fetch_one(self.pool())
+        .await
+        .map_err(LedgerError::query(op))?;
+        row.col("n").map_err(LedgerError::query(op))
     }
 
     async fn stripe_links(&self) -> Result<Vec<(String, String)>, LedgerError> {

@@ -29,6 +29,8 @@ pub struct InvoiceRecord {
     pub amount_paid: i64,
     pub amount_remaining: i64,
     pub total: i64,
+    /// Payment attempts Stripe made (an open invoice with attempts failed to be paid).
+    pub attempt_count: i64,
     pub period_start: Option<DateTime<Utc>>,
     pub period_end: Option<DateTime<Utc>>,
     pub hosted_invoice_url: Option<String>,
@@ -40,8 +42,8 @@ pub struct InvoiceRecord {
 
 const UPSERT: &str = "INSERT INTO invoices (id, customer, stripe_customer, subscription, number, \
        status, currency, amount_due, amount_paid, amount_remaining, total, period_start, \
-       period_end, hosted_invoice_url, created, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+       period_end, hosted_invoice_url, created, updated_at, attempt_count) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
      ON CONFLICT (id) DO UPDATE SET \
        customer = COALESCE(EXCLUDED.customer, invoices.customer), \
        stripe_customer = COALESCE(EXCLUDED.stripe_customer, invoices.stripe_customer), \
@@ -52,14 +54,16 @@ const UPSERT: &str = "INSERT INTO invoices (id, customer, stripe_customer, subsc
        amount_remaining = EXCLUDED.amount_remaining, total = EXCLUDED.total, \
        period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, \
        hosted_invoice_url = COALESCE(EXCLUDED.hosted_invoice_url, invoices.hosted_invoice_url), \
-       created = EXCLUDED.created, updated_at = EXCLUDED.updated_at \
+       created = EXCLUDED.created, updated_at = EXCLUDED.updated_at, \
+       attempt_count = EXCLUDED.attempt_count \
      WHERE invoices.updated_at <= EXCLUDED.updated_at";
 
 /// A customer's invoices (their own, and unlinked ones of their linked Stripe customer), newest
 /// first, after the cursor invoice `$2` (none: from the newest).
 const OF_CUSTOMER: &str = "SELECT i.id, i.customer, i.stripe_customer, i.subscription, i.number, \
        i.status, i.currency, i.amount_due, i.amount_paid, i.amount_remaining, i.total, \
-       i.period_start, i.period_end, i.hosted_invoice_url, i.created, i.updated_at \
+       i.period_start, i.period_end, i.hosted_invoice_url, i.created, i.updated_at, \
+       i.attempt_count \
      FROM invoices i \
      WHERE (i.customer = $1 OR (i.customer IS NULL AND i.stripe_customer IN \
          (SELECT stripe_customer_id FROM stripe_customers WHERE customer = $1))) \
@@ -68,9 +72,38 @@ const OF_CUSTOMER: &str = "SELECT i.id, i.customer, i.stripe_customer, i.subscri
          OR (i.created = (SELECT c.created FROM invoices c WHERE c.id = $2) AND i.id < $2)) \
      ORDER BY i.created DESC, i.id DESC LIMIT $3";
 
+/// Invoices created in [$1, $2), summed per currency, status and whether a payment failed.
+const TOTALS: &str = "SELECT currency, status, \
+       CAST(CASE WHEN attempt_count > 0 THEN 1 ELSE 0 END AS BIGINT) AS failed, \
+       COUNT(*) AS invoices, CAST(SUM(amount_due) AS BIGINT) AS amount_due, \
+       CAST(SUM(amount_paid) AS BIGINT) AS amount_paid, \
+       CAST(SUM(amount_remaining) AS BIGINT) AS amount_remaining \
+     FROM invoices WHERE created >= $1 AND created < $2 \
+     GROUP BY currency, status, CASE WHEN attempt_count > 0 THEN 1 ELSE 0 END \
+     ORDER BY currency, status, failed";
+
+/// One group of [`InvoiceLedger::invoice_totals`]. Amounts in minor units of `currency`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceTotal {
+    pub currency: String,
+    pub status: String,
+    /// A payment was attempted (and, for an open invoice, failed).
+    pub attempted: bool,
+    pub invoices: i64,
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub amount_remaining: i64,
+}
+
 /// Stripe invoices.
 #[async_trait::async_trait]
 pub trait InvoiceLedger: Send + Sync {
+    /// Invoices created in `[from, to)`, summed per currency, status and attempted.
+    async fn invoice_totals(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<InvoiceTotal>, LedgerError>;
     /// Stores `inv` unless a newer event's state is stored (`updated_at`); a known customer or
     /// number is never replaced by an unknown one. Says whether it was written.
     async fn record_invoice(&self, inv: &InvoiceRecord) -> Result<bool, LedgerError>;
@@ -96,6 +129,7 @@ fn from_row<R: ReadRow>(r: &R) -> Result<InvoiceRecord, sqlx::Error> {
         amount_paid: r.col("amount_paid")?,
         amount_remaining: r.col("amount_remaining")?,
         total: r.col("total")?,
+        attempt_count: r.col("attempt_count")?,
         period_start: r.opt_time("period_start")?,
         period_end: r.opt_time("period_end")?,
         hosted_invoice_url: r.col("hosted_invoice_url")?,
@@ -106,6 +140,34 @@ fn from_row<R: ReadRow>(r: &R) -> Result<InvoiceRecord, sqlx::Error> {
 
 #[async_trait::async_trait]
 impl<DB: Backend> InvoiceLedger for SqlLedger<DB> {
+    async fn invoice_totals(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<InvoiceTotal>, LedgerError> {
+        let op = "invoice_totals";
+        let rows = DB::sql(TOTALS)
+            .bind(Time(from))
+            .bind(Time(to))
+            .fetch_all(self.pool())
+            .await
+            .map_err(LedgerError::query(op))?;
+        rows.iter()
+            .map(|r| {
+                Ok(InvoiceTotal {
+                    currency: r.col("currency")?,
+                    status: r.col("status")?,
+                    attempted: r.col::<i64>("failed")? == 1,
+                    invoices: r.col("invoices")?,
+                    amount_due: r.col("amount_due")?,
+                    amount_paid: r.col("amount_paid")?,
+                    amount_remaining: r.col("amount_remaining")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::query(op))
+    }
+
     async fn record_invoice(&self, inv: &InvoiceRecord) -> Result<bool, LedgerError> {
         let written = DB::sql(UPSERT)
             .bind(inv.id.as_str())
@@ -124,6 +186,7 @@ impl<DB: Backend> InvoiceLedger for SqlLedger<DB> {
             .bind(inv.hosted_invoice_url.as_deref())
             .bind(Time(inv.created))
             .bind(Time(inv.updated_at))
+            .bind(inv.attempt_count)
             .execute(self.pool())
             .await
             .map_err(LedgerError::query("record_invoice"))?;
@@ -174,6 +237,7 @@ mod tests {
             amount_paid: 0,
             amount_remaining: 4900,
             total: 4900,
+            attempt_count: 0,
             period_start: Some(created),
             period_end: Some(created + Duration::days(30)),
             hosted_invoice_url: Some("https://invoice.stripe.com/i/x".into()),
@@ -238,6 +302,32 @@ mod tests {
             .await
             .expect("other")
             .is_empty());
+
+        // Totals of the invoices created in a range, by currency, status and attempted.
+        let failed = InvoiceRecord {
+            currency: "eur".into(),
+            attempt_count: 2,
+            ..invoice("in_3", None, t + Duration::days(1))
+        };
+        assert!(ledger.record_invoice(&failed).await.expect("failed"));
+        let totals = ledger
+            .invoice_totals(t, t + Duration::days(2))
+            .await
+            .expect("totals");
+        let total = |currency: &str, status: &str, attempted: bool| InvoiceTotal {
+            currency: currency.into(),
+            status: status.into(),
+            attempted,
+            invoices: 1,
+            amount_due: 4900,
+            amount_paid: if status == "paid" { 4900 } else { 0 },
+            amount_remaining: if status == "paid" { 0 } else { 4900 },
+        };
+        assert_eq!(
+            totals,
+            vec![total("eur", "open", true), total("usd", "paid", false)],
+            "in_2 is created after the range"
+        );
     }
 
     contract!(

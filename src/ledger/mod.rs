@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 pub use alerts::AlertLedger;
 pub use config_versions::ConfigLedger;
 pub use customers::CustomerLedger;
-pub use invoices::{InvoiceLedger, InvoiceRecord};
+pub use invoices::{InvoiceLedger, InvoiceRecord, InvoiceTotal};
 pub use postgres::PgLedger;
 pub use reports::{group_reports, ReportLedger};
 pub use sqlite::SqliteLedger;

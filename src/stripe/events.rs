@@ -284,6 +284,11 @@ pub fn invoice_record(
         amount_paid: amount("amount_paid", false)?,
         amount_remaining: amount("amount_remaining", true)?,
         total: amount("total", true)?,
+        attempt_count: obj
+            .get("attempt_count")
+            .and_then(|a| a.as_i64())
+            .unwrap_or(0)
+            .clamp(0, i64::from(u32::MAX)),
         period_start: time("period_start"),
         period_end: time("period_end"),
         hosted_invoice_url: text("hosted_invoice_url"),

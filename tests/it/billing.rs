@@ -355,6 +355,13 @@ async fn plans_are_offered_without_stripe() {
         json!({"id": "zoe", "plan": "pro", "stripe_customer": null, "created": true})
     );
     assert_eq!(usage(&tg, "zoe").await["plan"], "pro");
+    // The summary works without Stripe: no invoices, zoe's plan priced.
+    let s: Value = tg.admin_json("/admin/billing/summary").await;
+    assert_eq!(s["invoices"], json!([]), "{s}");
+    assert_eq!(
+        s["mrr"],
+        json!([{"currency": "usd", "amount_micros": 49_000_000, "subscriptions": 1}])
+    );
     assert_eq!(tg.ledger_usage("ada").await.0, 0);
 }
 
@@ -612,16 +619,7 @@ both!(
         let other: Value = tg.get("/_tollgate/invoices", Some("bob")).await.json().await.unwrap();
         assert_eq!(other["invoices"], json!([]));
         // The operator reads the same page.
-        let admin: Value = tg
-            .client
-            .get(tg.admin_url("/admin/customers/ada/invoices"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let admin: Value = tg.admin_json("/admin/customers/ada/invoices").await;
         assert_eq!(admin, page);
 
         // An amount Stripe cannot mean: 400, nothing stored (the fixed redelivery is new).
@@ -743,7 +741,7 @@ both!(
         assert_eq!(r.status(), 200);
         assert_eq!(r.json::<Value>().await.unwrap()["plan"], "tight");
         assert_eq!(usage(&tg, "acme").await["plan"], "tight");
-        let audit: Value = tg.client.get(tg.admin_url("/admin/audit?limit=5")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+        let audit = tg.admin_json("/admin/audit?limit=5").await;
         assert!(audit.to_string().contains("admin:ops-jane"), "{audit}");
         // Ended now by the operator: canceled at once, and the next call is refused.
         let r = admin_sub(reqwest::Method::DELETE, "").send().await.unwrap();
@@ -758,5 +756,224 @@ both!(
         assert_eq!((s, ty.as_str()), (402, "urn:tollgate:problem:payment-required"));
         let (s, ty, _) = problem(admin_sub(reqwest::Method::DELETE, "").send().await.unwrap()).await;
         assert_eq!((s, ty.as_str()), (409, "urn:tollgate:problem:no-subscription"));
+    }
+);
+
+/// The summary fixture's plans: the billing plans plus `metered` (2 included, then 1,500 micros
+/// a call, 10 EUR a month).
+fn summary_config(upstream: std::net::SocketAddr, stripe: &StripeStandIn) -> String {
+    config(upstream, stripe)
+        + r#"
+[plans.metered]
+price_micros = 10000000
+currency = "eur"
+quotas.api_calls = { included = 2, overage = "allow", unit_price_micros = 1500 }
+quotas.tokens = { unlimited = true }
+"#
+}
+
+both!(
+    /// Must-show 2 of issue 13: 50 customers over 4 plans with known statuses, periods, usage
+    /// and invoices; `GET /admin/billing/summary` equals what the test computes from the
+    /// fixture itself, in integers per currency, as JSON and as CSV.
+    billing_summary_of_fifty_customers,
+    |b| {
+        let stripe = StripeStandIn::start().await;
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&summary_config(up.addr, &stripe), b).await;
+        let plans = ["free", "starter", "pro", "metered"];
+        let statuses = ["active", "active", "past_due", "trialing", "canceled"];
+        let now = chrono::Utc::now();
+        let day = chrono::Duration::days(1);
+        struct Fixture {
+            id: String,
+            plan: &'static str,
+            status: &'static str,
+            served: u64,
+            period_days: i64,
+            cancels: bool,
+            trial_days: i64,
+        }
+        let mut fixture = Vec::new();
+        for i in 0..50usize {
+            let plan = plans[i % 4];
+            let status = statuses[i % 5];
+            let calls = (i % 7) as u64;
+            let served = match (status, plan) {
+                ("canceled", _) => 0,
+                (_, "free") => calls.min(5),
+                _ => calls,
+            };
+            let f = Fixture {
+                id: format!("sum{i:02}"),
+                plan,
+                status,
+                served,
+                period_days: (i % 10) as i64 + 1,
+                cancels: i % 6 == 0,
+                trial_days: (i % 9) as i64 + 1,
+            };
+            let mut body = json!({
+                "plan": plan,
+                "status": status,
+                "period_start": (now - day * 20).to_rfc3339(),
+                "period_end": (now + day * f.period_days as i32).to_rfc3339(),
+                "cancel_at_period_end": f.cancels,
+            });
+            if status == "trialing" {
+                body["trial_end"] = json!((now + day * f.trial_days as i32).to_rfc3339());
+            }
+            assert_eq!(tg.put_customer(&f.id, body).await.status(), 200);
+            for _ in 0..calls {
+                tg.get("/signals", Some(&f.id)).await;
+            }
+            fixture.push(f);
+        }
+        for f in fixture.iter().filter(|f| f.served > 0) {
+            assert_eq!(tg.wait_ledger(&f.id, f.served as i64).await.0, f.served as i64, "{}", f.id);
+        }
+        // Three customers linked to Stripe this month.
+        for f in &fixture[..3] {
+            let r = tg
+                .client
+                .put(tg.admin_url(&format!("/admin/customers/{}/stripe", f.id)))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({"stripe_customer": format!("cus_{}", f.id)}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        // Invoices: every fourth customer's kind by index; one created last month.
+        let created = now.timestamp() - 60;
+        let mut expected_invoices: std::collections::BTreeMap<&str, [i64; 6]> = Default::default();
+        for (i, f) in fixture.iter().enumerate().filter(|(i, _)| i % 3 == 0) {
+            let (currency, status, attempts, due) = match i % 4 {
+                0 => ("usd", "paid", 1, 1000 + i as i64),
+                1 => ("eur", "open", 0, 500 + i as i64),
+                2 => ("usd", "open", 1, 700 + i as i64),
+                _ => ("usd", "void", 0, 300 + i as i64),
+            };
+            let mut inv = invoice(&format!("in_sum{i}"), &format!("cus_{}", f.id), status, due, created);
+            inv["currency"] = json!(currency);
+            inv["attempt_count"] = json!(attempts);
+            inv["parent"]["subscription_details"]["metadata"] = json!({"tollgate_customer": f.id});
+            let (code, _) = deliver_at(&tg, &format!("evt_sum{i}"), "invoice.updated", &inv, created).await;
+            assert_eq!(code, 200);
+            let e = expected_invoices.entry(currency).or_default();
+            match (status, attempts) {
+                ("paid", _) => { e[0] += 1; e[1] += due; }
+                ("open", 0) => { e[2] += 1; e[3] += due; }
+                ("open", _) => { e[4] += 1; e[5] += due; }
+                _ => {}
+            }
+        }
+        let old = now.timestamp() - 40 * 86_400;
+        let mut stale = invoice("in_last_month", "cus_sum00", "paid", 99_999, old);
+        stale["parent"]["subscription_details"]["metadata"] = json!({"tollgate_customer": "sum00"});
+        assert_eq!(deliver_at(&tg, "evt_old", "invoice.paid", &stale, old).await.0, 200);
+
+        // What the fixture says, computed here.
+        let price = |p: &str| match p {
+            "starter" => Some(("usd", 9_000_000i64)),
+            "pro" => Some(("usd", 49_000_000)),
+            "metered" => Some(("eur", 10_000_000)),
+            _ => None,
+        };
+        let mut customers: std::collections::BTreeMap<(String, String), i64> = Default::default();
+        let mut mrr: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+        let (mut over_units, mut over_customers) = (0i64, 0i64);
+        let (mut churned, mut renewals, mut trials, mut over, mut near) = (0, 0, 0, 0, 0);
+        for f in &fixture {
+            *customers.entry((f.plan.into(), f.status.into())).or_default() += 1;
+            if matches!(f.status, "active" | "past_due") {
+                if let Some((currency, p)) = price(f.plan) {
+                    let m = mrr.entry(currency).or_default();
+                    m.0 += p;
+                    m.1 += 1;
+                }
+            }
+            if f.plan == "metered" && f.served > 2 {
+                over_units += f.served as i64 - 2;
+                over_customers += 1;
+            }
+            churned += i64::from(f.status == "canceled");
+            renewals += i64::from(f.status != "canceled" && !f.cancels && f.period_days <= 7);
+            trials += i64::from(f.status == "trialing" && f.trial_days <= 7);
+            let included = match f.plan { "free" => 5, "starter" => 100, "pro" => 1000, _ => 2 };
+            if f.served > 0 && f.served >= included {
+                over += 1;
+            } else if f.served > 0 && f.served as f64 >= 0.8 * included as f64 {
+                near += 1;
+            }
+        }
+
+        // The fixture exercises every figure (none of them is trivially 0).
+        assert!(over_units > 0 && near > 0 && over > 0 && churned > 0 && renewals > 0 && trials > 0);
+        assert!(expected_invoices["usd"][4] > 0 && expected_invoices["eur"][2] > 0);
+        let month = now.format("%Y-%m").to_string();
+        let get = |query: String| {
+            tg.client
+                .get(tg.admin_url(&format!("/admin/billing/summary{query}")))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+        };
+        let r = get(format!("?period={month}")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let s: Value = r.json().await.unwrap();
+        assert_eq!(s["period"], month.as_str());
+        let got_customers: std::collections::BTreeMap<(String, String), i64> = s["customers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| ((c["plan"].as_str().unwrap().into(), c["status"].as_str().unwrap().into()), c["customers"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(got_customers, customers, "{s}");
+        let got_mrr: std::collections::BTreeMap<&str, (i64, i64)> = s["mrr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["currency"].as_str().unwrap(), (m["amount_micros"].as_i64().unwrap(), m["subscriptions"].as_i64().unwrap())))
+            .collect();
+        assert_eq!(got_mrr, mrr, "{s}");
+        assert_eq!(
+            s["overage"],
+            json!([{"plan": "metered", "meter": "api_calls", "currency": "eur", "units": over_units,
+                    "amount_micros": over_units * 1500, "customers": over_customers}]),
+            "{s}"
+        );
+        let got_invoices: std::collections::BTreeMap<&str, [i64; 6]> = s["invoices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let n = |k: &str| i[k].as_i64().unwrap();
+                (i["currency"].as_str().unwrap(), [n("paid"), n("paid_amount"), n("open"), n("open_amount"), n("failed"), n("failed_amount")])
+            })
+            .collect();
+        assert_eq!(got_invoices, expected_invoices, "last month's invoice is not in it: {s}");
+        assert_eq!(s["new_customers"], 3);
+        assert_eq!(s["churned_customers"], churned);
+        assert_eq!(s["renewals"], json!({"days": 7, "customers": renewals}));
+        assert_eq!(s["trials_ending"], json!({"days": 7, "customers": trials}));
+        assert_eq!((s["limits"]["over"].as_i64(), s["limits"]["near"].as_i64()), (Some(over), Some(near)), "{s}");
+        assert_eq!(s["sources"]["stripe"], json!(["invoices"]));
+
+        // CSV: the same figures, a line each.
+        let r = get(format!("?period={month}&format=csv")).await.unwrap();
+        assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+        let text = r.text().await.unwrap();
+        assert!(text.starts_with("section,plan,status,meter,currency,figure,value\n"), "{text}");
+        assert!(text.contains(&format!("mrr,,,,usd,amount_micros,{}\n", mrr["usd"].0)), "{text}");
+        assert!(text.contains(&format!("overage,metered,,api_calls,eur,amount_micros,{}\n", over_units * 1500)), "{text}");
+        assert!(text.contains(&format!("invoices,,,,usd,paid_amount,{}\n", expected_invoices["usd"][1])), "{text}");
+        // Last month holds only the stale invoice; a bad query names what is wrong.
+        let last = (now - chrono::Duration::days(40)).format("%Y-%m").to_string();
+        let s: Value = get(format!("?period={last}")).await.unwrap().json().await.unwrap();
+        assert_eq!(s["invoices"][0]["paid_amount"], 99_999, "{s}");
+        for bad in ["?period=2026-13", "?days=0", "?near=2", "?format=xml"] {
+            let (status, ty, _) = problem(get(bad.to_string()).await.unwrap()).await;
+            assert_eq!((status, ty.as_str()), (400, "urn:tollgate:problem:invalid-query"), "{bad}");
+        }
     }
 );

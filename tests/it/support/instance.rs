@@ -180,6 +180,19 @@ impl Tollgate {
             .unwrap()
     }
 
+    /// `GET` an admin path with the admin token: its JSON, asserting 200.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let r = self
+            .client
+            .get(self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
     /// Sets a customer's entitlement through the admin API.
     pub async fn put_customer(&self, id: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
