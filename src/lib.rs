@@ -9,6 +9,7 @@
 //! - [`entitle`]: customer → plan and status policy; the in-process entitlement cache.
 //! - [`quota`]: billing periods and the atomic check-and-charge (Redis or in-process).
 //! - [`usage`]: the asynchronous usage pipeline (bounded channel, disk spool, batched flushes).
+//! - [`ingest`]: usage reported as events (CloudEvents through `POST /v1/events`), once each.
 //! - [`journal`]: each reservation on disk before its request is forwarded, until its ledger
 //!   row is safe; what a crashed process left is recovered at the next start.
 //! - [`ledger`]: the ledger (Postgres or SQLite): customers, usage events, Stripe, config
@@ -41,6 +42,7 @@ pub mod config;
 pub(crate) mod control;
 pub(crate) mod demo;
 pub mod entitle;
+pub(crate) mod ingest;
 pub mod journal;
 pub mod ledger;
 pub(crate) mod logs;

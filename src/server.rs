@@ -483,6 +483,14 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         store: admin_store,
         token: admin_token(&config),
         metrics: metrics_access(&config),
+        ingest_token: config
+            .admin
+            .ingest_token_env
+            .as_deref()
+            .and_then(|env| std::env::var(env).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .map(|t| Arc::new(t.into())),
         entitlements,
         stripe,
         live,

@@ -14,6 +14,7 @@ mod config;
 mod customers;
 mod error;
 mod extract;
+mod ingest;
 mod openapi;
 mod stripe;
 mod usage;
@@ -47,6 +48,8 @@ pub struct AdminState {
     pub token: Option<Arc<SecretString>>,
     /// Who may read `/metrics`.
     pub metrics: MetricsAccess,
+    /// The token of `/v1/*` besides the admin token (`admin.ingest_token_env`).
+    pub ingest_token: Option<Arc<SecretString>>,
     /// The one entitlement writer (ledger → cache → audit → broadcast).
     pub entitlements: Arc<EntitlementSync>,
     /// `None` without a `[stripe]` section: `/webhooks/stripe` answers 404.
@@ -73,6 +76,7 @@ pub fn app(state: AdminState) -> Router {
         .merge(billing::routes())
         .merge(usage::routes())
         .merge(alerts::routes())
+        .merge(ingest::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -124,6 +128,8 @@ fn allowed(s: &AdminState, path: &str, headers: &HeaderMap) -> bool {
     let admin_ok = || matches_token(s.token.as_deref(), headers);
     if path.starts_with("/admin/") {
         admin_ok()
+    } else if path.starts_with("/v1/") {
+        admin_ok() || matches_token(s.ingest_token.as_deref(), headers)
     } else if path == "/metrics" {
         match &s.metrics {
             MetricsAccess::Open => true,

@@ -56,6 +56,7 @@ const SECURITY_SCHEME: &str = "admin_token";
         crate::admin::billing::end_subscription,
         crate::admin::billing::invoices,
         crate::admin::billing::summary,
+        crate::admin::ingest::events,
         crate::admin::usage::usage,
         crate::admin::alerts::delivery_log,
         crate::admin::stripe::sync,

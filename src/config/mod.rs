@@ -101,6 +101,8 @@ pub struct AdminSettings {
     pub token_env: String,
     /// Env var holding the bearer token `/metrics` requires; `None`: `/metrics` is open.
     pub metrics_token_env: Option<String>,
+    /// Env var holding a bearer token for `/v1/*` (usage events) besides the admin token.
+    pub ingest_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -440,6 +442,9 @@ impl Config {
             vec![(&self.admin.token_env, "the admin API (/admin/*) is closed")];
         if let Some(m) = &self.admin.metrics_token_env {
             names.push((m, "only the admin token opens /metrics"));
+        }
+        if let Some(m) = &self.admin.ingest_token_env {
+            names.push((m, "only the admin token opens /v1/events"));
         }
         if let Some(a) = &self.auth.secret_env {
             names.push((a, "serve refuses to start: HS tokens are verified with it"));

@@ -64,6 +64,8 @@ pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_env: Option<String>,
     pub metrics_token_env: Option<String>,
+    /// Env var holding a token that opens `POST /v1/events` (and nothing else).
+    pub ingest_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -242,6 +242,7 @@ impl Validator {
                 .clone()
                 .unwrap_or_else(|| "TOLLGATE_ADMIN_TOKEN".into()),
             metrics_token_env: raw.admin.metrics_token_env.clone(),
+            ingest_token_env: raw.admin.ingest_token_env.clone(),
         };
         let s = &raw.storage;
         let redis_cluster = s.redis_cluster.unwrap_or(false);

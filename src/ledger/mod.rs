@@ -17,7 +17,8 @@
 //!   entitlements, the one Stripe upsert, Stripe links), `stripe_events` ([`StripeEventLedger`]:
 //!   webhook events), `reports` ([`ReportLedger`]: usage reports to Stripe), `config_versions`
 //!   ([`ConfigLedger`]: config history and the audit log), `alerts` ([`AlertLedger`]: alert
-//!   deliveries and leases), `invoices` ([`InvoiceLedger`]: Stripe invoices).
+//!   deliveries and leases), `invoices` ([`InvoiceLedger`]: Stripe invoices), `ingest`
+//!   ([`IngestLedger`]: usage reported as events, once each).
 //! - `dialect`: what differs between the backends (SQL fragments, time encoding, the two
 //!   statements written per backend) and the thin layer shared code runs queries through.
 //! - `test_support` (tests only): fixtures, and `contract!`, which runs a check on both backends.
@@ -32,6 +33,7 @@ mod alerts;
 mod config_versions;
 mod customers;
 mod dialect;
+mod ingest;
 mod invoices;
 pub mod postgres;
 mod reports;
@@ -50,6 +52,7 @@ use serde::{Deserialize, Serialize};
 pub use alerts::AlertLedger;
 pub use config_versions::ConfigLedger;
 pub use customers::CustomerLedger;
+pub use ingest::{IngestLedger, IngestRecord};
 pub use invoices::{InvoiceLedger, InvoiceRecord, InvoiceTotal};
 pub use postgres::PgLedger;
 pub use reports::{group_reports, ReportLedger};
@@ -191,6 +194,7 @@ pub trait Ledger:
     + ConfigLedger
     + AlertLedger
     + InvoiceLedger
+    + IngestLedger
     + Send
     + Sync
     + 'static

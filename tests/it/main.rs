@@ -18,6 +18,7 @@ mod entitlement_sync;
 mod faults;
 mod forwarded;
 mod http1;
+mod ingest;
 mod lease;
 mod lifecycle;
 mod live_config;
