@@ -11,7 +11,8 @@
 //! `deny` plan's limit is recorded all the same (it happened) as `over_limit`, and the counter
 //! then denies the next proxied call. A crash between the commit and the counter leaves the
 //! counter short by that event until `repair-counters` (embedded mode rebuilds its counters
-//! from the ledger at start).
+//! from the ledger at start). The counter is read (seeded if absent) before the row is written,
+//! so a seed from the ledger never holds an event whose units are added after it.
 //!
 //! Owns: the event format, its validation and outcome codes, the order ledger → counter. Must
 //! not touch: HTTP (`admin::ingest`), the request path.
@@ -265,6 +266,13 @@ impl Ingester {
             dimensions: v.dimensions,
             received_at: now,
         };
+        // The counter is made present (seeded from the ledger if absent) before this event's
+        // row is written, so a seed never holds a row whose units are added afterwards: the
+        // order ledger → counter then counts each event once.
+        let period = period_of(ent.as_deref(), v.time);
+        if let Err(e) = self.store.used(&v.customer, &v.meter, period).await {
+            tracing::debug!(error = %e, "counter not read before an ingested event");
+        }
         match self.ledger.ingest_event(&record).await {
             Ok(true) => {}
             Ok(false) => {
@@ -279,14 +287,13 @@ impl Ingester {
                 return;
             }
         }
-        let period = period_of(ent.as_deref(), v.time);
         let counted = match self
             .store
             .adjust(&v.customer, &v.meter, period, v.value)
             .await
         {
-            // 0: the counter is absent and left for the seed, which reads the ledger (this
-            // event included) at the next read: read it now.
+            // 0: the counter went away since it was read (a Redis restart) and is left for the
+            // seed, which reads the ledger (this event included): read it now.
             Ok(0) if v.value > 0 => self.store.used(&v.customer, &v.meter, period).await,
             r => r,
         };
