@@ -495,6 +495,18 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         stripe,
         live,
     };
+    tasks.spawn_on(
+        crate::ingest::check::sweep(
+            crate::ingest::Ingester {
+                ledger: admin_state.ledger.clone(),
+                store: admin_state.store.clone(),
+                config: shared.snapshot.clone(),
+                entitlements: shared.entitlements.clone(),
+            },
+            cancel.clone(),
+        ),
+        &rt,
+    );
     if let Some(listener) = webhook_listener {
         let (app, stop) = (admin::webhook_app(admin_state.clone()), cancel.clone());
         tasks.spawn_on(

@@ -32,6 +32,15 @@ pub(crate) enum AdminError {
     /// 400 `invalid-body`: the body is not what the call takes (what is wrong with it).
     #[error("{0}")]
     InvalidBody(String),
+    /// 404 `unknown-reservation`: no reservation with that id.
+    #[error("{0}")]
+    UnknownReservation(String),
+    /// 409 `reservation-settled`: committed or released before.
+    #[error("{0}")]
+    ReservationSettled(String),
+    /// 409 `reservation-expired`: its TTL passed; its units were given back.
+    #[error("{0}")]
+    ReservationExpired(String),
     /// 409 `customer-exists`: provisioning an existing customer with other terms.
     #[error("{0}")]
     CustomerExists(String),
@@ -183,6 +192,9 @@ impl AdminError {
             E::Unauthorized => (StatusCode::UNAUTHORIZED, "admin-unauthorized"),
             E::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid-body"),
             E::CustomerExists(_) => (StatusCode::CONFLICT, "customer-exists"),
+            E::UnknownReservation(_) => (StatusCode::NOT_FOUND, "unknown-reservation"),
+            E::ReservationSettled(_) => (StatusCode::CONFLICT, "reservation-settled"),
+            E::ReservationExpired(_) => (StatusCode::CONFLICT, "reservation-expired"),
             E::Billing(e) => {
                 let (status, kind) = e.status_and_kind();
                 (
@@ -354,6 +366,20 @@ impl From<SyncError> for AdminError {
 }
 
 /// A Stripe API call that failed.
+impl From<crate::ingest::check::CheckError> for AdminError {
+    fn from(e: crate::ingest::check::CheckError) -> AdminError {
+        use crate::ingest::check::CheckError as C;
+        match e {
+            C::Invalid { .. } => AdminError::InvalidBody(e.to_string()),
+            C::UnknownReservation(_) => AdminError::UnknownReservation(e.to_string()),
+            C::Settled { .. } => AdminError::ReservationSettled(e.to_string()),
+            C::Expired(_) => AdminError::ReservationExpired(e.to_string()),
+            C::Store(e) => AdminError::QuotaStoreUnavailable(e),
+            C::Ledger(e) => AdminError::LedgerUnavailable(e),
+        }
+    }
+}
+
 impl From<crate::billing::BillingError> for AdminError {
     fn from(e: crate::billing::BillingError) -> AdminError {
         match e {

@@ -17,6 +17,8 @@
 //! Owns: the event format, its validation and outcome codes, the order ledger → counter. Must
 //! not touch: HTTP (`admin::ingest`), the request path.
 
+pub mod check;
+
 use crate::entitle::{period_of, plan_of, Entitlements};
 use crate::ledger::{IngestRecord, Ledger, UsageEvent};
 use crate::proxy::state::SnapshotCell;
@@ -115,7 +117,7 @@ impl Ingester {
                 detail: None,
                 used: None,
             };
-            match self.check(event, now) {
+            match self.validate(event, now) {
                 Err((code, detail)) => {
                     o.code = Some(code);
                     o.detail = Some(detail);
@@ -140,7 +142,7 @@ impl Ingester {
     }
 
     /// The event's fields, or the first thing wrong with it.
-    fn check(&self, e: &Value, now: DateTime<Utc>) -> Result<Valid, (&'static str, String)> {
+    fn validate(&self, e: &Value, now: DateTime<Utc>) -> Result<Valid, (&'static str, String)> {
         let obj = e
             .as_object()
             .ok_or(("invalid-event", "an event is a JSON object".to_string()))?;

@@ -18,7 +18,8 @@
 //!   webhook events), `reports` ([`ReportLedger`]: usage reports to Stripe), `config_versions`
 //!   ([`ConfigLedger`]: config history and the audit log), `alerts` ([`AlertLedger`]: alert
 //!   deliveries and leases), `invoices` ([`InvoiceLedger`]: Stripe invoices), `ingest`
-//!   ([`IngestLedger`]: usage reported as events, once each).
+//!   ([`IngestLedger`]: usage reported as events, once each), `reservations`
+//!   ([`ReservationLedger`]: units held for work in progress, settled once).
 //! - `dialect`: what differs between the backends (SQL fragments, time encoding, the two
 //!   statements written per backend) and the thin layer shared code runs queries through.
 //! - `test_support` (tests only): fixtures, and `contract!`, which runs a check on both backends.
@@ -37,6 +38,7 @@ mod ingest;
 mod invoices;
 pub mod postgres;
 mod reports;
+mod reservations;
 pub mod sqlite;
 mod stripe_events;
 mod usage;
@@ -56,6 +58,7 @@ pub use ingest::{IngestLedger, IngestRecord};
 pub use invoices::{InvoiceLedger, InvoiceRecord, InvoiceTotal};
 pub use postgres::PgLedger;
 pub use reports::{group_reports, ReportLedger};
+pub use reservations::{Reservation, ReservationLedger, Settled, ROUTE as RESERVATION_ROUTE};
 pub use sqlite::SqliteLedger;
 pub use stripe_events::StripeEventLedger;
 pub use usage::UsageLedger;
@@ -195,6 +198,7 @@ pub trait Ledger:
     + AlertLedger
     + InvoiceLedger
     + IngestLedger
+    + ReservationLedger
     + Send
     + Sync
     + 'static

@@ -305,3 +305,132 @@ async fn an_event_the_ledger_refuses_is_retried_by_the_client() {
     assert_eq!(tg.ledger_usage("cy").await, (2, 5));
     assert_eq!(sms_used(&tg.admin_json("/admin/customers/cy").await), 5);
 }
+
+/// The messaging plan of the scenario: voice minutes (20 included, then 10,000 micros a
+/// minute), SMS (5, then 2,000 each) and 2FA attempts as the proxied `GET /signals` (3, then
+/// 500 each).
+fn messaging(upstream: std::net::SocketAddr) -> String {
+    config(upstream).replace("[meters.sms]\n", "[meters.sms]\n[meters.voice_minutes]\n")
+        + r#"
+[plans.messaging]
+quotas.voice_minutes = { included = 20, overage = "allow", unit_price_micros = 10000 }
+quotas.sms = { included = 5, overage = "allow", unit_price_micros = 2000 }
+quotas.api_calls = { included = 3, overage = "allow", unit_price_micros = 500 }
+quotas.tokens = { unlimited = true }
+"#
+}
+
+async fn v1(tg: &Tollgate, path: &str, body: Value) -> reqwest::Response {
+    tg.client
+        .post(tg.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn meter<'a>(customer: &'a Value, name: &str) -> &'a Value {
+    customer["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["meter"] == name)
+        .unwrap()
+}
+
+both!(
+    /// Must-show 1 of issue 14 (the messaging API): voice minutes reserved at call start and
+    /// committed at hang-up (more, less, released, expired), SMS counted in batches through
+    /// `/v1/events`, 2FA attempts as a proxied route; `GET /admin/customers/{id}` shows exactly
+    /// the used, remaining and overage micros the test computes.
+    messaging_api_minutes_sms_and_2fa_on_one_plan,
+    |b| {
+        let up = Upstream::start().await;
+        let tg = Tollgate::start(&messaging(up.addr), b).await;
+        assert_eq!(tg.put_customer("telco", json!({"plan": "messaging"})).await.status(), 200);
+        let reserve = |units: i64, ttl: u64| {
+            json!({"customer": "telco", "meter": "voice_minutes", "units": units, "reserve": true, "ttl": ttl})
+        };
+        let hold = |r: Value| r["reservation"]["id"].as_str().unwrap().to_string();
+        // Call 1: 10 held, 7 used.
+        let r: Value = v1(&tg, "/v1/check", reserve(10, 600)).await.json().await.unwrap();
+        assert_eq!((r["allowed"].as_bool(), r["used"].as_u64(), r["remaining"].as_u64()), (Some(true), Some(10), Some(10)), "{r}");
+        let call1 = hold(r);
+        let c: Value = v1(&tg, &format!("/v1/reservations/{call1}/commit"), json!({"units": 7})).await.json().await.unwrap();
+        assert_eq!((c["charged"].as_i64(), c["used"].as_u64()), (Some(7), Some(7)), "{c}");
+        // Twice is refused; nothing charged twice.
+        let (s, ty, _) = problem(v1(&tg, &format!("/v1/reservations/{call1}/commit"), json!({"units": 7})).await).await;
+        assert_eq!((s, ty.as_str()), (409, "urn:tollgate:problem:reservation-settled"));
+        // Call 2: 10 held, 15 used (past included: overage).
+        let call2 = hold(v1(&tg, "/v1/check", reserve(10, 600)).await.json().await.unwrap());
+        let c: Value = v1(&tg, &format!("/v1/reservations/{call2}/commit"), json!({"units": 15})).await.json().await.unwrap();
+        assert_eq!(c["used"], 22, "{c}");
+        // Call 3: never connected, released.
+        let call3 = hold(v1(&tg, "/v1/check", reserve(5, 600)).await.json().await.unwrap());
+        let rel: Value = v1(&tg, &format!("/v1/reservations/{call3}/release"), json!({})).await.json().await.unwrap();
+        assert_eq!((rel["charged"].as_i64(), rel["used"].as_u64()), (Some(0), Some(22)), "{rel}");
+        // Call 4: the app dies; the TTL gives the units back, and a late commit charges nothing.
+        let call4 = hold(v1(&tg, "/v1/check", reserve(5, 1)).await.json().await.unwrap());
+        assert_eq!(meter(&tg.admin_json("/admin/customers/telco").await, "voice_minutes")["used"], 27);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while meter(&tg.admin_json("/admin/customers/telco").await, "voice_minutes")["used"] != 22 {
+            assert!(std::time::Instant::now() < deadline, "the expired reservation is still held");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (s, ty, _) = problem(v1(&tg, &format!("/v1/reservations/{call4}/commit"), json!({"units": 5})).await).await;
+        assert_eq!((s, ty.as_str()), (409, "urn:tollgate:problem:reservation-expired"));
+        let (s, ty, _) = problem(v1(&tg, &format!("/v1/reservations/{}/commit", uuid::Uuid::now_v7()), json!({"units": 1})).await).await;
+        assert_eq!((s, ty.as_str()), (404, "urn:tollgate:problem:unknown-reservation"));
+        let (s, ty, _) = problem(v1(&tg, "/v1/reservations/not-an-id/release", json!({})).await).await;
+        assert_eq!((s, ty.as_str()), (404, "urn:tollgate:problem:unknown-reservation"));
+
+        // SMS in two batches: 8 in all.
+        for (batch, ids) in [(0, 0..5), (1, 5..8)] {
+            let events: Vec<Value> = ids.map(|i| sms(&format!("sms-{batch}-{i}"), "telco", json!(1))).collect();
+            let out: Value = v1(&tg, "/v1/events", json!(events)).await.json().await.unwrap();
+            assert_eq!(out["rejected"], 0, "{out}");
+        }
+        // 2FA attempts: 5 proxied calls.
+        for _ in 0..5 {
+            assert_eq!(tg.get("/signals", Some("telco")).await.status(), 200);
+        }
+
+        let c = tg.admin_json("/admin/customers/telco").await;
+        for (name, used, remaining, over_units, over_micros) in [
+            ("voice_minutes", 22, 0, 2, 20_000),
+            ("sms", 8, 0, 3, 6_000),
+            ("api_calls", 5, 0, 2, 1_000),
+        ] {
+            let m = meter(&c, name);
+            assert_eq!(
+                (m["used"].as_i64(), m["remaining"].as_i64(), m["overage_units"].as_i64(), m["overage_amount_micros"].as_i64()),
+                (Some(used), Some(remaining), Some(over_units), Some(over_micros)),
+                "{name}: {m}"
+            );
+        }
+        // The ledger holds what was charged: 7 + 15 minutes, 8 SMS, 5 calls.
+        assert_eq!(tg.wait_ledger("telco", 2 + 8 + 5).await, (2 + 8 + 5, 22 + 8 + 5));
+
+        // Checks without holding, and refusals.
+        let peek: Value = v1(&tg, "/v1/check", json!({"customer": "telco", "meter": "voice_minutes", "units": 3})).await.json().await.unwrap();
+        assert_eq!((peek["allowed"].as_bool(), peek["used"].as_u64()), (Some(true), Some(22)), "overage allowed: {peek}");
+        let free: Value = v1(&tg, "/v1/check", json!({"customer": "newbie", "meter": "sms", "units": 11})).await.json().await.unwrap();
+        assert_eq!((free["allowed"].as_bool(), free["reason"].as_str(), free["plan"].as_str()), (Some(false), Some("quota-exceeded"), Some("free")), "{free}");
+        let gated: Value = v1(&tg, "/v1/check", json!({"customer": "newbie", "meter": "sms", "units": 1, "feature": "export_pdf"})).await.json().await.unwrap();
+        assert_eq!(gated["reason"], "feature-not-in-plan");
+        assert_eq!(tg.put_customer("gone", json!({"plan": "messaging", "status": "canceled"})).await.status(), 200);
+        let gone: Value = v1(&tg, "/v1/check", json!({"customer": "gone", "meter": "sms", "units": 1, "reserve": true})).await.json().await.unwrap();
+        assert_eq!((gone["allowed"].as_bool(), gone["reason"].as_str()), (Some(false), Some("payment-required")), "{gone}");
+        for bad in [
+            json!({"customer": "telco", "meter": "fax", "units": 1}),
+            json!({"customer": "telco", "meter": "sms", "units": -1}),
+            json!({"customer": "telco", "meter": "sms", "units": 1, "ttl": 0}),
+            json!({"customer": "", "meter": "sms", "units": 1}),
+            json!({"customer": "telco", "meter": "sms"}),
+        ] {
+            let (s, ty, _) = problem(v1(&tg, "/v1/check", bad.clone()).await).await;
+            assert_eq!((s, ty.as_str()), (400, "urn:tollgate:problem:invalid-body"), "{bad}");
+        }
+    }
+);
