@@ -22,7 +22,7 @@ use crate::proxy::state::{Shared, Snapshot};
 use crate::quota::usage_view::{usage, MeterUsage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -80,20 +80,7 @@ pub(super) async fn caller(
     shared: &Shared,
     session: &Session,
 ) -> Result<crate::auth::Identity, Denial> {
-    let authorization = session
-        .req_header()
-        .headers
-        .get(AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    let identity =
-        shared
-            .verifier
-            .verify(authorization)
-            .await
-            .map_err(|e| Denial::InvalidToken {
-                description: e.description(),
-                missing: e.is_missing(),
-            })?;
+    let identity = super::admit::authenticate(shared, session).await?;
     shared
         .self_service
         .check(&identity.customer)
