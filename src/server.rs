@@ -102,6 +102,44 @@ const PROGRESS: Duration = Duration::from_secs(1);
 ///
 /// An idle instance thus exits within a fraction of a second, a busy one after at most
 /// `drain_delay + grace`. Progress is logged every second.
+/// SIGQUIT (graceful upgrade), SIGTERM (graceful) and SIGINT (fast), read as pingora's own
+/// watch reads them, but registered at start: pingora registers its handlers only when its main
+/// loop begins, and a signal before that ended the process with the default action (the demo
+/// printed its commands first; CI caught a SIGTERM in between).
+struct EarlySignals {
+    quit: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+    term: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+    int: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+}
+
+impl EarlySignals {
+    /// Needs a runtime context (the control runtime, whose driver delivers them).
+    fn register() -> std::io::Result<EarlySignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(EarlySignals {
+            quit: signal(SignalKind::quit())?.into(),
+            term: signal(SignalKind::terminate())?.into(),
+            int: signal(SignalKind::interrupt())?.into(),
+        })
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for EarlySignals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (mut quit, mut term, mut int) = (
+            self.quit.lock().await,
+            self.term.lock().await,
+            self.int.lock().await,
+        );
+        tokio::select! {
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
 struct DrainWatch {
     inner: Box<dyn ShutdownSignalWatch + Send + Sync>,
     shared: Arc<Shared>,
@@ -584,6 +622,15 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         config_version = shared.snapshot.load().version,
         "tollgate running"
     );
+    // The stop signals are registered before anything says "ready": a SIGTERM sent the moment
+    // the demo prints (or `/readyz` turns 200) is a graceful stop, not the default action.
+    let signal: Box<dyn ShutdownSignalWatch + Send + Sync> = match opts.stop {
+        Stop::Signals => {
+            let _rt = control.enter();
+            Box::new(EarlySignals::register().context("listening for SIGTERM, SIGINT, SIGQUIT")?)
+        }
+        Stop::Notify(n) => Box::new(NotifyWatch(n)),
+    };
     if let Some(f) = opts.on_ready {
         f(Ready {
             proxy: config.proxy.listen,
@@ -591,10 +638,6 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
             webhooks: webhooks_addr,
         });
     }
-    let signal: Box<dyn ShutdownSignalWatch + Send + Sync> = match opts.stop {
-        Stop::Signals => Box::new(pingora::server::UnixShutdownSignalWatch),
-        Stop::Notify(n) => Box::new(NotifyWatch(n)),
-    };
     let shutdown_signal = Box::new(DrainWatch {
         inner: signal,
         shared: shared.clone(),
