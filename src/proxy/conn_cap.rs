@@ -127,18 +127,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for PerIpCap<A> {
                     if self.heads.waiting.remove(&peer).is_none() {
                         std::future::pending::<()>().await; // the head came in time
                     }
+                    // Counted here, before the select drops the app's future (which closes
+                    // the connection): whoever sees the close sees the count.
+                    self.timed_out.inc();
+                    tracing::debug!(%peer, deadline_ms = deadline.as_millis() as u64, "connection closed: no request head in time");
                 };
                 tokio::select! {
                     reuse = serve => {
                         self.heads.waiting.remove(&peer);
                         reuse
                     }
-                    () = expire => {
-                        // Dropping the app's future closes the connection.
-                        self.timed_out.inc();
-                        tracing::debug!(%peer, deadline_ms = deadline.as_millis() as u64, "connection closed: no request head in time");
-                        None
-                    }
+                    () = expire => None,
                 }
             }
             _ => self.inner.process_new(session, shutdown).await,
