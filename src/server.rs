@@ -540,6 +540,7 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
                 store: admin_state.store.clone(),
                 config: shared.snapshot.clone(),
                 entitlements: shared.entitlements.clone(),
+                alerts: None,
             },
             cancel.clone(),
         ),

@@ -31,6 +31,7 @@ fn ingester(s: &AdminState) -> Ingester {
         store: s.store.clone(),
         config: s.shared.snapshot.clone(),
         entitlements: s.shared.entitlements.clone(),
+        alerts: s.shared.alerts.clone(),
     }
 }
 

@@ -53,7 +53,8 @@ pub struct Crossing {
     pub included: u64,
 }
 
-/// The request path's handle: detects crossings and queues them.
+/// The request path's handle (and the usage API's): detects crossings and queues them.
+#[derive(Clone)]
 pub struct Alerts {
     tx: mpsc::Sender<Crossing>,
 }

@@ -222,6 +222,9 @@ impl Ingester {
                         return Err(e.into());
                     }
                     answer.allowed = true;
+                    if let Some(alerts) = &self.alerts {
+                        alerts.on_charge(plan, &req.customer, &req.meter, period, units, used);
+                    }
                     answer.reservation = Some(Held {
                         id: r.id,
                         units: r.units,
@@ -272,6 +275,14 @@ impl Ingester {
             .adjust(&r.customer, &r.meter, period(&r), units - r.units)
             .await
             .ok();
+        if let (Some(alerts), Some(used), true) = (&self.alerts, used, units > r.units) {
+            let snap = self.config.load_full();
+            let ent = self.entitlements.get(&r.customer);
+            if let Some(plan) = crate::entitle::plan_of(&snap.config, ent.as_deref()) {
+                let more = (units - r.units) as u64;
+                alerts.on_charge(plan, &r.customer, &r.meter, period(&r), more, used);
+            }
+        }
         Ok(SettledView {
             id: r.id,
             state: "committed",

@@ -14,6 +14,8 @@
 //! from the ledger at start). The counter is read (seeded if absent) before the row is written,
 //! so a seed from the ledger never holds an event whose units are added after it.
 //!
+//! Threshold alerts follow these charges as they follow proxied ones.
+//!
 //! Owns: the event format, its validation and outcome codes, the order ledger → counter. Must
 //! not touch: HTTP (`admin::ingest`), the request path.
 
@@ -100,6 +102,8 @@ pub struct Ingester {
     pub store: Arc<dyn QuotaStore>,
     pub config: SnapshotCell,
     pub entitlements: Arc<Entitlements>,
+    /// Threshold alerts, as for proxied charges (`None` without `[alerts]`).
+    pub alerts: Option<crate::alerts::Alerts>,
 }
 
 impl Ingester {
@@ -310,7 +314,11 @@ impl Ingester {
             }
         };
         o.used = Some(used);
-        let cap = plan_of(&snap.config, ent.as_deref())
+        let plan = plan_of(&snap.config, ent.as_deref());
+        if let (Some(alerts), Some(plan)) = (&self.alerts, plan) {
+            alerts.on_charge(plan, &v.customer, &v.meter, period, v.value as u64, used);
+        }
+        let cap = plan
             .and_then(|p| p.quotas.get(&v.meter))
             .and_then(|q| q.cap());
         o.outcome = if cap.is_some_and(|c| used > c) {

@@ -322,3 +322,60 @@ both!(
         }
     }
 );
+
+/// Usage that is not a proxied call crosses thresholds too: an ingested event takes `pro`'s 10
+/// included calls to 80 %, a reservation committed above what it held takes them to 100 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_and_reserved_usage_send_alerts() {
+    let receiver = Receiver::start(0).await;
+    let up = Upstream::start().await;
+    let tg = Tollgate::start(&alerting(up.addr, receiver.addr), Backend::Embedded).await;
+    assert_eq!(
+        tg.put_customer("evt", json!({"plan": "pro"}))
+            .await
+            .status(),
+        200
+    );
+    let post = |path: &str, body: Value| {
+        tg.client
+            .post(tg.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let event = json!([{"specversion": "1.0", "id": "job-1", "source": "//jobs", "type": "api_calls",
+        "subject": "evt", "data": {"value": 8}}]);
+    let out: Value = post("/v1/events", event)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(out["accepted"], 1, "{out}");
+    assert_eq!(receiver.wait_delivered(1).await, [("evt".to_string(), 80)]);
+    let held: Value = post(
+        "/v1/check",
+        json!({"customer": "evt", "meter": "api_calls", "units": 1, "reserve": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(held["used"], 9, "{held}");
+    let id = held["reservation"]["id"].as_str().unwrap();
+    let done: Value = post(
+        &format!("/v1/reservations/{id}/commit"),
+        json!({"units": 3}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(done["used"], 11, "{done}");
+    assert_eq!(
+        receiver.wait_delivered(2).await,
+        [("evt".to_string(), 80), ("evt".to_string(), 100)]
+    );
+}
