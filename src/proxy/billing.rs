@@ -21,6 +21,7 @@
 use crate::billing::{BillingError, CheckoutRequest, MAX_BODY};
 use crate::entitle::plan_of;
 use crate::proxy::respond::Denial;
+use crate::proxy::selfservice::write_json;
 use crate::proxy::selfservice::Outcome;
 use crate::proxy::state::{Shared, Snapshot};
 use bytes::Bytes;
@@ -47,33 +48,22 @@ pub async fn handle(
     request_id: &str,
 ) -> pingora::Result<Outcome> {
     let req = session.req_header();
-    let path = normalised_path.unwrap_or(req.uri.path());
-    let allow = match path {
-        PLANS => "GET, HEAD",
-        INVOICES => "GET",
-        CHECKOUT | PORTAL => "POST",
-        SUBSCRIPTION => "POST, DELETE",
-        _ => return Ok(Outcome::NotMine),
-    };
+    // Each path and the methods it takes (its `Allow`).
+    let (path, allow): (&'static str, &'static str) =
+        match normalised_path.unwrap_or(req.uri.path()) {
+            PLANS => (PLANS, "GET, HEAD"),
+            INVOICES => (INVOICES, "GET"),
+            CHECKOUT => (CHECKOUT, "POST"),
+            PORTAL => (PORTAL, "POST"),
+            SUBSCRIPTION => (SUBSCRIPTION, "POST, DELETE"),
+            _ => return Ok(Outcome::NotMine),
+        };
     let method = req.method.clone();
-    let allowed = match path {
-        PLANS => method == Method::GET || method == Method::HEAD,
-        INVOICES => method == Method::GET,
-        CHECKOUT | PORTAL => method == Method::POST,
-        _ => method == Method::POST || method == Method::DELETE,
-    };
-    if !allowed {
+    if !allow.split(", ").any(|m| m == method.as_str()) {
         return Ok(Outcome::Denied(Denial::MethodNotAllowed {
             allow: allow.into(),
         }));
     }
-    let path: &'static str = match path {
-        PLANS => PLANS,
-        INVOICES => INVOICES,
-        CHECKOUT => CHECKOUT,
-        PORTAL => PORTAL,
-        _ => SUBSCRIPTION,
-    };
     let has_token = req.headers.contains_key(AUTHORIZATION);
     if path == PLANS && !has_token {
         let (body, etag) = snap.catalog.body(None);
@@ -146,11 +136,7 @@ pub async fn handle(
             Ok(Outcome::Served)
         }
         Err(e) => {
-            if matches!(
-                e,
-                BillingError::Ledger(_) | BillingError::StripeUnavailable(_)
-            ) || e.status_and_kind().0 >= 500
-            {
+            if e.status_and_kind().0 >= 500 {
                 tracing::warn!(error = %e, %customer, request_id, "self-service billing call failed");
             }
             Ok(Outcome::Denied(denial(e)))
@@ -292,19 +278,4 @@ async fn plans(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(Outcome::Served)
-}
-
-async fn write_json(
-    session: &mut Session,
-    status: u16,
-    body: Bytes,
-    request_id: &str,
-) -> pingora::Result<()> {
-    let mut head = ResponseHeader::build(status, Some(4))?;
-    head.insert_header(CONTENT_TYPE, "application/json")?;
-    head.insert_header(CONTENT_LENGTH, body.len())?;
-    head.insert_header(CACHE_CONTROL, "no-store")?;
-    head.insert_header(crate::proxy::REQUEST_ID_HEADER, request_id)?;
-    session.write_response_header(Box::new(head), false).await?;
-    session.write_response_body(Some(body), true).await
 }

@@ -142,15 +142,22 @@ impl ProxyHttp for Proxy {
 
         // Self-service (`/_tollgate/usage`, and billing: `plans`, `checkout`, `portal`,
         // `subscription`, `invoices`): free, answered here, never forwarded.
+        // One prefix check keeps them off every other request's path.
         let path = ctx.path.as_deref();
-        let (label, outcome) =
+        let reserved = path
+            .unwrap_or(session.req_header().uri.path())
+            .starts_with("/_tollgate/");
+        let (label, outcome) = if !reserved {
+            (selfservice::ROUTE, Outcome::NotMine)
+        } else {
             match selfservice::handle(&self.shared, &snap, session, path, &ctx.request_id).await? {
                 Outcome::NotMine => (
                     billing::ROUTE,
                     billing::handle(&self.shared, &snap, session, path, &ctx.request_id).await?,
                 ),
                 mine => (selfservice::ROUTE, mine),
-            };
+            }
+        };
         match outcome {
             Outcome::NotMine => {}
             Outcome::Served => {

@@ -166,15 +166,23 @@ pub async fn handle(
         usage: meters,
     };
     let json = serde_json::to_vec(&body).unwrap_or_default();
-    let mut head = ResponseHeader::build(200, Some(4))?;
+    write_json(session, 200, Bytes::from(json), request_id).await?;
+    Ok(Outcome::Served)
+}
+
+/// Writes a self-service answer: JSON, never cached (usage and billing state change with every
+/// call), with the request id.
+pub(super) async fn write_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let mut head = ResponseHeader::build(status, Some(4))?;
     head.insert_header(CONTENT_TYPE, "application/json")?;
-    head.insert_header(CONTENT_LENGTH, json.len())?;
-    // Usage changes with every call: never serve it from a cache.
+    head.insert_header(CONTENT_LENGTH, body.len())?;
     head.insert_header(CACHE_CONTROL, "no-store")?;
     head.insert_header(crate::proxy::REQUEST_ID_HEADER, request_id)?;
     session.write_response_header(Box::new(head), false).await?;
-    session
-        .write_response_body(Some(Bytes::from(json)), true)
-        .await?;
-    Ok(Outcome::Served)
+    session.write_response_body(Some(body), true).await
 }

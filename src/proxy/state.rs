@@ -93,7 +93,8 @@ pub struct Shared {
     pub alerts: Option<crate::alerts::Alerts>,
     /// The per-customer limit of self-service calls (usage reads and billing).
     pub self_service: super::selfservice::Guard,
-    /// Self-service billing through Stripe, set at assembly when `[stripe]` is configured.
+    /// Self-service billing (invoices from the ledger; the rest through Stripe when `[stripe]`
+    /// is configured), set at assembly once the Stripe side exists.
     pub billing: std::sync::OnceLock<Arc<dyn crate::billing::SelfService>>,
     /// Requests in flight and the drain at shutdown.
     pub lifecycle: Lifecycle,
