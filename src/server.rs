@@ -92,16 +92,6 @@ const QUIET: Duration = Duration::from_millis(250);
 /// How often a drain logs its progress.
 const PROGRESS: Duration = Duration::from_secs(1);
 
-/// The drain of a graceful stop, done before pingora is told (pingora's own grace period is a
-/// fixed sleep, so it is set to 0, and its runtimes drop whatever still runs when they stop):
-/// 1. `/readyz` turns 503 and the proxy keeps taking requests for `drain_delay`, so load
-///    balancers see the 503 before anything is refused; each answer closes its connection.
-///    An idle proxy (nothing in flight for [`QUIET`]) skips the rest of the delay.
-/// 2. New requests are answered 503 `shutting-down` while those in flight finish, for up to
-///    `grace`; then pingora stops at once.
-///
-/// An idle instance thus exits within a fraction of a second, a busy one after at most
-/// `drain_delay + grace`. Progress is logged every second.
 /// SIGQUIT (graceful upgrade), SIGTERM (graceful) and SIGINT (fast), read as pingora's own
 /// watch reads them, but registered at start: pingora registers its handlers only when its main
 /// loop begins, and a signal before that ended the process with the default action (the demo
@@ -140,6 +130,16 @@ impl ShutdownSignalWatch for EarlySignals {
     }
 }
 
+/// The drain of a graceful stop, done before pingora is told (pingora's own grace period is a
+/// fixed sleep, so it is set to 0, and its runtimes drop whatever still runs when they stop):
+/// 1. `/readyz` turns 503 and the proxy keeps taking requests for `drain_delay`, so load
+///    balancers see the 503 before anything is refused; each answer closes its connection.
+///    An idle proxy (nothing in flight for [`QUIET`]) skips the rest of the delay.
+/// 2. New requests are answered 503 `shutting-down` while those in flight finish, for up to
+///    `grace`; then pingora stops at once.
+///
+/// An idle instance thus exits within a fraction of a second, a busy one after at most
+/// `drain_delay + grace`. Progress is logged every second.
 struct DrainWatch {
     inner: Box<dyn ShutdownSignalWatch + Send + Sync>,
     shared: Arc<Shared>,
@@ -521,14 +521,13 @@ pub fn run_from(config: Config, source: Option<PathBuf>, opts: Options) -> anyho
         store: admin_store,
         token: admin_token(&config),
         metrics: metrics_access(&config),
-        ingest_token: config
-            .admin
-            .ingest_token_env
-            .as_deref()
-            .and_then(|env| std::env::var(env).ok())
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .map(|t| Arc::new(t.into())),
+        ingest_token: config.admin.ingest_token_env.as_deref().and_then(|env| {
+            let token = token_from_env(env);
+            if token.is_none() {
+                tracing::warn!(%env, "ingest token not set: /v1/* takes the admin token only");
+            }
+            token
+        }),
         entitlements,
         stripe,
         live,
@@ -755,11 +754,16 @@ fn server_conf(config: &Config) -> ServerConf {
 }
 
 /// The admin token from the env var the config names; `None` (logged) closes `/admin`.
-fn admin_token(config: &Config) -> Option<Arc<secrecy::SecretString>> {
-    let token = std::env::var(&config.admin.token_env)
+/// A bearer token from the env var `env`; `None` when it is unset or empty.
+fn token_from_env(env: &str) -> Option<Arc<secrecy::SecretString>> {
+    std::env::var(env)
         .ok()
         .filter(|t| !t.is_empty())
-        .map(|t| Arc::new(t.into()));
+        .map(|t| Arc::new(t.into()))
+}
+
+fn admin_token(config: &Config) -> Option<Arc<secrecy::SecretString>> {
+    let token = token_from_env(&config.admin.token_env);
     if token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "admin token not set: /admin is closed");
     }
@@ -772,8 +776,8 @@ fn metrics_access(config: &Config) -> admin::MetricsAccess {
     let Some(env) = &config.admin.metrics_token_env else {
         return admin::MetricsAccess::Open;
     };
-    match std::env::var(env).ok().filter(|t| !t.is_empty()) {
-        Some(t) => admin::MetricsAccess::Token(Arc::new(t.into())),
+    match token_from_env(env) {
+        Some(t) => admin::MetricsAccess::Token(t),
         None => {
             tracing::warn!(%env, "metrics token not set: /metrics takes the admin token only");
             admin::MetricsAccess::AdminOnly

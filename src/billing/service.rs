@@ -58,6 +58,16 @@ pub struct Who<'a> {
     pub operator: bool,
 }
 
+impl<'a> Who<'a> {
+    /// An operator through the admin API, audited as `actor`.
+    pub fn operator(actor: &'a str) -> Who<'a> {
+        Who {
+            actor,
+            operator: true,
+        }
+    }
+}
+
 impl Who<'static> {
     /// The caller of a `/_tollgate/*` call.
     pub const SELF_SERVICE: Who<'static> = Who {
@@ -104,11 +114,9 @@ impl Billing {
         plan: Option<String>,
         actor: &str,
     ) -> Result<Change, BillingError> {
-        let who = Who {
-            actor,
-            operator: true,
-        };
-        self.over_stripe()?.change_plan(customer, plan, who).await
+        self.over_stripe()?
+            .change_plan(customer, plan, Who::operator(actor))
+            .await
     }
 
     /// An operator's termination (`DELETE /admin/customers/{id}/subscription`): at once, or at
@@ -119,11 +127,9 @@ impl Billing {
         now: bool,
         actor: &str,
     ) -> Result<Change, BillingError> {
-        let who = Who {
-            actor,
-            operator: true,
-        };
-        self.over_stripe()?.cancel(customer, now, who).await
+        self.over_stripe()?
+            .cancel(customer, now, Who::operator(actor))
+            .await
     }
 
     /// The Stripe customer of a provisioned customer: the linked one, else one created with

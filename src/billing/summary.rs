@@ -237,7 +237,8 @@ pub async fn summary(
         )
         .await?;
     let mut overage: BTreeMap<(String, String, String), (i128, i128, i64)> = BTreeMap::new();
-    let mut over: BTreeMap<String, bool> = BTreeMap::new();
+    // Per customer with usage on a limited meter: (at or past a limit, at or past `near` of one).
+    let mut limits: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
     for g in &usage {
         let Some(plan) = plan_of(config, stored.get(g.key.as_str()).copied()) else {
             continue;
@@ -251,9 +252,10 @@ pub async fn summary(
             continue;
         };
         let used = u64::try_from(g.units).unwrap_or(0);
-        let state = over.entry(g.key.clone()).or_insert(false);
-        if included > 0 && used >= included {
-            *state = true;
+        let state = limits.entry(g.key.as_str()).or_default();
+        if included > 0 {
+            state.0 |= used >= included;
+            state.1 |= used as f64 >= ask.near * included as f64;
         }
         if billed && used > included {
             let units = i128::from(used - included);
@@ -269,22 +271,12 @@ pub async fn summary(
             o.2 += 1;
         }
     }
+    let over_customers = limits.values().filter(|(over, _)| *over).count() as i64;
     // Near: some meter at or past the share, and no meter over.
-    let mut near_customers = 0i64;
-    for (customer, is_over) in &over {
-        if *is_over {
-            continue;
-        }
-        let plan = plan_of(config, stored.get(customer.as_str()).copied());
-        let near = usage.iter().filter(|g| &g.key == customer).any(|g| {
-            plan.and_then(|p| p.quotas.get(&g.meter))
-                .and_then(|q| q.included())
-                .is_some_and(|inc| inc > 0 && (g.units.max(0) as f64) >= ask.near * inc as f64)
-        });
-        if near {
-            near_customers += 1;
-        }
-    }
+    let near_customers = limits
+        .values()
+        .filter(|(over, near)| !over && *near)
+        .count() as i64;
 
     let mut invoices: BTreeMap<String, InvoiceSums> = BTreeMap::new();
     for t in ledger
@@ -381,7 +373,7 @@ pub async fn summary(
             customers: trials,
         },
         limits: Limits {
-            over: over.values().filter(|o| **o).count() as i64,
+            over: over_customers,
             near: near_customers,
             near_ratio: ask.near,
         },
