@@ -10,14 +10,12 @@ use crate::quota::fail_open::Allowance;
 use crate::quota::lease::LeaseTerms;
 
 mod edge;
+mod offer;
 
 const DEFAULT_METER: &str = "api_calls";
 /// Default ceiling on one call's cost (`routes[].max_cost`): far above any real price, far below
 /// `i64::MAX`, so that sums of many calls stay exact in the ledger's `BIGINT`.
 const DEFAULT_MAX_COST: u64 = 1_000_000_000;
-
-/// Ceiling on a plan's monthly `price_micros` (a billion a month in any currency).
-const MAX_PRICE_MICROS: i64 = 1_000_000_000_000_000;
 
 /// `routes[0].cots` style paths from serde_ignored's path.
 pub(super) fn key_path(path: &serde_ignored::Path<'_>) -> String {
@@ -450,87 +448,8 @@ impl Validator {
                 },
             );
         }
-        let mut sold_by: BTreeMap<&str, &str> = BTreeMap::new();
-        for (name, p) in &raw.plans {
-            if let Some(price) = p.stripe_price.as_deref() {
-                if let Some(other) = sold_by.insert(price, name) {
-                    self.err(
-                        format!("plans.{name}.stripe_price"),
-                        format!("{price:?} is already plan {other:?}'s price"),
-                    );
-                }
-            }
-        }
+        self.one_plan_per_price(raw);
         out
-    }
-
-    /// A plan's display and sale keys (`key` is `plans.<name>`).
-    fn offer(&mut self, key: &str, p: &RawPlan) -> Offer {
-        let text = |this: &mut Self, k: &str, v: &Option<String>, max: usize| {
-            let v = v.as_deref().map(str::trim).filter(|v| !v.is_empty());
-            if let Some(t) = v {
-                if t.chars().count() > max || t.chars().any(char::is_control) {
-                    this.err(
-                        format!("{key}.{k}"),
-                        format!("at most {max} characters, no control characters"),
-                    );
-                }
-            }
-            v.map(String::from)
-        };
-        let title = text(self, "title", &p.title, 100);
-        let description = text(self, "description", &p.description, 1000);
-        let price_micros = p.price_micros.map(|m| {
-            if !(0..=MAX_PRICE_MICROS).contains(&m) {
-                self.err(
-                    format!("{key}.price_micros"),
-                    format!(
-                        "must be from 0 to {MAX_PRICE_MICROS} (a monthly price in micros), got {m}"
-                    ),
-                );
-            }
-            m.clamp(0, MAX_PRICE_MICROS) as u64
-        });
-        let currency = p.currency.clone().unwrap_or_else(|| "usd".into());
-        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
-            self.err(
-                format!("{key}.currency"),
-                format!("must be a lowercase ISO 4217 code such as \"usd\", got {currency:?}"),
-            );
-        }
-        let trial_days = match p.trial_days {
-            None => 0,
-            Some(d @ 0..=730) => d as u32,
-            Some(d) => {
-                self.err(
-                    format!("{key}.trial_days"),
-                    format!("must be from 0 to 730 (Stripe's longest trial), got {d}"),
-                );
-                0
-            }
-        };
-        let stripe_price = p.stripe_price.as_deref().map(str::trim).map(String::from);
-        if let Some(price) = &stripe_price {
-            if price.is_empty()
-                || !price
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                self.err(
-                    format!("{key}.stripe_price"),
-                    format!("must be a Stripe price id such as \"price_1Pro\", got {price:?}"),
-                );
-            }
-        }
-        Offer {
-            title,
-            description,
-            price_micros,
-            currency,
-            trial_days,
-            public: p.public.unwrap_or(false),
-            stripe_price,
-        }
     }
 
     /// `quota_mode` and the lease keys of a plan (`key` is `plans.<name>`).
@@ -837,46 +756,9 @@ impl Validator {
                     format!("unknown plan {plan:?}"),
                 );
             }
-            let sold = plans
-                .values()
-                .find(|p| p.offer.stripe_price.as_deref() == Some(price.as_str()));
-            if let Some(other) = sold.filter(|o| &o.name != plan) {
-                self.err(
-                    format!("stripe.prices.{price}"),
-                    format!(
-                        "maps to {plan:?}, but plan {:?} names it as its stripe_price",
-                        other.name
-                    ),
-                );
-            }
+            self.price_of_another_plan(price, plan, plans);
         }
-        let mut redirect_hosts = Vec::new();
-        for (i, h) in s.redirect_hosts.iter().enumerate() {
-            let h = h.trim().to_ascii_lowercase();
-            let ok = !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
-            if !ok {
-                self.err(
-                    format!("stripe.redirect_hosts[{i}]"),
-                    format!("must be a host name (optionally with :port), got {h:?}"),
-                );
-            }
-            redirect_hosts.push(h);
-        }
-        let proration_behavior = s
-            .proration_behavior
-            .clone()
-            .unwrap_or_else(|| "create_prorations".into());
-        if !matches!(
-            proration_behavior.as_str(),
-            "create_prorations" | "always_invoice" | "none"
-        ) {
-            self.err(
-                "stripe.proration_behavior",
-                format!("must be \"create_prorations\", \"always_invoice\" or \"none\", got {proration_behavior:?}"),
-            );
-        }
+        let (redirect_hosts, proration_behavior) = self.self_service_keys(s);
         let api_base = s
             .api_base
             .clone()
